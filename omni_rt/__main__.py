@@ -1,0 +1,3 @@
+from omni_rt.cli import main
+
+raise SystemExit(main())
