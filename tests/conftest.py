@@ -41,3 +41,35 @@ def device() -> str:
 def _deterministic():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> str:
+    """The tiny synthetic checkpoint (fp32, seed 0), written once per session."""
+    from omni_rt.testing import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("tiny_ckpt"), "tiny", seed=0, dtype=torch.float32)
+
+
+@pytest.fixture(scope="session")
+def tiny_config(tiny_checkpoint):
+    from omni_rt.config import OmniConfig
+
+    return OmniConfig.from_file(tiny_checkpoint)
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tiny_checkpoint, tiny_config):
+    """{omni_rt parameter name: fp32 CPU tensor} of the tiny checkpoint."""
+    from omni_rt.loader import load_state_dict
+
+    return load_state_dict(tiny_checkpoint, torch.float32, "cpu", tiny_config)[1]
+
+
+@pytest.fixture(scope="session")
+def hf_tiny(tiny_checkpoint):
+    """transformers' Qwen3OmniMoeForConditionalGeneration on the tiny checkpoint, fp32, eval mode (the oracle)."""
+    transformers = pytest.importorskip("transformers")
+    model = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(
+        tiny_checkpoint, dtype=torch.float32)
+    return model.eval()
