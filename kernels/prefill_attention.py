@@ -1,0 +1,262 @@
+"""Causal varlen prefill attention that also reads earlier context from the paged KV cache (chunked prefill).
+
+Sequence ``b`` brings ``n_b = cu_seqlens_q[b+1] - cu_seqlens_q[b]`` new tokens that sit at the END of its
+context: ``context_lens[b]`` counts them, so the query at row ``i`` has absolute position
+``p = context_lens[b] - n_b + i`` and attends to positions ``0..p``. Positions before the chunk (earlier
+chunks, a shared prefix) are read from the pages through ``block_tables``; the chunk's own K/V are read from
+the ``k``/``v`` tensors (the same values the caller already wrote into the pages with ``kv_write``, but read
+contiguously and without the table gather).
+
+Grid: ``(cdiv(max_seqlen_q, BLOCK_M), batch, num_heads)``; prefill runs eagerly, so the host-side
+``max_seqlen_q`` may size the grid. Online softmax in fp32, ``tl.dot`` operands in the input dtype.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import KernelSpec, use_triton
+from .paged_attention import _check_paged, _check_triton_strides, attention_ref, gather_pages
+
+__all__ = ["prefill_attention", "prefill_attention_triton", "prefill_attention_ref", "COMPILE_SPECS"]
+
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_ptr, v_ptr, cu_seqlens_ptr,
+    k_cache_ptr, v_cache_ptr, block_tables_ptr, context_lens_ptr, out_ptr,
+    qk_scale,
+    stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
+    stride_bt, stride_ot, stride_oh,
+    group, head_dim, block_size,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+):
+    mblk = tl.program_id(0)
+    b = tl.program_id(1)
+    h = tl.program_id(2)
+    kvh = h // group
+    q_start = tl.load(cu_seqlens_ptr + b)
+    qlen = tl.load(cu_seqlens_ptr + b + 1) - q_start
+    if mblk * BLOCK_M < qlen:
+        prefix = tl.load(context_lens_ptr + b) - qlen
+        offs_m = mblk * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_n = tl.arange(0, BLOCK_N)
+        offs_d = tl.arange(0, BLOCK_D)
+        mask_m = offs_m < qlen
+        mask_d = offs_d < head_dim
+        rows = (q_start + offs_m).to(tl.int64)
+        q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+                    mask=mask_m[:, None] & mask_d[None, :], other=0.0)
+
+        m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_M], tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+
+        # Earlier context from the pages: every query of the chunk sees all of it, no causal mask.
+        bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
+        kc_head = k_cache_ptr + kvh * stride_kch
+        vc_head = v_cache_ptr + kvh * stride_vch
+        for start in range(0, prefix, BLOCK_N):
+            pos = start + offs_n
+            mask_n = pos < prefix
+            page = tl.load(bt_row + pos // block_size, mask=mask_n, other=0).to(tl.int64)
+            row = pos % block_size
+            k = tl.load(kc_head + page[None, :] * stride_kcb + row[None, :] * stride_kcs + offs_d[:, None],
+                        mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            s = tl.where(mask_n[None, :], s, float("-inf"))
+            # The first tile's key 0 is visible to every row, so m_new is finite from the first iteration.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(vc_head + page[:, None] * stride_vcb + row[:, None] * stride_vcs + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        # The chunk itself, causal; tiles past this block's last query are fully masked, so stop there.
+        hi = tl.minimum(qlen, (mblk + 1) * BLOCK_M)
+        k_head = k_ptr + kvh * stride_kh
+        v_head = v_ptr + kvh * stride_vh
+        for start in range(0, hi, BLOCK_N):
+            n = start + offs_n
+            mask_n = n < qlen
+            kv_rows = (q_start + n).to(tl.int64)
+            k = tl.load(k_head + kv_rows[None, :] * stride_kt + offs_d[:, None],
+                        mask=mask_n[None, :] & mask_d[:, None], other=0.0)
+            s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
+            visible = mask_n[None, :] & (n[None, :] <= offs_m[:, None])
+            s = tl.where(visible, s, float("-inf"))
+            # Key n=0 of the first chunk tile is visible to every row, so no row's max stays -inf.
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            alpha = tl.exp2(m_i - m_new)
+            p = tl.exp2(s - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            v = tl.load(v_head + kv_rows[:, None] * stride_vt + offs_d[None, :],
+                        mask=mask_n[:, None] & mask_d[None, :], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+
+        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
+
+
+_BLOCK_M = 64
+_BLOCK_N = 64
+_NUM_WARPS = 4
+_NUM_STAGES = 2
+
+
+def _block_d(head_dim: int) -> int:
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def _precision(dtype: torch.dtype) -> str:
+    # fp32 inputs must not silently drop to TF32; for fp16/bf16 operands the setting is moot.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens):
+    if q.dim() != 3 or k.dim() != 3 or v.shape != k.shape:
+        raise ValueError(f"q must be (tokens, num_heads, head_dim), k and v (tokens, num_kv_heads, head_dim); got "
+                         f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
+        raise ValueError(f"k {tuple(k.shape)} does not match q {tuple(q.shape)} in tokens/head_dim")
+    if q.shape[1] % k.shape[1] != 0:
+        raise ValueError(f"num_heads {q.shape[1]} must be a multiple of num_kv_heads {k.shape[1]}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"dtype mismatch: q {q.dtype}, k {k.dtype}, v {v.dtype}")
+    if cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 1 or cu_seqlens_q.dtype != torch.int32:
+        raise ValueError(f"cu_seqlens_q must be (batch + 1,) int32, got {tuple(cu_seqlens_q.shape)} {cu_seqlens_q.dtype}")
+    batch = cu_seqlens_q.shape[0] - 1
+    cache_args = (k_cache, v_cache, block_tables, context_lens)
+    if all(a is None for a in cache_args):
+        return batch
+    if any(a is None for a in cache_args):
+        raise ValueError("k_cache, v_cache, block_tables and context_lens must be given together (or none)")
+    _check_paged(q.shape[1], q.shape[2], k_cache, v_cache, block_tables, context_lens, batch, q.dtype)
+    if k_cache.shape[2] != k.shape[1]:
+        raise ValueError(f"cache num_kv_heads {k_cache.shape[2]} != k's {k.shape[1]}")
+    return batch
+
+
+def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                             k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                             block_tables: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
+                             scale: float | None = None, max_seqlen_q: int | None = None) -> torch.Tensor:
+    """Triton launcher for :func:`prefill_attention` (same arguments)."""
+    batch = _check(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens)
+    _check_triton_strides(q=q, k=k, v=v)
+    if not cu_seqlens_q.is_contiguous():
+        raise ValueError("cu_seqlens_q must be contiguous")
+    tokens, num_heads, head_dim = q.shape
+    # Rows past cu_seqlens_q[-1] (bucket padding) are never written by the kernel: keep them defined.
+    out = torch.zeros_like(q)
+    if batch == 0 or tokens == 0 or num_heads == 0:
+        return out
+    if k_cache is None:
+        # Plain causal varlen attention: context = the chunk, and the page loop runs zero times.
+        context_lens = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).to(torch.int32)
+        k_cache, v_cache = k.unsqueeze(1), v.unsqueeze(1)
+        block_tables = torch.zeros((batch, 1), dtype=torch.int32, device=q.device)
+    else:
+        _check_triton_strides(k_cache=k_cache, v_cache=v_cache, block_tables=block_tables)
+        if not context_lens.is_contiguous():
+            raise ValueError("context_lens must be contiguous")
+    if max_seqlen_q is None:
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())  # host sync: prefill is eager
+    if max_seqlen_q <= 0:
+        return out
+    group = num_heads // k.shape[1]
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    grid = (triton.cdiv(max_seqlen_q, _BLOCK_M), batch, num_heads)
+    _prefill_kernel[grid](
+        q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens, out,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
+        block_tables.stride(0), out.stride(0), out.stride(1),
+        group, head_dim, k_cache.shape[1],
+        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
+        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+    )
+    return out
+
+
+def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                          block_tables: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
+                          scale: float | None = None, max_seqlen_q: int | None = None,
+                          upcast: bool = True) -> torch.Tensor:
+    """Plain-PyTorch :func:`prefill_attention`: per sequence, earlier context gathered from the pages plus the
+    chunk's own k/v, causal. ``upcast=False`` computes in the input dtype (same-dtype baseline)."""
+    batch = _check(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens)
+    head_dim = q.shape[2]
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    out = torch.zeros_like(q)
+    cu = cu_seqlens_q.tolist()
+    for b in range(batch):
+        lo, hi = cu[b], cu[b + 1]
+        if hi <= lo:
+            continue
+        prefix = 0 if k_cache is None else int(context_lens[b]) - (hi - lo)
+        if prefix < 0:
+            raise ValueError(f"context_lens[{b}] = {prefix + hi - lo} is shorter than its {hi - lo} new tokens")
+        keys, values = k[lo:hi], v[lo:hi]
+        if prefix > 0:
+            keys = torch.cat([gather_pages(k_cache, block_tables[b], prefix), keys])
+            values = torch.cat([gather_pages(v_cache, block_tables[b], prefix), values])
+        q_pos = prefix + torch.arange(hi - lo, device=q.device)
+        out[lo:hi] = attention_ref(q[lo:hi], keys, values, q_pos, scale, upcast)
+    return out
+
+
+def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                      k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                      block_tables: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
+                      scale: float | None = None, max_seqlen_q: int | None = None) -> torch.Tensor:
+    """Causal attention for a packed batch of new-token chunks, each at the end of its (paged) context.
+
+    q: (tokens, num_heads, head_dim); k, v: (tokens, num_kv_heads, head_dim), the chunk's own K/V (already
+    written to the pages); all three may be strided slices of a fused qkv tensor with contiguous head_dim.
+    cu_seqlens_q: (batch + 1,) int32 token offsets; k_cache, v_cache: (num_blocks, block_size, num_kv_heads,
+    head_dim); block_tables: (batch, max_blocks_per_seq) int32; context_lens: (batch,) int32 counting earlier
+    context plus the chunk. Without the cache arguments it is plain causal varlen attention over each chunk.
+    max_seqlen_q: host-side max chunk length (sizes the grid; computed with a host sync if omitted).
+    Returns (tokens, num_heads, head_dim) in q's dtype; rows past cu_seqlens_q[-1] are zero.
+    """
+    if use_triton(q, k, v, cu_seqlens_q):
+        return prefill_attention_triton(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens,
+                                        scale, max_seqlen_q)
+    return prefill_attention_ref(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens, scale,
+                                 max_seqlen_q)
+
+
+_TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _spec(dtype: torch.dtype, head_dim: int) -> KernelSpec:
+    t = _TRITON_DTYPE[dtype]
+    sig = {"q_ptr": f"*{t}", "k_ptr": f"*{t}", "v_ptr": f"*{t}", "cu_seqlens_ptr": "*i32",
+           "k_cache_ptr": f"*{t}", "v_cache_ptr": f"*{t}", "block_tables_ptr": "*i32", "context_lens_ptr": "*i32",
+           "out_ptr": f"*{t}", "qk_scale": "fp32"}
+    for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
+                 "stride_kcb", "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch",
+                 "stride_bt", "stride_ot", "stride_oh", "group", "head_dim", "block_size"):
+        sig[name] = "i32"
+    return KernelSpec(name=f"prefill_attention_{t}_d{head_dim}", fn=_prefill_kernel, signature=sig,
+                      constexprs={"BLOCK_M": _BLOCK_M, "BLOCK_N": _BLOCK_N, "BLOCK_D": _block_d(head_dim),
+                                  "PRECISION": _precision(dtype)},
+                      num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+
+
+# bf16 / fp16 at the released head_dim 128; fp32 for the small (64) and tiny (16) test models.
+COMPILE_SPECS = [_spec(torch.bfloat16, 128), _spec(torch.float16, 128), _spec(torch.float32, 64),
+                 _spec(torch.float32, 16)]
