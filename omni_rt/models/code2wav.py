@@ -1,0 +1,493 @@
+"""Code2Wav: codec codes ``(batch, num_quantizers, frames)`` -> 24 kHz waveform, offline and exactly-streaming.
+
+Pipeline (transformers ``Qwen3OmniMoeCode2Wav``): ``code_embedding(codes + q·codebook_size).mean(quantizers)``
+-> causal sliding-window transformer (RMSNorm, RoPE, LayerScale, SwiGLU) -> per upsampling ratio
+[CausalTransConv(k=s) + ConvNeXt(depthwise causal k7)] -> CausalConv(hidden -> decoder_dim, k7) -> per upsample
+rate r [SnakeBeta -> CausalTransConv(k=2r, s=r) -> 3 residual units (dilation 1, 3, 9)] -> SnakeBeta ->
+CausalConv(-> 1, k7) -> clamp(-1, 1).
+
+Why streaming can be exact: every stage is causal, and the reference's transposed convs trim ``k - s`` samples
+on *both* ends, so a decode of n frames ends exactly where the output stops depending on frame n+1. The
+offline decode of n frames is therefore a prefix of the decode of any longer sequence:
+``samples(n) = n·T - D`` with ``T = prod(rates)`` samples per frame and a fixed delay ``D`` obtained by
+``d <- d·s + (k - s)`` over the transposed convs in order (released config: T = 1920, D = 555, so the first
+frame gives 1365 samples and each later frame 1920).
+
+The streaming step keeps one fixed lag per layer: a transposed conv emits ``s`` final samples per input
+sample, which in offline coordinates start ``d`` samples before index 0 on a stream's first chunk. Those
+leading "pre-start" positions hold junk; they are zeroed right before every conv that reads them (the
+reference's left zero padding, and ``SnakeBeta(0) == 0``), so every real sample is exact and every chunk of n
+frames has the static shape ``n·T`` per stream (``step_padded``); ``step`` trims the leading D on a first chunk.
+
+State (``Code2WavState``) is a handful of tensors with a batch dim: the last ``sliding_window - 1`` rotated keys
+and values per layer plus each stream's frame counter (streams may be at different positions), the last
+``(k - 1)·dilation`` post-activation inputs of every causal conv, and the ``k - s`` output samples of every
+overlapping transposed conv that later frames still add to. No past frame is recomputed.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import Code2WavConfig
+from ..kernels.causal_conv1d import causal_conv1d, prepare_weight, snake_beta_ref
+
+__all__ = ["Code2Wav", "Code2WavState", "Code2WavStream"]
+
+# Query rows per attention block in long decodes: keeps the score tensor (rows x (rows + window)) bounded
+# instead of (frames x frames).
+_ATTN_BLOCK = 256
+
+
+# ----------------------------------------------------------------------------------------------- state
+@dataclasses.dataclass
+class Code2WavState:
+    """Streaming decoder state for ``batch`` streams (every tensor has the batch dim; dtype = model dtype).
+
+    pos:   (batch,) int64 frames already decoded per stream.
+    key, value: (layers, batch, kv_heads, sliding_window - 1, head_dim) rotated keys / values of the last
+           ``sliding_window - 1`` positions (slots before position 0 are zeros and masked out).
+    conv:  per causal conv with width > 1, (batch, in_ch, (width - 1)·dilation) post-activation inputs.
+    tail:  per transposed conv with k > s, (batch, out_ch, k - s) partial output sums (bias not yet added).
+    """
+
+    pos: torch.Tensor
+    key: torch.Tensor
+    value: torch.Tensor
+    conv: tuple[torch.Tensor, ...]
+    tail: tuple[torch.Tensor, ...]
+
+    @property
+    def batch(self) -> int:
+        return self.pos.shape[0]
+
+    def _map(self, fn) -> "Code2WavState":
+        return Code2WavState(fn(self.pos, 0), fn(self.key, 1), fn(self.value, 1),
+                             tuple(fn(t, 0) for t in self.conv), tuple(fn(t, 0) for t in self.tail))
+
+    def select(self, index: torch.Tensor | Sequence[int]) -> "Code2WavState":
+        """The sub-state of streams ``index`` (a copy)."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.pos.device)
+        return self._map(lambda t, dim: t.index_select(dim, idx))
+
+    def scatter_(self, index: torch.Tensor | Sequence[int], src: "Code2WavState") -> "Code2WavState":
+        """Write ``src`` (batch = len(index)) into streams ``index`` of this state in place (slot pools)."""
+        idx = torch.as_tensor(index, dtype=torch.long, device=self.pos.device)
+        mine = [self.pos, self.key, self.value, *self.conv, *self.tail]
+        theirs = [src.pos, src.key, src.value, *src.conv, *src.tail]
+        dims = [0, 1, 1] + [0] * (len(self.conv) + len(self.tail))
+        for dst, s, dim in zip(mine, theirs, dims):
+            dst.index_copy_(dim, idx, s)
+        return self
+
+    @staticmethod
+    def cat(states: Sequence["Code2WavState"]) -> "Code2WavState":
+        """One batched state from several (streams may be at different positions)."""
+        first = states[0]
+        return Code2WavState(
+            torch.cat([s.pos for s in states]), torch.cat([s.key for s in states], 1),
+            torch.cat([s.value for s in states], 1),
+            tuple(torch.cat([s.conv[i] for s in states]) for i in range(len(first.conv))),
+            tuple(torch.cat([s.tail[i] for s in states]) for i in range(len(first.tail))))
+
+
+# ---------------------------------------------------------------------------------------- building blocks
+class _RMSNorm(nn.Module):
+    """x: (..., dim). Statistics in fp32, scale applied in the input dtype (as the reference)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class _LayerScale(nn.Module):
+    def __init__(self, dim: int, init: float):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), init))
+
+
+class _Attention(nn.Module):
+    def __init__(self, c: Code2WavConfig):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
+        self.window = c.sliding_window
+        self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, past_k, past_v, kpos, qpos):
+        """x: (B, n, hidden); cos/sin: (B, n, head_dim); past_k/v: (B, kv_heads, W-1, head_dim);
+        kpos: (B, W-1+n) key positions; qpos: (B, n). Returns (out (B, n, hidden), new past_k, new past_v)."""
+        b, n, _ = x.shape
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        keys = torch.cat([past_k, k], dim=2)
+        values = torch.cat([past_v, v], dim=2)
+        keep = past_k.shape[2]
+        new_k, new_v = keys[:, :, keys.shape[2] - keep:], values[:, :, values.shape[2] - keep:]
+        rep = self.heads // self.kv_heads
+        if rep > 1:
+            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
+        # Query i sees key slots [i, i + W - 1] (its window is a band), so blocks of queries need only a
+        # (block + W - 1)-slot slice of the keys: memory stays linear in the number of frames.
+        outs = []
+        for a in range(0, n, _ATTN_BLOCK):
+            e = min(n, a + _ATTN_BLOCK)
+            ks, vs, kp = keys[:, :, a:e + keep], values[:, :, a:e + keep], kpos[:, a:e + keep]
+            qp = qpos[:, a:e]
+            mask = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None]) & (
+                qp[:, :, None] - kp[:, None, :] < self.window)
+            outs.append(F.scaled_dot_product_attention(q[:, :, a:e], ks, vs, attn_mask=mask[:, None],
+                                                       scale=self.head_dim ** -0.5))
+        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
+        return self.o_proj(o.transpose(1, 2).reshape(b, n, -1)), new_k, new_v
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+class _Mlp(nn.Module):
+    def __init__(self, c: Code2WavConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class _TransformerLayer(nn.Module):
+    def __init__(self, c: Code2WavConfig):
+        super().__init__()
+        self.input_layernorm = _RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.self_attn = _Attention(c)
+        self.self_attn_layer_scale = _LayerScale(c.hidden_size, c.layer_scale_initial_scale)
+        self.post_attention_layernorm = _RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.mlp = _Mlp(c)
+        self.mlp_layer_scale = _LayerScale(c.hidden_size, c.layer_scale_initial_scale)
+
+    def forward(self, x, cos, sin, past_k, past_v, kpos, qpos):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, kpos, qpos)
+        x = x + self.self_attn_layer_scale.scale * a
+        x = x + self.mlp_layer_scale.scale * self.mlp(self.post_attention_layernorm(x))
+        return x, k, v
+
+
+class _Transformer(nn.Module):
+    def __init__(self, c: Code2WavConfig):
+        super().__init__()
+        self.layers = nn.ModuleList([_TransformerLayer(c) for _ in range(c.num_hidden_layers)])
+        self.norm = _RMSNorm(c.hidden_size, c.rms_norm_eps)
+
+
+class _Snake(nn.Module):
+    """SnakeBeta with log-scale alpha/beta: x + sin²(x·e^alpha) / (e^beta + 1e-9)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.alpha = nn.Parameter(torch.zeros(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+
+    def params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        # the conv kernel reads the (tiny) snake parameters as fp32
+        return self.alpha.float(), self.beta.float()
+
+
+class _CausalConv(nn.Module):
+    """Stride-1 causal conv (left pad (k-1)·dilation); ``conv`` only holds the parameters."""
+
+    def __init__(self, cin: int, cout: int, k: int, dilation: int = 1, groups: int = 1):
+        super().__init__()
+        self.conv = nn.Conv1d(cin, cout, k, dilation=dilation, groups=groups)
+        self.dilation, self.groups = dilation, groups
+        self.state_len = (k - 1) * dilation
+        self.slot = -1  # index into Code2WavState.conv, set by Code2Wav
+
+
+class _TransConv(nn.Module):
+    """Transposed conv (kernel k, stride s, k >= s) trimming k - s on each side (the reference's causal trim)."""
+
+    def __init__(self, cin: int, cout: int, k: int, s: int):
+        super().__init__()
+        if not s <= k <= 2 * s:
+            raise ValueError(f"transposed conv needs stride <= kernel <= 2·stride; got k={k}, s={s}")
+        self.conv = nn.ConvTranspose1d(cin, cout, k, stride=s)
+        self.stride, self.overlap = s, k - s
+        self.slot = -1  # index into Code2WavState.tail when overlap > 0
+
+
+class _ConvNeXt(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dwconv = _CausalConv(dim, dim, 7, groups=dim)
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
+
+
+class _ResidualUnit(nn.Module):
+    def __init__(self, dim: int, dilation: int):
+        super().__init__()
+        self.act1 = _Snake(dim)
+        self.conv1 = _CausalConv(dim, dim, 7, dilation=dilation)
+        self.act2 = _Snake(dim)
+        self.conv2 = _CausalConv(dim, dim, 1)
+
+
+class _DecoderBlock(nn.Module):
+    def __init__(self, cin: int, cout: int, rate: int):
+        super().__init__()
+        self.block = nn.ModuleList([_Snake(cin), _TransConv(cin, cout, 2 * rate, rate),
+                                    *(_ResidualUnit(cout, d) for d in (1, 3, 9))])
+
+
+# ------------------------------------------------------------------------------------------------ model
+class Code2Wav(nn.Module):
+    """Codes -> waveform. Parameters are named as the checkpoint's ``code2wav.*`` minus that prefix.
+
+    ``decode(codes)``: one exact causal decode; ``init_state`` / ``step`` / ``step_padded``: the streaming
+    decoder (see the module docstring); ``Code2WavStream``: a convenience wrapper holding the state.
+    """
+
+    def __init__(self, cfg: Code2WavConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg
+        self.code_embedding = nn.Embedding(c.codebook_size * c.num_quantizers, c.hidden_size)
+        self.pre_transformer = _Transformer(c)
+        self.upsample = nn.ModuleList([
+            nn.ModuleList([_TransConv(c.hidden_size, c.hidden_size, f, f), _ConvNeXt(c.hidden_size)])
+            for f in c.upsampling_ratios])
+        dims = [c.decoder_dim // 2 ** i for i in range(len(c.upsample_rates) + 1)]
+        self.decoder = nn.ModuleList(
+            [_CausalConv(c.hidden_size, c.decoder_dim, 7)]
+            + [_DecoderBlock(dims[i], dims[i + 1], r) for i, r in enumerate(c.upsample_rates)]
+            + [_Snake(dims[-1]), _CausalConv(dims[-1], 1, 7)])
+        for p in self.parameters():
+            p.requires_grad_(False)
+
+        self._convs = [m for m in self.modules() if isinstance(m, _CausalConv) and m.state_len > 0]
+        for i, m in enumerate(self._convs):
+            m.slot = i
+        self._tconvs = [m for m in self.modules() if isinstance(m, _TransConv) and m.overlap > 0]
+        for i, m in enumerate(self._tconvs):
+            m.slot = i
+        # Lag bookkeeping in execution order: upsampling ratios first, then the decoder's rates.
+        self.samples_per_frame = c.total_upsample
+        lag = 0
+        for f in c.upsampling_ratios:
+            lag = lag * f
+        for r in c.upsample_rates:
+            lag = lag * r + r
+        self.delay = lag
+        self.materialize_buffers(self.code_embedding.weight.device)
+
+    # -- buffers / sizes ------------------------------------------------------------------------------------
+    def materialize_buffers(self, device: torch.device | str) -> None:
+        """Non-persistent buffers (code offsets, rotary inverse frequencies); called by the loader."""
+        c = self.cfg
+        self.register_buffer("code_offset", torch.arange(c.num_quantizers, device=device).view(1, -1, 1)
+                             * c.codebook_size, persistent=False)
+        dim = c.head_dim
+        inv = 1.0 / (c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+        if torch.device(device).type == "cuda":
+            # the dense conv kernel's weight tiles load contiguously in (width, out, in) storage
+            for m in self._convs + [m for m in self.modules() if isinstance(m, _CausalConv) and m.state_len == 0]:
+                if m.groups == 1:
+                    m.conv.weight = nn.Parameter(prepare_weight(m.conv.weight), requires_grad=False)
+
+    def num_samples(self, frames: int) -> int:
+        """Samples one ``decode`` of ``frames`` frames returns: frames·T − D (0 for no frames)."""
+        return max(frames * self.samples_per_frame - self.delay, 0)
+
+    @property
+    def first_frame_samples(self) -> int:
+        return self.samples_per_frame - self.delay
+
+    # -- streaming --------------------------------------------------------------------------------------------
+    def init_state(self, batch: int, device: torch.device | str | None = None,
+                   dtype: torch.dtype | None = None) -> Code2WavState:
+        """Zero state for ``batch`` fresh streams (zeros are exactly the reference's left padding)."""
+        w = self.code_embedding.weight
+        device = w.device if device is None else device
+        dtype = w.dtype if dtype is None else dtype
+        c = self.cfg
+        kv = torch.zeros((c.num_hidden_layers, batch, c.num_key_value_heads, c.sliding_window - 1, c.head_dim),
+                         device=device, dtype=dtype)
+        return Code2WavState(
+            pos=torch.zeros(batch, dtype=torch.long, device=device), key=kv, value=kv.clone(),
+            conv=tuple(torch.zeros((batch, m.conv.in_channels, m.state_len), device=device, dtype=dtype)
+                       for m in self._convs),
+            tail=tuple(torch.zeros((batch, m.conv.out_channels, m.overlap), device=device, dtype=dtype)
+                       for m in self._tconvs))
+
+    @torch.inference_mode()
+    def step_padded(self, codes: torch.Tensor, state: Code2WavState) -> tuple[torch.Tensor, Code2WavState]:
+        """Decode ``n`` more frames per stream with static shapes (graph-capturable; no host syncs).
+
+        codes: (batch, num_quantizers, n) int64. Returns (audio (batch, n·T), new state). For a stream whose
+        ``state.pos`` was 0, the first ``self.delay`` samples precede the waveform's start and must be dropped;
+        every other sample is final and exact. ``state`` is not modified.
+        """
+        self._check_codes(codes)
+        if codes.shape[0] != state.batch:
+            raise ValueError(f"codes batch {codes.shape[0]} != state batch {state.batch}")
+        pos = state.pos
+        x, key, value = self._transformer(codes, pos, state.key, state.value)
+        conv_in, tail_in = state.conv, state.tail
+        conv_out: list[torch.Tensor | None] = [None] * len(conv_in)
+        tail_out: list[torch.Tensor | None] = [None] * len(tail_in)
+
+        def conv(m: _CausalConv, h, lag, unit, snake: _Snake | None = None):
+            alpha, beta = snake.params() if snake is not None else (None, None)
+            if m.state_len == 0:  # pointwise: junk stays in the pre-start positions
+                return causal_conv1d(h, m.conv.weight, m.conv.bias, m.dilation, m.groups,
+                                     snake_alpha=alpha, snake_beta=beta)
+            h = self._zero_before_start(h, pos, lag, unit)
+            y, conv_out[m.slot] = causal_conv1d(h, m.conv.weight, m.conv.bias, m.dilation, m.groups,
+                                                state=conv_in[m.slot], return_state=True,
+                                                snake_alpha=alpha, snake_beta=beta)
+            return y
+
+        def tconv(m: _TransConv, h, lag, unit):
+            h = self._zero_before_start(h, pos, lag, unit)
+            length = h.shape[-1] * m.stride
+            y = F.conv_transpose1d(h, m.conv.weight, None, stride=m.stride)
+            if m.overlap:
+                y = torch.cat([y[..., :m.overlap] + tail_in[m.slot], y[..., m.overlap:]], dim=-1)
+                tail_out[m.slot] = y[..., length:]
+            return y[..., :length] + m.conv.bias[:, None]
+
+        h = x.transpose(1, 2)  # (B, hidden, n)
+        lag, unit = 0, 1  # lag: pre-start samples at a fresh stream's chunk head; unit: samples per frame
+        for tc, cnx in self.upsample:
+            h = tconv(tc, h, lag, unit)
+            lag, unit = lag * tc.stride + tc.overlap, unit * tc.stride
+            r = conv(cnx.dwconv, h, lag, unit).transpose(1, 2)
+            r = cnx.pwconv2(F.gelu(cnx.pwconv1(cnx.norm(r))))
+            h = h + (cnx.gamma * r).transpose(1, 2)
+        h = conv(self.decoder[0], h, lag, unit)
+        for blk in self.decoder[1:-2]:
+            act, tc, *units = blk.block
+            h = tconv(tc, snake_beta_ref(h, *act.params()), lag, unit)
+            lag, unit = lag * tc.stride + tc.overlap, unit * tc.stride
+            for u in units:
+                r = conv(u.conv1, h, lag, unit, snake=u.act1)
+                h = h + conv(u.conv2, r, lag, unit, snake=u.act2)
+        wav = conv(self.decoder[-1], h, lag, unit, snake=self.decoder[-2])
+        new = Code2WavState(pos + codes.shape[-1], key, value, tuple(conv_out), tuple(tail_out))
+        return wav.clamp(-1, 1).squeeze(1), new
+
+    def step(self, codes: torch.Tensor, state: Code2WavState) -> tuple[torch.Tensor, Code2WavState]:
+        """Decode ``n`` more frames per stream; returns (audio (batch, samples), new state).
+
+        samples = n·T − D if the streams are fresh (state.pos == 0), else n·T: the concatenation of a stream's
+        outputs equals ``decode`` of all its codes. All streams of one call must be either fresh or not (one
+        host sync checks it); mixed batches use ``step_padded``.
+        """
+        fresh = int((state.pos == 0).sum())
+        if 0 < fresh < state.batch:
+            raise ValueError("step: batch mixes fresh and running streams (output lengths differ); "
+                             "use step_padded and drop the first `delay` samples of the fresh ones")
+        audio, new = self.step_padded(codes, state)
+        return (audio[:, self.delay:] if fresh else audio), new
+
+    # -- offline ------------------------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def decode(self, codes: torch.Tensor, chunk_frames: int | None = None) -> torch.Tensor:
+        """Exact causal decode of whole sequences. codes: (batch, num_quantizers, frames) int64 ->
+        (batch, frames·T − D) in [-1, 1]. ``chunk_frames`` bounds activation memory by decoding through the
+        streaming state that many frames at a time (same result); None decodes in one pass."""
+        self._check_codes(codes)
+        b, _, n = codes.shape
+        w = self.code_embedding.weight
+        if n == 0:
+            return torch.zeros((b, 0), device=w.device, dtype=w.dtype)
+        state = self.init_state(b)
+        step = n if chunk_frames is None else chunk_frames
+        if step < 1:
+            raise ValueError(f"chunk_frames must be >= 1; got {chunk_frames}")
+        out = []
+        for a in range(0, n, step):
+            audio, state = self.step_padded(codes[..., a:a + step], state)
+            out.append(audio)
+        return torch.cat(out, dim=-1)[:, self.delay:]
+
+    def forward(self, codes: torch.Tensor) -> torch.Tensor:
+        return self.decode(codes)
+
+    # -- internals --------------------------------------------------------------------------------------------
+    def _check_codes(self, codes: torch.Tensor) -> None:
+        q = self.cfg.num_quantizers
+        if codes.dim() != 3 or codes.shape[1] != q:
+            raise ValueError(f"codes must be (batch, {q}, frames); got {tuple(codes.shape)}")
+        if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
+            raise ValueError(f"codes must be an integer tensor; got {codes.dtype}")
+
+    @staticmethod
+    def _zero_before_start(h: torch.Tensor, pos: torch.Tensor, lag: int, unit: int) -> torch.Tensor:
+        """h: (B, C, L) chunk whose first sample sits at offline index pos·unit − lag; zero negative indices."""
+        if lag == 0:
+            return h
+        lead = (lag - pos * unit).clamp_min(0)  # (B,)
+        keep = torch.arange(h.shape[-1], device=h.device)[None, :] >= lead[:, None]
+        return h * keep[:, None, :].to(h.dtype)
+
+    def _transformer(self, codes, pos, past_k, past_v):
+        """codes: (B, Q, n) -> hidden (B, n, hidden), new keys/values (layers, B, kv_heads, W-1, head_dim)."""
+        n = codes.shape[-1]
+        x = self.code_embedding(codes + self.code_offset).mean(1)
+        qpos = pos[:, None] + torch.arange(n, device=pos.device)
+        keep = past_k.shape[3]
+        kpos = pos[:, None] - keep + torch.arange(keep + n, device=pos.device)
+        # angles for exactly the positions in use (no table caps the stream length); fp32 as the reference
+        freqs = qpos[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        ks, vs = [], []
+        for i, layer in enumerate(self.pre_transformer.layers):
+            x, k, v = layer(x, cos, sin, past_k[i], past_v[i], kpos, qpos)
+            ks.append(k)
+            vs.append(v)
+        return self.pre_transformer.norm(x), torch.stack(ks), torch.stack(vs)
+
+
+class Code2WavStream:
+    """A batch of streams decoded together: ``push(codes (batch, Q, n)) -> audio (batch, samples)``.
+
+    The first push returns n·T − D samples per stream, later pushes n·T; their concatenation equals
+    ``model.decode`` of all codes pushed.
+    """
+
+    def __init__(self, model: Code2Wav, batch: int = 1):
+        self.model = model
+        self.state = model.init_state(batch)
+
+    @property
+    def frames(self) -> int:
+        return int(self.state.pos[0])
+
+    def push(self, codes: torch.Tensor) -> torch.Tensor:
+        audio, self.state = self.model.step(codes, self.state)
+        return audio
