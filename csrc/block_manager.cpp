@@ -240,11 +240,16 @@ void BlockManager::fill_block_tables(const std::vector<int64_t>& seq_ids, const 
     seqs.push_back(&s);
   }
   for (int64_t r = 0; r < out.rows; ++r) {
-    int64_t c = 0;
-    if (r < n) {
-      for (int32_t b : seqs[static_cast<size_t>(r)]->blocks) out.at(r, c++) = b;
+    const std::vector<int32_t>* blocks = r < n ? &seqs[static_cast<size_t>(r)]->blocks : nullptr;
+    const int64_t len = blocks != nullptr ? static_cast<int64_t>(blocks->size()) : 0;
+    if (out.col_stride == 1) {  // the usual C-contiguous row: bulk copy + fill
+      int32_t* row = out.data + r * out.row_stride;
+      if (len > 0) std::copy(blocks->begin(), blocks->end(), row);
+      std::fill(row + len, row + out.cols, pad);
+      continue;
     }
-    for (; c < out.cols; ++c) out.at(r, c) = pad;
+    for (int64_t c = 0; c < len; ++c) out.at(r, c) = (*blocks)[static_cast<size_t>(c)];
+    for (int64_t c = len; c < out.cols; ++c) out.at(r, c) = pad;
   }
 }
 
