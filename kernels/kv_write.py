@@ -34,7 +34,9 @@ def _kv_write_kernel(
     row = slot % block_size
     offs_h = tl.arange(0, BLOCK_H)
     offs_d = tl.arange(0, BLOCK_D)
-    mask = (offs_h[:, None] < num_kv_heads) & (offs_d[None, :] < head_dim) & (slot >= 0)
+    # A skipped token (negative slot) gets an empty head range rather than a scalar term in the mask.
+    heads = tl.where(slot >= 0, num_kv_heads, 0)
+    mask = (offs_h[:, None] < heads) & (offs_d[None, :] < head_dim)
     t64 = t.to(tl.int64)
     k = tl.load(k_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)

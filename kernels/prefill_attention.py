@@ -107,10 +107,11 @@ def _prefill_kernel(
                  out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
-_BLOCK_M = 64
-_BLOCK_N = 64
-_NUM_WARPS = 4
-_NUM_STAGES = 2
+def _launch_config(dtype: torch.dtype) -> dict:
+    """Tile sizes per input dtype: fp32 tiles take twice the registers/shared memory, so they are halved."""
+    if dtype == torch.float32:
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
 
 
 def _block_d(head_dim: int) -> int:
@@ -175,7 +176,8 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         return out
     group = num_heads // k.shape[1]
     scale = head_dim ** -0.5 if scale is None else float(scale)
-    grid = (triton.cdiv(max_seqlen_q, _BLOCK_M), batch, num_heads)
+    cfg = _launch_config(q.dtype)
+    grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch, num_heads)
     _prefill_kernel[grid](
         q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens, out,
         scale * _LOG2E,
@@ -184,8 +186,7 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
         group, head_dim, k_cache.shape[1],
-        BLOCK_M=_BLOCK_M, BLOCK_N=_BLOCK_N, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype),
-        num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype), **cfg,
     )
     return out
 
@@ -251,10 +252,11 @@ def _spec(dtype: torch.dtype, head_dim: int) -> KernelSpec:
                  "stride_kcb", "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch",
                  "stride_bt", "stride_ot", "stride_oh", "group", "head_dim", "block_size"):
         sig[name] = "i32"
+    cfg = _launch_config(dtype)
     return KernelSpec(name=f"prefill_attention_{t}_d{head_dim}", fn=_prefill_kernel, signature=sig,
-                      constexprs={"BLOCK_M": _BLOCK_M, "BLOCK_N": _BLOCK_N, "BLOCK_D": _block_d(head_dim),
-                                  "PRECISION": _precision(dtype)},
-                      num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
+                      constexprs={"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                                  "BLOCK_D": _block_d(head_dim), "PRECISION": _precision(dtype)},
+                      num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
 # bf16 / fp16 at the released head_dim 128; fp32 for the small (64) and tiny (16) test models.
