@@ -1,0 +1,120 @@
+"""Runs a paged-KV decoder (thinker or talker) for batches of sequences: chunked varlen prefill and decode.
+
+The runner owns the mapping from sequences to KV pages (through ``KVCachePool``) and builds the attention
+metadata for each forward; the model only computes. Prefill is eager (variable shapes); decode builds only
+device tensors of fixed shape per batch size, so it can be captured in a CUDA graph per batch bucket.
+"""
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+
+from ..models.layers import AttentionMetadata
+from .kv_cache import KVCachePool, OutOfBlocksError
+
+# forward(embeds (tokens, H), positions (3, tokens), kv_caches, meta, tap_layer) -> (normed (tokens, H), tap)
+ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def text_positions(start: int, length: int, device) -> torch.Tensor:
+    """M-RoPE positions (3, length) for text and audio tokens: the same index on t, h and w.
+
+    transformers' get_rope_index gives plain cumulative positions for prompts without images or videos
+    (audio tokens included), so rows are equal and rope_deltas is 0.
+    """
+    return torch.arange(start, start + length, device=device, dtype=torch.long).expand(3, length)
+
+
+class DecoderRunner:
+    """Prefill/decode for one decoder over its own KV pool."""
+
+    def __init__(self, forward: ForwardFn, pool: KVCachePool, max_prefill_tokens: int = 8192):
+        if max_prefill_tokens < 1:
+            raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
+        self.forward = forward
+        self.pool = pool
+        self.max_prefill_tokens = max_prefill_tokens
+
+    @property
+    def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return list(zip(self.pool.k_caches, self.pool.v_caches))
+
+    def prefill(self, seq_ids: Sequence[int], embeds: Sequence[torch.Tensor], positions: Sequence[torch.Tensor],
+                tap_layer: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+        """Append each sequence's tokens to its KV (creating the sequence if new) and run them.
+
+        embeds[i]: (n_i, H); positions[i]: (3, n_i). Long inputs are split in chunks so one forward holds at
+        most ``max_prefill_tokens`` tokens; later chunks read earlier ones from the pages (chunked prefill).
+        Returns per sequence the normed hidden states (n_i, H) and the tapped hidden states (n_i, H) or None.
+        """
+        ids = list(seq_ids)
+        if len(ids) != len(embeds) or len(ids) != len(positions):
+            raise ValueError("seq_ids, embeds and positions must have the same length")
+        self._check_room(ids, [e.shape[0] for e in embeds])
+        outs: list[list[torch.Tensor]] = [[] for _ in ids]
+        taps: list[list[torch.Tensor]] = [[] for _ in ids]
+        done = [0] * len(ids)
+        while any(done[j] < embeds[j].shape[0] for j in range(len(ids))):
+            budget = self.max_prefill_tokens
+            batch, chunk_lens = [], []
+            for j in range(len(ids)):
+                left = embeds[j].shape[0] - done[j]
+                if left <= 0 or budget <= 0:
+                    continue
+                n = min(left, budget)
+                budget -= n
+                batch.append(j)
+                chunk_lens.append(n)
+            slots = []
+            for j, n in zip(batch, chunk_lens):
+                sid = ids[j]
+                if self.pool.has_seq(sid):
+                    slots.append(self.pool.extend(sid, n))
+                else:
+                    slots.append(self.pool.add_sequence(sid, n))
+            device = embeds[batch[0]].device
+            cu = torch.tensor([0] + chunk_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+            batch_ids = [ids[j] for j in batch]
+            meta = AttentionMetadata(
+                slot_mapping=torch.cat(slots), block_tables=self.pool.block_tables(batch_ids),
+                context_lens=self.pool.context_lens(batch_ids), cu_seqlens_q=cu.to(device),
+                max_query_len=max(chunk_lens))
+            x = torch.cat([embeds[j][done[j]: done[j] + n] for j, n in zip(batch, chunk_lens)])
+            pos = torch.cat([positions[j][:, done[j]: done[j] + n] for j, n in zip(batch, chunk_lens)], dim=1)
+            hidden, tap = self.forward(x, pos, self.kv_caches, meta, tap_layer)
+            offset = 0
+            for j, n in zip(batch, chunk_lens):
+                outs[j].append(hidden[offset: offset + n])
+                if tap is not None:
+                    taps[j].append(tap[offset: offset + n])
+                offset += n
+                done[j] += n
+        return ([torch.cat(o) if o else embeds[j][:0] for j, o in enumerate(outs)],
+                [torch.cat(t) if t else None for t in taps])
+
+    def _check_room(self, ids: list[int], counts: list[int]) -> None:
+        """Fail before touching any page if the whole prefill cannot fit (nothing half-written)."""
+        manager = self.pool.manager
+        need = sum(manager.blocks_to_append(i, n) if self.pool.has_seq(i) else manager.blocks_for_tokens(n)
+                   for i, n in zip(ids, counts) if n > 0)
+        if need > self.pool.num_free_blocks():
+            raise OutOfBlocksError(f"out of KV blocks: prefill of {sum(counts)} tokens needs {need} blocks, "
+                                   f"{self.pool.num_free_blocks()} of {self.pool.num_blocks} free")
+
+    def decode_metadata(self, seq_ids: Sequence[int]) -> AttentionMetadata:
+        """Reserve one slot per sequence and describe the step (all device tensors, fixed shapes)."""
+        ids = list(seq_ids)
+        slots = self.pool.append_token(ids)
+        return AttentionMetadata(slot_mapping=slots, block_tables=self.pool.block_tables(ids),
+                                 context_lens=self.pool.context_lens(ids))
+
+    def decode(self, seq_ids: Sequence[int], embeds: torch.Tensor, positions: torch.Tensor,
+               tap_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One token per sequence. embeds: (B, H); positions: (3, B) → normed hidden (B, H), tap (B, H)."""
+        meta = self.decode_metadata(seq_ids)
+        return self.forward(embeds, positions, self.kv_caches, meta, tap_layer)
+
+    def free(self, seq_id: int) -> None:
+        if self.pool.has_seq(seq_id):
+            self.pool.free(seq_id)

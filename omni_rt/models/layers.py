@@ -1,0 +1,148 @@
+"""Shared building blocks: RMSNorm, rotary embeddings (1-D and interleaved M-RoPE), the q/k-norm GQA
+attention front that calls the paged-KV kernels, dense SwiGLU MLP.
+
+Numerics follow transformers' Qwen3-Omni modules exactly (fp32 norm statistics, cos/sin computed in fp32 and
+cast to the activation dtype) so fp32 runs agree with the oracle to ~1e-6 and bf16 runs round the same way.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..kernels import kv_write as _kv_write
+from ..kernels import paged_attention as _paged
+from ..kernels import prefill_attention as _prefill
+
+
+class RMSNorm(nn.Module):
+    """y = w · x / sqrt(mean(x²) + eps); statistics in fp32, scaled in the input dtype (as the reference)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(dtype)
+
+
+class Rotary(nn.Module):
+    """Rotary tables for positions ``(3, tokens)`` (t, h, w) with interleaved M-RoPE sections, or ``(tokens,)``.
+
+    Interleaved recomposition (reference ``recomposition_frequencies``): frequency index i takes the T row,
+    except i ≡ 1 (mod 3) below 3·section[1] takes H and i ≡ 2 (mod 3) below 3·section[2] takes W. With equal
+    rows (text and audio prompts) this is plain 1-D RoPE.
+    """
+
+    def __init__(self, head_dim: int, theta: float, mrope_section: tuple[int, ...] | None = None):
+        super().__init__()
+        self.head_dim, self.theta = head_dim, theta
+        self.mrope_section = tuple(mrope_section) if mrope_section else None
+        self.inv_freq: torch.Tensor | None = None
+        self.axis: torch.Tensor | None = None
+
+    def materialize_buffers(self, device: torch.device) -> None:
+        self.inv_freq = 1.0 / (self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float,
+                                                           device=device) / self.head_dim))
+        half = self.head_dim // 2
+        axis = torch.zeros(half, dtype=torch.long, device=device)
+        if self.mrope_section:
+            for dim, offset in ((1, 1), (2, 2)):
+                axis[offset: self.mrope_section[dim] * 3: 3] = dim
+        self.axis = axis
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: (3, tokens) or (tokens,) integer → cos, sin: (tokens, head_dim) in ``dtype``."""
+        if self.inv_freq is None or self.inv_freq.device != positions.device:
+            self.materialize_buffers(positions.device)
+        if positions.dim() == 1:
+            freqs = positions.float()[:, None] * self.inv_freq
+        else:
+            # (3, T, half) then pick the axis per frequency index.
+            all_freqs = positions.float()[..., None] * self.inv_freq
+            freqs = all_freqs.gather(0, self.axis.view(1, 1, -1).expand(1, positions.shape[1], -1))[0]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: (tokens, heads, head_dim); cos/sin: (tokens, head_dim)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+@dataclasses.dataclass
+class AttentionMetadata:
+    """Where a step's tokens live in the paged KV cache.
+
+    slot_mapping: (tokens,) int64 — page slot of each new token (block * block_size + offset).
+    block_tables: (batch, max_blocks) int32; context_lens: (batch,) int32, new tokens included.
+    cu_seqlens_q: (batch + 1,) int32 for prefill (varlen queries at the end of each context); None for decode
+    (one query per sequence). max_query_len is a host int used only by the (eager) prefill launch.
+    """
+
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    context_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor | None = None
+    max_query_len: int = 1
+
+    @property
+    def is_decode(self) -> bool:
+        return self.cu_seqlens_q is None
+
+
+class Attention(nn.Module):
+    """GQA self-attention with per-head q/k RMSNorm and rotary, over a paged KV cache."""
+
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
+        self.scale = head_dim ** -0.5
+        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
+        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
+        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.q_norm = RMSNorm(head_dim, eps)
+        self.k_norm = RMSNorm(head_dim, eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        """x: (tokens, hidden) → (tokens, hidden). Writes the new K/V into ``kv_cache`` pages first."""
+        t = x.shape[0]
+        q = self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim))
+        k = self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim))
+        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        k_cache, v_cache = kv_cache
+        _kv_write.kv_write(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.is_decode:
+            out = _paged.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
+                                                self.scale)
+        else:
+            out = _prefill.prefill_attention(q, k, v, meta.cu_seqlens_q, k_cache, v_cache, meta.block_tables,
+                                             meta.context_lens, self.scale, max_seqlen_q=meta.max_query_len)
+        return self.o_proj(out.reshape(t, self.heads * self.head_dim))
+
+
+class DenseMLP(nn.Module):
+    """down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden: int, intermediate: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

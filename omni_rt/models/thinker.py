@@ -1,0 +1,92 @@
+"""The Thinker: token embeddings with audio features scattered into <|audio_pad|> positions, a Qwen3 MoE
+decoder (q/k-norm GQA attention with interleaved M-RoPE over a paged KV cache), final norm and lm_head.
+
+Parameter names (under ``thinker.``): ``model.embed_tokens``, ``model.layers.N.*``, ``model.norm``, ``lm_head``,
+``audio_tower.*`` — the on-disk names, experts stacked. The talker's taps are exposed: the input embeddings
+(after the audio scatter) and the hidden state after ``accept_hidden_layer`` layers (before the final norm).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import DecoderConfig, ThinkerConfig
+from .audio_encoder import AudioEncoder
+from .layers import Attention, AttentionMetadata, DenseMLP, RMSNorm, Rotary
+from .moe import SparseMoE
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: DecoderConfig, layer: int, shared_expert: bool):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
+                                   cfg.head_dim, cfg.rms_norm_eps)
+        if cfg.is_moe_layer(layer):
+            self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
+                                 cfg.moe_intermediate_size, cfg.norm_topk_prob,
+                                 cfg.shared_expert_intermediate_size if shared_expert else 0)
+        else:
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Decoder(nn.Module):
+    """Layers + final norm over packed tokens (no batch dim: sequences are delimited by the metadata)."""
+
+    def __init__(self, cfg: DecoderConfig, shared_expert: bool = False, embed: bool = True):
+        super().__init__()
+        self.cfg = cfg
+        if embed:
+            self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, shared_expert) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
+
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+                meta: AttentionMetadata, tap_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (tokens, hidden); positions: (3, tokens) → (normed hidden (tokens, hidden), tapped hidden or None).
+
+        ``tap_layer`` k returns the residual stream after k layers (transformers' ``hidden_states[k]``).
+        """
+        cos, sin = self.rotary(positions, x.dtype)
+        tap = x if tap_layer == 0 else None
+        for i, layer in enumerate(self.layers):
+            x = layer(x, cos, sin, kv_caches[i], meta)
+            if tap_layer == i + 1:
+                tap = x
+        return self.norm(x), tap
+
+
+class Thinker(nn.Module):
+    def __init__(self, cfg: ThinkerConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = Decoder(cfg.text)
+        self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.audio_tower = AudioEncoder(cfg.audio)
+
+    def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (tokens,) → (tokens, hidden), audio features replacing <|audio_pad|> embeddings in order.
+
+        audio_embeds: (n_audio_tokens, hidden); its length must equal the number of audio pad tokens.
+        """
+        x = self.model.embed_tokens(input_ids)
+        if audio_embeds is not None and audio_embeds.shape[0] > 0:
+            mask = input_ids == self.cfg.audio_token_id
+            x = x.masked_scatter(mask[:, None], audio_embeds.to(x.dtype))
+        return x
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor,
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
+                tap_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model(embeds, positions, kv_caches, meta, tap_layer)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: (n, hidden) normed → (n, vocab) in the model dtype."""
+        return self.lm_head(hidden)

@@ -1,0 +1,106 @@
+"""Request-side value types of the public API: Prompt, SamplingParams, GenerationOutput, StreamChunk."""
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from typing import Any, Sequence
+
+import numpy as np
+
+# The reference's defaults per stage (transformers Qwen3OmniMoe generate()): the thinker decodes greedily;
+# the talker samples with top_k 50, top_p 1.0, temperature 0.9 and repetition penalty 1.05.
+_STAGE_DEFAULTS = {
+    "thinker": dict(temperature=0.0, top_k=50, top_p=1.0, repetition_penalty=1.0, max_new_tokens=1024),
+    "talker": dict(temperature=0.9, top_k=50, top_p=1.0, repetition_penalty=1.05, max_new_tokens=4096),
+}
+
+
+@dataclasses.dataclass
+class SamplingParams:
+    """Sampling settings for one stage; None fields take that stage's reference default.
+
+    temperature 0 = greedy (repetition penalty still applies, as in transformers). stop_token_ids None = the
+    stage's own stop id (<|im_end|> for the thinker, codec_eos for the talker). seed None = a random seed.
+    Talker max_new_tokens counts talker steps: T steps give T - 1 frames.
+    """
+
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    repetition_penalty: float | None = None
+    max_new_tokens: int | None = None
+    stop_token_ids: Sequence[int] | None = None
+    seed: int | None = None
+
+    def resolved(self, stage: str) -> "SamplingParams":
+        """A copy with every None filled from ``stage``'s defaults, validated."""
+        if stage not in _STAGE_DEFAULTS:
+            raise ValueError(f"stage must be one of {sorted(_STAGE_DEFAULTS)}, got {stage!r}")
+        values = dataclasses.asdict(self)
+        for key, default in _STAGE_DEFAULTS[stage].items():
+            if values[key] is None:
+                values[key] = default
+        out = SamplingParams(**values)
+        out.validate()
+        return out
+
+    def validate(self) -> None:
+        if self.temperature is not None and not (self.temperature >= 0 and np.isfinite(self.temperature)):
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0):
+            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
+        if self.top_p is not None and not (0 < self.top_p <= 1):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
+            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, (int, np.integer))
+                                                or self.max_new_tokens < 1):
+            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
+        if self.stop_token_ids is not None and not all(isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
+            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids}")
+
+
+@dataclasses.dataclass
+class Prompt:
+    """A pre-tokenized prompt: token ids exactly as the HF processor makes them (each audio's <|audio_pad|> run
+    already expanded to its token count) and the audios in order of appearance (float32 mono 16 kHz arrays,
+    or paths)."""
+
+    token_ids: Sequence[int]
+    audios: Sequence[Any] = ()
+
+    def __post_init__(self):
+        ids = list(self.token_ids)
+        if not ids:
+            raise ValueError("Prompt.token_ids is empty")
+        if not all(isinstance(t, (int, np.integer)) and t >= 0 for t in ids):
+            raise ValueError("Prompt.token_ids must be non-negative integers")
+        self.token_ids = [int(t) for t in ids]
+        self.audios = list(self.audios)
+
+
+@dataclasses.dataclass
+class GenerationOutput:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    codes: np.ndarray | None = None
+    audio: np.ndarray | None = None
+    sample_rate: int = 24000
+    metrics: dict = dataclasses.field(default_factory=dict)
+    finish_reason: str = "stop"
+
+
+@dataclasses.dataclass
+class StreamChunk:
+    request_id: str
+    text_delta: str = ""
+    token_ids: list[int] = dataclasses.field(default_factory=list)
+    audio: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    finished: bool = False
+    metrics: dict | None = None
+    error: BaseException | None = None
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex[:16]
