@@ -208,7 +208,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
     torch.set_num_threads(2)
     # One layer: the memory question is the chunking, and the test must stay cheap.
-    cfg = dataclasses.replace(OmniConfig.from_dict(tiny_config()).thinker.audio, conv_chunksize=16, encoder_layers=1)
+    cfg = dataclasses.replace(OmniConfig.from_dict(tiny_config()).thinker.audio, conv_chunksize=50, encoder_layers=1)
     m = AudioEncoder(cfg).eval()
     frames = int(sys.argv[1])
     x = torch.randn(cfg.num_mel_bins, frames)
