@@ -121,7 +121,11 @@ def load(src: Any, sr: int | None = None) -> np.ndarray:
         data, rate = _read_file(src)
         name = f"audio file {os.fspath(src)!r}" if not hasattr(src, "read") else "audio file object"
     elif isinstance(src, (np.ndarray, torch.Tensor)):
-        data = src.detach().cpu().numpy() if isinstance(src, torch.Tensor) else src
+        if isinstance(src, torch.Tensor):
+            src = src.detach().cpu()
+            data = (src.float() if src.dtype == torch.bfloat16 else src).numpy()  # numpy has no bf16
+        else:
+            data = src
         rate = SAMPLE_RATE if sr is None else sr
         name = "audio array"
     else:
@@ -158,6 +162,8 @@ def _check_duration(n: int, rate: int, name: str) -> None:
 def _to_mono_float(data: Any, name: str) -> np.ndarray:
     """(samples,) or 2-D array of any supported dtype → float32 (samples,), channels averaged."""
     data = np.asarray(data)
+    if not data.dtype.isnative:  # e.g. big-endian PCM from a raw buffer
+        data = data.astype(data.dtype.newbyteorder("="))
     if data.ndim not in (1, 2):
         raise ValueError(
             f"{name} must be 1-D (samples,) or 2-D (channels, samples) / (samples, channels); got shape "
@@ -257,7 +263,6 @@ def _read_wave(src: Any) -> tuple[np.ndarray, int]:
         data = np.frombuffer(raw, dtype="<i4")
     else:
         raise ValueError(f"cannot read {what}: unsupported WAV sample width of {width} bytes")
-    data = np.asarray(data).astype(data.dtype.newbyteorder("="), copy=False)
     return data.reshape(-1, channels), rate
 
 
