@@ -110,13 +110,21 @@ def _smem_bytes(cfg: dict, elem_bytes: int) -> int:
 
 
 def fit_config(cfg: dict, dtype: torch.dtype) -> dict:
-    """Shrink ``cfg`` (num_stages down to 2, then BLOCK_K down to 16) until it fits ``SMEM_BUDGET``.
+    """Adapt a table entry (written for 2-byte dtypes) to ``dtype``.
 
-    Tables are written for 2-byte dtypes; fp32 operands double the tile bytes, so the same table serves all
-    three dtypes without overflowing sm_80's shared memory.
+    fp32 gets BLOCK_K <= 32 and BLOCK_M*BLOCK_N <= 2048 (register pressure of FMA dots); then num_stages
+    (down to 2) and BLOCK_K (down to 16) shrink until the gate/up tiles fit ``SMEM_BUDGET``.
     """
     cfg = dict(cfg)
     elem = torch.empty((), dtype=dtype).element_size()
+    if dtype == torch.float32:
+        # IEEE fp32 dots are FMA loops whose operand layouts live in registers (no tensor cores): bound the
+        # tile so sm_80 does not spill.
+        cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
+        while cfg["BLOCK_M"] * cfg["BLOCK_N"] > 2048 and cfg["BLOCK_N"] > 32:
+            cfg["BLOCK_N"] //= 2
+        while cfg["BLOCK_M"] * cfg["BLOCK_N"] > 2048 and cfg["BLOCK_M"] > 16:
+            cfg["BLOCK_M"] //= 2
     while _smem_bytes(cfg, elem) > SMEM_BUDGET and cfg["num_stages"] > 2:
         cfg["num_stages"] -= 1
     while _smem_bytes(cfg, elem) > SMEM_BUDGET and cfg["BLOCK_K"] > 16:
@@ -234,7 +242,7 @@ def _moe_gate_up_kernel(
     stride_we, stride_wn, stride_wk,
     stride_hm, stride_hn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pid(num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(expert_ids_ptr + pid_m)
@@ -250,24 +258,37 @@ def _moe_gate_up_kernel(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
-    a_ptrs = x_ptr + token[:, None] * stride_xm + offs_k[None, :] * stride_xk
-    w_off = expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn + offs_k[:, None] * stride_wk
-    g_ptrs = wg_ptr + w_off
-    u_ptrs = wu_ptr + w_off
+    # Weight tile offsets stay int32 (one expert is < 2**31 elements); only the expert base is int64.
+    x_rows = x_ptr + token[:, None] * stride_xm
+    w_offs = offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    wg_base = wg_ptr + expert.to(tl.int64) * stride_we
+    wu_base = wu_ptr + expert.to(tl.int64) * stride_we
 
     # ---- main loop: gate and up share the A tile
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        g = tl.load(g_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-        u = tl.load(u_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        k0 = k * BLOCK_K
+        a_p = x_rows + (k0 + offs_k)[None, :] * stride_xk
+        g_p = wg_base + (w_offs + k0 * stride_wk)
+        u_p = wu_base + (w_offs + k0 * stride_wk)
+        if ALIGNED:
+            # 16-byte aligned rows let loads vectorise (and use cp.async) even when compiled ahead of time
+            # without the runtime's pointer-alignment specialisation.
+            a_p = tl.multiple_of(a_p, [16, 16])
+            g_p = tl.multiple_of(g_p, [16, 16])
+            u_p = tl.multiple_of(u_p, [16, 16])
+        if EVEN_K:
+            a = tl.load(a_p, mask=row_mask[:, None], other=0.0)
+            g = tl.load(g_p, mask=n_mask[None, :], other=0.0)
+            u = tl.load(u_p, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < K - k0
+            a = tl.load(a_p, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            g = tl.load(g_p, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+            u = tl.load(u_p, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
         acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_xk
-        g_ptrs += BLOCK_K * stride_wk
-        u_ptrs += BLOCK_K * stride_wk
 
     # ---- epilogue: round where the reference rounds (linear outputs, silu output, product) so 16-bit
     # results track transformers' eager module, not a higher-precision variant of it.
@@ -293,7 +314,7 @@ def _moe_down_kernel(
     stride_om, stride_on,
     stride_tw_m, stride_tw_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_pid(num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(expert_ids_ptr + pid_m)
@@ -308,17 +329,25 @@ def _moe_down_kernel(
     n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
 
-    a_ptrs = h_ptr + assign64[:, None] * stride_hm + offs_k[None, :] * stride_hk
-    w_ptrs = (w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :].to(tl.int64) * stride_wn
-              + offs_k[:, None] * stride_wk)
+    h_rows = h_ptr + assign64[:, None] * stride_hm
+    w_offs = offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
+    w_base = w_ptr + expert.to(tl.int64) * stride_we
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
-        k_mask = offs_k < K - k * BLOCK_K
-        a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-        w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        k0 = k * BLOCK_K
+        a_p = h_rows + (k0 + offs_k)[None, :] * stride_hk
+        w_p = w_base + (w_offs + k0 * stride_wk)
+        if ALIGNED:
+            a_p = tl.multiple_of(a_p, [16, 16])
+            w_p = tl.multiple_of(w_p, [16, 16])
+        if EVEN_K:
+            a = tl.load(a_p, mask=row_mask[:, None], other=0.0)
+            w = tl.load(w_p, mask=n_mask[None, :], other=0.0)
+        else:
+            k_mask = offs_k < K - k0
+            a = tl.load(a_p, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_p, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K * stride_hk
-        w_ptrs += BLOCK_K * stride_wk
 
     # ---- epilogue: reference computes linear (rounded) * weight, then rounds the product
     out_ty = out_ptr.dtype.element_ty
@@ -376,6 +405,17 @@ def _resolve_config(config, m, x):
     return config
 
 
+def _aligned(*tensors) -> bool:
+    """True when every operand is row-major with 16-byte aligned base and rows (enables load hints)."""
+    for t in tensors:
+        elem = t.element_size()
+        if t.stride(-1) != 1 or t.data_ptr() % 16:
+            return False
+        if any((s * elem) % 16 for s in t.stride()[:-1]):
+            return False
+    return True
+
+
 def _run_experts(x, w_gate, w_up, down_proj, topk_weights, topk_ids, cfg):
     """Launch both grouped GEMMs; returns (M*top_k, H) weighted per-assignment outputs."""
     m, hidden = x.shape
@@ -390,15 +430,16 @@ def _run_experts(x, w_gate, w_up, down_proj, topk_weights, topk_ids, cfg):
                   num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     h = torch.empty((n_assign, inter), dtype=x.dtype, device=x.device)
+    out = torch.empty((n_assign, hidden), dtype=x.dtype, device=x.device)
+    aligned = _aligned(x, w_gate, w_up, down_proj, h, out)
     grid = (num_blocks * triton.cdiv(inter, bn),)
     _moe_gate_up_kernel[grid](
         x, w_gate, w_up, h, sorted_ids, expert_ids,
         n_assign, top_k, inter, hidden, num_blocks,
         x.stride(0), x.stride(1),
         w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
-        h.stride(0), h.stride(1), **launch)
+        h.stride(0), h.stride(1), EVEN_K=hidden % bk == 0, ALIGNED=aligned, **launch)
 
-    out = torch.empty((n_assign, hidden), dtype=x.dtype, device=x.device)
     grid = (num_blocks * triton.cdiv(hidden, bn),)
     _moe_down_kernel[grid](
         h, down_proj, out, topk_weights, sorted_ids, expert_ids,
@@ -406,7 +447,7 @@ def _run_experts(x, w_gate, w_up, down_proj, topk_weights, topk_ids, cfg):
         h.stride(0), h.stride(1),
         down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
         out.stride(0), out.stride(1),
-        topk_weights.stride(0), topk_weights.stride(1), **launch)
+        topk_weights.stride(0), topk_weights.stride(1), EVEN_K=inter % bk == 0, ALIGNED=aligned, **launch)
     return out
 
 
@@ -527,20 +568,26 @@ def _compile_specs() -> list[KernelSpec]:
                 continue
             seen.add(key)
             consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
-                      "GROUP_M": cfg["GROUP_M"], "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32"}
+                      "GROUP_M": cfg["GROUP_M"], "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
+                      "ALIGNED": True}
             tag = "m{BLOCK_M}n{BLOCK_N}k{BLOCK_K}g{GROUP_M}w{num_warps}s{num_stages}".format(**cfg)
-            ints = {n: "i32" for n in ("num_assign", "top_k", "N", "K", "num_blocks")}
+            # Contiguous operands have unit inner strides; the runtime JIT specialises an int argument equal to
+            # 1 into a constant, so the specs do the same (and leave the other strides as i32).
+            ints = ("num_assign", "top_k", "N", "K", "num_blocks")
             sig_gu = {"x_ptr": f"*{tname}", "wg_ptr": f"*{tname}", "wu_ptr": f"*{tname}", "h_ptr": f"*{tname}",
-                      "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", **ints,
-                      **{n: "i32" for n in ("stride_xm", "stride_xk", "stride_we", "stride_wn", "stride_wk",
-                                            "stride_hm", "stride_hn")}}
+                      "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
+                      **{n: "i32" for n in ints + ("stride_xm", "stride_we", "stride_wn", "stride_hm")}}
             sig_dn = {"h_ptr": f"*{tname}", "w_ptr": f"*{tname}", "out_ptr": f"*{tname}",
-                      "topk_w_ptr": f"*{tname}", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", **ints,
-                      **{n: "i32" for n in ("stride_hm", "stride_hk", "stride_we", "stride_wn", "stride_wk",
-                                            "stride_om", "stride_on", "stride_tw_m", "stride_tw_k")}}
-            for name, fn, sig in (("gate_up", _moe_gate_up_kernel, sig_gu), ("down", _moe_down_kernel, sig_dn)):
+                      "topk_w_ptr": f"*{tname}", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
+                      **{n: "i32" for n in ints + ("stride_hm", "stride_we", "stride_wn", "stride_om",
+                                                   "stride_tw_m")}}
+            # EVEN_K holds for both GEMMs at the released shapes (H = 2048/1024, I = 768/384, shared 768).
+            unit_gu = {"stride_xk": 1, "stride_wk": 1, "stride_hn": 1, "EVEN_K": True}
+            unit_dn = {"stride_hk": 1, "stride_wk": 1, "stride_on": 1, "stride_tw_k": 1, "EVEN_K": True}
+            for name, fn, sig, units in (("gate_up", _moe_gate_up_kernel, sig_gu, unit_gu),
+                                         ("down", _moe_down_kernel, sig_dn, unit_dn)):
                 specs.append(KernelSpec(name=f"fused_moe_{name}_{tname}_{tag}", fn=fn, signature=sig,
-                                        constexprs=dict(consts), num_warps=cfg["num_warps"],
+                                        constexprs={**consts, **units}, num_warps=cfg["num_warps"],
                                         num_stages=cfg["num_stages"]))
     return specs
 
