@@ -86,12 +86,14 @@ def _shards(layout: dict[str, tuple[int, ...]], itemsize: int, max_shard_bytes: 
 
 def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = "tiny", seed: int = 0,
                     dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 << 30,
-                    progress: Callable[[str], None] | None = None) -> str:
+                    progress: Callable[[str], None] | None = None, with_tokenizer: bool | None = None) -> str:
     """Write a random-weight checkpoint that transformers' ``from_pretrained`` loads with no missing keys.
 
     config: "tiny" | "small" | "full-1layer" | "full" | a config dict | a path to config.json.
     Writes config.json, one or more ``model-XXXXX-of-YYYYY.safetensors`` (or ``model.safetensors``) and, when
     sharded, ``model.safetensors.index.json``. Returns the directory. Memory use is bounded by one shard.
+    with_tokenizer (default: when the thinker vocab is the remapped 512-token space of tiny/small) also writes a
+    small byte-level BPE tokenizer and chat template (``omni_rt.testing.tokenizer``).
     """
     from safetensors.torch import save_file
 
@@ -106,6 +108,13 @@ def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = 
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
         json.dump(cfg_dict, f, indent=2)
+
+    if with_tokenizer is None:
+        with_tokenizer = cfg.thinker.text.vocab_size == 512
+    if with_tokenizer:
+        from .tokenizer import write_tiny_tokenizer
+
+        write_tiny_tokenizer(path, cfg.thinker.text.vocab_size)
 
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = _shards(layout, itemsize, max_shard_bytes)

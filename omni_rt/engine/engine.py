@@ -1,0 +1,348 @@
+"""The engine: one thread that owns the device and interleaves every request's stages.
+
+Each ``step()``:
+1. admits waiting requests while a batch slot is free and the KV pool can reserve the request's whole
+   length (prompt + max_new_tokens), so a running request can never run out of pages mid-way; a request
+   that could never fit is refused with a clear error, others wait (back-pressure);
+2. runs at most ``max_prefill_tokens`` of thinker prefill (chunked, so a long audio prompt does not stall the
+   requests that are already decoding);
+3. runs one batched thinker decode step for every decoding request;
+4. runs one speech step (talker step → code-predictor frame → streaming Code2Wav) for every speaking request
+   whose next thinker token is available — so the first audio packet leaves after the first talker frame,
+   while the thinker is still generating;
+5. emits text deltas and audio chunks to each request's queue and retires finished or cancelled requests,
+   returning their KV blocks and decoder state at once.
+
+Failure isolation: host-side errors in one request's own work (bad audio, unknown speaker, a token-count
+mismatch) fail that request only. An error inside a batched device computation is treated as a device fault:
+it is sticky and fails every request in flight; the Runtime must be recreated.
+"""
+from __future__ import annotations
+
+import collections
+import random
+import threading
+import time
+import traceback
+from typing import Callable
+
+import torch
+
+from .. import audio as audio_mod
+from ..errors import DeviceFault
+from ..models.omni import OmniModel
+from ..profiling import nvtx_range
+from ..request import StreamChunk
+from .kv_cache import KVCachePool
+from .model_runner import DecoderRunner, text_positions
+from .requests import EngineRequest, Phase
+from .sampler import SamplingTensors, sample
+
+
+class Engine:
+    def __init__(self, model: OmniModel, device: torch.device, dtype: torch.dtype, max_batch_size: int,
+                 kv_tokens: int, block_size: int = 16, max_prefill_tokens: int = 4096,
+                 max_model_len: int = 32768, speech_factory: Callable | None = None):
+        self.model, self.device, self.dtype = model, device, dtype
+        self.cfg = model.cfg
+        self.max_batch_size = max_batch_size
+        self.max_prefill_tokens = max_prefill_tokens
+        self.max_model_len = max_model_len
+        tc = self.cfg.thinker.text
+        num_blocks = max(1, -(-kv_tokens // block_size))
+        self.pool = KVCachePool(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads,
+                                tc.head_dim, dtype, device)
+        self.runner = DecoderRunner(model.thinker.forward, self.pool, max_prefill_tokens)
+        self.speech = speech_factory(self) if (speech_factory is not None and model.has_talker) else None
+        self.tap_layer = self.cfg.talker.accept_hidden_layer if model.has_talker else None
+        self.vocab = tc.vocab_size
+        self.waiting: collections.deque[EngineRequest] = collections.deque()
+        self.running: list[EngineRequest] = []
+        self.requests: dict[str, EngineRequest] = {}
+        self._next_seq = 0
+        self._lock = threading.Condition()
+        self._stop = False
+        self.fault: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    # ------------------------------------------------------------------------------------------ control
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="omni_rt-engine", daemon=True)
+        self._thread.start()
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+
+    def submit(self, req: EngineRequest) -> None:
+        if self.fault is not None:
+            raise DeviceFault(f"the runtime hit a device fault and must be recreated: {self.fault}")
+        self._check_fits(req)
+        with self._lock:
+            if req.request_id in self.requests:
+                raise ValueError(f"request id {req.request_id!r} is already in flight")
+            self.requests[req.request_id] = req
+            self.waiting.append(req)
+            self._lock.notify_all()
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request; its resources are released by the engine thread at its next step."""
+        with self._lock:
+            req = self.requests.get(request_id)
+            if req is None:
+                return False
+            req.cancelled = True
+            self._lock.notify_all()
+            return True
+
+    def _check_fits(self, req: EngineRequest) -> None:
+        total = len(req.prompt) + req.thinker_params.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_new_tokens "
+                             f"({req.thinker_params.max_new_tokens}) = {total} exceeds max_model_len "
+                             f"{self.max_model_len}")
+        need = self.pool.manager.blocks_for_tokens(total)
+        if need > self.pool.num_blocks:
+            raise ValueError(f"request needs {need} KV blocks ({total} tokens) but the pool has only "
+                             f"{self.pool.num_blocks}; lower max_new_tokens or raise the KV memory")
+        if self.speech is not None and req.speaking:
+            self.speech.check_fits(req)
+
+    # -------------------------------------------------------------------------------------------- loop
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                while not self._stop and not self.waiting and not self.running:
+                    self._lock.wait()
+                if self._stop:
+                    break
+            try:
+                self.step()
+            except BaseException as e:  # a fault in batched device work: sticky, fails everything in flight
+                self._fail_all(e)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    @torch.inference_mode()
+    def step(self) -> None:
+        self._reap_cancelled()
+        with nvtx_range("admit"):
+            self._admit()
+        with nvtx_range("thinker_prefill"):
+            self._prefill_step()
+        with nvtx_range("thinker_decode"):
+            self._decode_step()
+        if self.speech is not None:
+            with nvtx_range("speech"):
+                self._speech_step()
+        self._retire()
+
+    # ------------------------------------------------------------------------------------------ admission
+    def _outstanding(self) -> int:
+        """Blocks promised to running requests for their whole length but not allocated yet."""
+        total = 0
+        for r in self.running:
+            if r.thinker_finished or r.reserved_blocks == 0:
+                continue
+            held = (self.pool.manager.blocks_for_tokens(self.pool.num_tokens(r.seq_id))
+                    if self.pool.has_seq(r.seq_id) else 0)
+            total += max(0, r.reserved_blocks - held)
+        return total
+
+    def _blocks_for(self, req: EngineRequest) -> int:
+        return self.pool.manager.blocks_for_tokens(len(req.prompt) + req.thinker_params.max_new_tokens)
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch_size:
+            req = self.waiting[0]
+            need = self._blocks_for(req)
+            if need > self.pool.num_free_blocks() - self._outstanding():
+                break  # back-pressure: wait for running requests to return blocks
+            if self.speech is not None and req.speaking and not self.speech.can_admit(req):
+                break
+            self.waiting.popleft()
+            try:
+                self._prepare(req)
+            except Exception as e:  # this request's own inputs are bad: fail it alone
+                self._fail(req, e)
+                continue
+            req.seq_id = self._next_seq
+            self._next_seq += 1
+            req.reserved_blocks = need
+            req.phase = Phase.PREFILL
+            self.running.append(req)
+            if self.speech is not None and req.speaking:
+                self.speech.admit(req)
+
+    def _prepare(self, req: EngineRequest) -> None:
+        """Encode the request's audios and build its prompt embeddings (host-checked, per request)."""
+        thinker = self.model.thinker
+        audio_embeds = None
+        if req.audios:
+            mels = [audio_mod.log_mel(a, device=self.device) for a in req.audios]
+            lens = [m.shape[1] for m in mels]
+            counts = [thinker.audio_tower.num_audio_tokens(n) for n in lens]
+            pads = sum(1 for t in req.prompt if t == self.cfg.thinker.audio_token_id)
+            if pads != sum(counts):
+                raise ValueError(f"the prompt has {pads} <|audio_pad|> tokens but its audios give {sum(counts)} "
+                                 f"({counts}); expand each audio's pad run to its token count")
+            with nvtx_range("audio_encode"):
+                audio_embeds = thinker.audio_tower(torch.cat(mels, dim=1).to(self.dtype), lens)
+        elif any(t == self.cfg.thinker.audio_token_id for t in req.prompt):
+            raise ValueError("the prompt has <|audio_pad|> tokens but no audio was given")
+        if max(req.prompt) >= self.vocab:
+            raise ValueError(f"token id {max(req.prompt)} is outside the vocabulary ({self.vocab})")
+        ids = torch.tensor(req.prompt, device=self.device)
+        req.embeds = thinker.embed(ids, audio_embeds)
+        req.audio_embeds = audio_embeds
+        req.positions = text_positions(0, len(req.prompt), self.device)
+
+    # ------------------------------------------------------------------------------------------ thinker
+    def _tap(self, reqs: list[EngineRequest]) -> int | None:
+        return self.tap_layer if any(r.speaking for r in reqs) else None
+
+    def _prefill_step(self) -> None:
+        todo = [r for r in self.running if r.phase == Phase.PREFILL and not r.cancelled]
+        if not todo:
+            return
+        budget = self.max_prefill_tokens
+        batch, chunks, positions = [], [], []
+        for r in todo:
+            if budget <= 0:
+                break
+            n = min(len(r.prompt) - r.prefilled, budget)
+            budget -= n
+            batch.append(r)
+            chunks.append(r.embeds[r.prefilled: r.prefilled + n])
+            positions.append(r.positions[:, r.prefilled: r.prefilled + n])
+        hidden, taps = self.runner.prefill([r.seq_id for r in batch], chunks, positions, self._tap(batch))
+        finished = []
+        for r, h, tap, c in zip(batch, hidden, taps, chunks):
+            r.prefilled += c.shape[0]
+            if r.speaking and tap is not None:
+                r.prompt_taps.append(tap)
+            if r.prefilled == len(r.prompt):
+                finished.append((r, h[-1]))
+        if finished:
+            reqs = [r for r, _ in finished]
+            tokens = self._sample(torch.stack([h for _, h in finished]), reqs)
+            for r, tok in zip(reqs, tokens):
+                r.phase = Phase.DECODE
+                self._push_token(r, tok)
+
+    def _decode_step(self) -> None:
+        active = [r for r in self.running if r.phase == Phase.DECODE and not r.thinker_finished
+                  and not r.cancelled]
+        if not active:
+            return
+        ids = torch.tensor([r.output[-1] for r in active], device=self.device)
+        pos = torch.tensor([len(r.prompt) + len(r.output) - 1 for r in active], device=self.device)
+        embeds = self.model.thinker.embed(ids)
+        if self.speech is not None:
+            for r, e in zip(active, embeds):
+                if r.speaking:
+                    self.speech.on_thinker_embed(r, e)
+        hidden, _ = self.runner.decode([r.seq_id for r in active], embeds, pos.expand(3, -1))
+        for r, tok in zip(active, self._sample(hidden, active)):
+            self._push_token(r, tok)
+
+    def _sample(self, hidden: torch.Tensor, reqs: list[EngineRequest]) -> list[int]:
+        logits = self.model.thinker.logits(hidden)
+        params = [r.thinker_params for r in reqs]
+        st = SamplingTensors.build(params, [len(r.output) for r in reqs], [r.thinker_seed for r in reqs],
+                                   self.device)
+        seen = None
+        if any(p.repetition_penalty != 1.0 for p in params):
+            seen = torch.zeros(len(reqs), logits.shape[-1], dtype=torch.bool, device=self.device)
+            for i, r in enumerate(reqs):
+                seen[i, torch.tensor(r.prompt + r.output, device=self.device)] = True
+        return sample(logits, st, seen).tolist()
+
+    def _push_token(self, req: EngineRequest, token: int) -> None:
+        req.push_token(token)
+        if req.thinker_finished:
+            self.runner.free(req.seq_id)  # the talker only needs the saved embeddings, not the thinker KV
+            req.phase = Phase.DONE
+            if self.speech is not None and req.speaking:
+                self.speech.on_thinker_finished(req)
+        delta = req.detok.push([token])
+        req.out.put(StreamChunk(req.request_id, text_delta=delta, token_ids=[token]))
+
+    # ------------------------------------------------------------------------------------------ speech
+    def _speech_step(self) -> None:
+        speaking = [r for r in self.running if r.speaking and not r.cancelled and self.speech.active(r)]
+        if not speaking:
+            return
+        for r, pcm in self.speech.step(speaking):
+            if pcm is not None and pcm.size:
+                if r.t_first_audio is None:
+                    r.t_first_audio = time.perf_counter()
+                r.audio_samples += pcm.size
+                r.out.put(StreamChunk(r.request_id, audio=pcm))
+
+    # ------------------------------------------------------------------------------------------ retire
+    def _request_done(self, req: EngineRequest) -> bool:
+        if not req.thinker_finished:
+            return False
+        return self.speech is None or not req.speaking or self.speech.finished(req)
+
+    def _release(self, req: EngineRequest) -> None:
+        self.runner.free(req.seq_id)
+        if self.speech is not None and req.speaking:
+            self.speech.release(req)
+        req.reserved_blocks = 0
+        if req in self.running:
+            self.running.remove(req)
+        with self._lock:
+            self.requests.pop(req.request_id, None)
+
+    def _retire(self) -> None:
+        for req in list(self.running):
+            if self._request_done(req):
+                tail = req.detok.push([], final=True)
+                self._release(req)
+                req.out.put(StreamChunk(req.request_id, text_delta=tail, finished=True, metrics=req.metrics()))
+
+    def _reap_cancelled(self) -> None:
+        for req in [r for r in self.running if r.cancelled]:
+            self._release(req)
+            req.out.put(StreamChunk(req.request_id, finished=True, metrics=req.metrics(),
+                                    error=CancelledRequest(f"request {req.request_id} was aborted")))
+        with self._lock:
+            for req in [r for r in self.waiting if r.cancelled]:
+                self.waiting.remove(req)
+                self.requests.pop(req.request_id, None)
+                req.out.put(StreamChunk(req.request_id, finished=True,
+                                        error=CancelledRequest(f"request {req.request_id} was aborted")))
+
+    def _fail(self, req: EngineRequest, error: BaseException) -> None:
+        req.error = error
+        self._release(req)
+        req.out.put(StreamChunk(req.request_id, finished=True, error=error))
+
+    def _fail_all(self, error: BaseException) -> None:
+        self.fault = error
+        detail = "".join(traceback.format_exception_only(type(error), error)).strip()
+        fault = DeviceFault(f"engine step failed ({detail}); every request in flight was failed and the "
+                            f"runtime must be recreated")
+        fault.__cause__ = error
+        for req in list(self.running) + list(self.waiting):
+            req.out.put(StreamChunk(req.request_id, finished=True, error=fault))
+        self.running.clear()
+        self.waiting.clear()
+        with self._lock:
+            self.requests.clear()
+            self._stop = True
+
+
+class CancelledRequest(Exception):
+    """The request was aborted (abort(), leaving the stream loop, or cancelling the astream task)."""
+
+
+def new_seed() -> int:
+    return random.getrandbits(63)
+

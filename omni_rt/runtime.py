@@ -1,0 +1,260 @@
+"""Runtime: the public entry point (see api.md). Owns the engine thread; generate/stream/astream/abort.
+
+    rt = omni_rt.Runtime("path/to/checkpoint")
+    out = rt.generate(messages_or_prompt, speaker="ethan")
+    for chunk in rt.stream(messages_or_prompt): ...
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+from typing import Any, AsyncIterator, Iterator
+
+import numpy as np
+import torch
+
+from . import audio as audio_mod
+from .config import OmniConfig
+from .engine.engine import Engine
+from .engine.requests import EngineRequest
+from .models.omni import OmniModel, load_model
+from .profiling import TorchProfiler
+from .request import GenerationOutput, Prompt, SamplingParams, StreamChunk, new_request_id
+from .tokenizer import IncrementalDetokenizer, OmniTokenizer, TokenizerMissing, expand_audio_pads, split_messages
+
+
+def _default_device(device: str | torch.device | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was asked for but no CUDA device is available")
+    if device.type not in ("cuda", "cpu"):
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device}")
+    return device
+
+
+class Runtime:
+    """Loads a Qwen3-Omni checkpoint and serves requests from one engine thread that owns the device.
+
+    Args:
+        model: a HF-format checkpoint directory (config.json + safetensors), or an already built ``OmniModel``.
+        device: "cuda" | "cpu" (default: cuda when available). dtype: default bf16 on cuda, fp32 on cpu.
+        cuda_graphs: capture per-token paths in CUDA graphs (ignored on cpu).
+        max_batch_size: requests decoded together.
+        gpu_memory_utilization: fraction of the memory left after the weights that the KV pages may take.
+        max_model_len: longest prompt + max_new_tokens accepted (longer requests are refused).
+        kv_cache_tokens: KV capacity in tokens, overriding the memory plan (default on cpu:
+            max_batch_size · max_model_len, at most 262144).
+        max_prefill_tokens: prompt tokens per engine step (chunked prefill keeps decoding requests moving).
+        first_chunk_frames: talker frames decoded before the first audio packet is sent (default 1).
+        profile_dir: record a torch.profiler trace of the engine into this folder (see omni_rt.profiling).
+    """
+
+    def __init__(self, model: str | os.PathLike | OmniModel, device: str | torch.device | None = None,
+                 dtype: torch.dtype | None = None, cuda_graphs: bool = True, max_batch_size: int = 8,
+                 gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
+                 kv_cache_tokens: int | None = None, kv_block_size: int = 16, max_prefill_tokens: int = 4096,
+                 first_chunk_frames: int = 1, profile_dir: str | os.PathLike | None = None):
+        self.device = _default_device(device)
+        self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
+        if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if max_batch_size < 1:
+            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
+        if first_chunk_frames < 1:
+            raise ValueError(f"first_chunk_frames must be >= 1, got {first_chunk_frames}")
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
+        self.first_chunk_frames = first_chunk_frames
+        self.path = None
+        if isinstance(model, OmniModel):
+            self.model = model
+        else:
+            self.path = os.fspath(model)
+            if not os.path.isdir(self.path):
+                raise FileNotFoundError(f"checkpoint directory not found: {self.path}")
+            self.model = load_model(self.path, self.dtype, self.device)
+        self.cfg: OmniConfig = self.model.cfg
+        self.tokenizer = None
+        if self.path is not None:
+            try:
+                self.tokenizer = OmniTokenizer(self.path)
+            except TokenizerMissing:
+                self.tokenizer = None
+        tc = self.cfg.thinker.text
+        self.max_model_len = max_model_len or min(tc.max_position_embeddings, 32768)
+        if kv_cache_tokens is None:
+            kv_cache_tokens = self._plan_kv_tokens(max_batch_size, gpu_memory_utilization, kv_block_size)
+        speech_factory = None
+        if self.model.has_talker:
+            from .engine.speech_stage import SpeechStage
+
+            speech_factory = lambda engine: SpeechStage(engine, first_chunk_frames=first_chunk_frames)  # noqa: E731
+        self.engine = Engine(self.model, self.device, self.dtype, max_batch_size, kv_cache_tokens, kv_block_size,
+                             max_prefill_tokens, self.max_model_len, speech_factory=speech_factory)
+        self._profiler = TorchProfiler(profile_dir) if profile_dir else None
+        if self._profiler:
+            self._profiler.start()
+        self.engine.start()
+
+    def _plan_kv_tokens(self, max_batch_size: int, fraction: float, block_size: int) -> int:
+        if self.device.type != "cuda":
+            return min(max_batch_size * self.max_model_len, 262144)
+        from .engine.kv_cache import plan_num_blocks
+
+        tc = self.cfg.thinker.text
+        free, _ = torch.cuda.mem_get_info(self.device)
+        # The talker's pools and activations come out of the same memory: keep a share for them.
+        share = 0.8 if self.model.has_talker else 1.0
+        blocks = plan_num_blocks(int(free * share), tc.num_hidden_layers, block_size, tc.num_key_value_heads,
+                                 tc.head_dim, self.dtype, fraction)
+        return blocks * block_size
+
+    # ------------------------------------------------------------------------------------------- API
+    @property
+    def has_talker(self) -> bool:
+        return self.model.has_talker
+
+    def close(self) -> None:
+        """Stop the engine thread (requests in flight are not finished)."""
+        self.engine.shutdown()
+        if self._profiler:
+            self._profiler.stop()
+            self._profiler = None
+
+    def __enter__(self) -> "Runtime":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def encode_audio(self, wav_16k: np.ndarray | str | os.PathLike) -> torch.Tensor:
+        """The AuT encoder output for one audio: (n_tokens, output_dim)."""
+        wav = audio_mod.load(wav_16k) if not isinstance(wav_16k, np.ndarray) else wav_16k
+        mel = audio_mod.log_mel(wav, device=self.device)
+        with torch.inference_mode():
+            return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
+
+    def abort(self, request_id: str) -> bool:
+        """Cancel a request in flight; its KV blocks and decoder state are freed at the engine's next step."""
+        return self.engine.abort(request_id)
+
+    def generate(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
+                 thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
+                 request_id: str | None = None) -> GenerationOutput:
+        """Run one request to completion; returns text, token ids, codes, audio and metrics."""
+        text, ids, audio = [], [], []
+        last = None
+        req_holder: list[EngineRequest] = []
+        for chunk in self._stream(prompt, speaker, return_audio, thinker, talker, request_id, req_holder):
+            text.append(chunk.text_delta)
+            ids.extend(chunk.token_ids)
+            if chunk.audio.size:
+                audio.append(chunk.audio)
+            last = chunk
+        req = req_holder[0]
+        codes = None
+        wav = None
+        if req.speaking:
+            codes = (np.concatenate(req.codes, axis=1) if req.codes else
+                     np.zeros((self.cfg.talker.num_code_groups, 0), dtype=np.int64))
+            wav = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
+        return GenerationOutput(request_id=req.request_id, text="".join(text), token_ids=ids, codes=codes,
+                                audio=wav, metrics=last.metrics or {}, finish_reason=req.finish_reason or "stop")
+
+    def stream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
+               thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
+               request_id: str | None = None) -> Iterator[StreamChunk]:
+        """Yield chunks (text deltas, audio, finished) as they are produced; leaving the loop aborts."""
+        return self._stream(prompt, speaker, return_audio, thinker, talker, request_id, [])
+
+    async def astream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
+                      thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
+                      request_id: str | None = None) -> AsyncIterator[StreamChunk]:
+        """Async ``stream``; cancelling the consuming task aborts the request."""
+        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id)
+        self.engine.submit(req)
+        loop = asyncio.get_running_loop()
+        done = False
+        try:
+            while True:
+                chunk = await loop.run_in_executor(None, req.out.get)
+                if chunk.finished:
+                    done = True
+                if chunk.error is not None:
+                    raise chunk.error
+                yield chunk
+                if done:
+                    return
+        finally:
+            if not done:
+                self.engine.abort(req.request_id)
+
+    # ------------------------------------------------------------------------------------------ internals
+    def _stream(self, prompt, speaker, return_audio, thinker, talker, request_id,
+                holder: list) -> Iterator[StreamChunk]:
+        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id)
+        holder.append(req)
+        self.engine.submit(req)
+        return self._drain(req)
+
+    def _drain(self, req: EngineRequest) -> Iterator[StreamChunk]:
+        done = False
+        try:
+            while True:
+                chunk = req.out.get()
+                if chunk.finished:
+                    done = True
+                if chunk.error is not None:
+                    raise chunk.error
+                yield chunk
+                if done:
+                    return
+        finally:
+            if not done:  # the caller left the loop early (or the generator was closed): cancel
+                self.engine.abort(req.request_id)
+
+    def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id) -> EngineRequest:
+        if return_audio is None:
+            return_audio = self.has_talker
+        if return_audio and not self.has_talker:
+            raise ValueError("this checkpoint has no talker/code2wav (text-only model): call with "
+                             "return_audio=False")
+        speaker_id = self.cfg.talker.speaker(speaker) if return_audio else None
+        ids, audios = self._resolve_prompt(prompt)
+        thinker_p = (thinker or SamplingParams()).resolved("thinker")
+        talker_p = (talker or SamplingParams()).resolved("talker") if return_audio else None
+        if request_id is None:
+            request_id = new_request_id()
+        elif not isinstance(request_id, str) or not request_id:
+            raise ValueError("request_id must be a non-empty string")
+        stop = thinker_p.stop_token_ids if thinker_p.stop_token_ids is not None else [self.cfg.im_end_token_id]
+        return EngineRequest(
+            request_id=request_id, prompt=ids, audios=audios, thinker_params=thinker_p, talker_params=talker_p,
+            speaker_id=speaker_id, thinker_stop_ids=frozenset(int(t) for t in stop),
+            thinker_seed=thinker_p.seed if thinker_p.seed is not None else random.getrandbits(63),
+            talker_seed=(talker_p.seed if talker_p and talker_p.seed is not None else random.getrandbits(63)),
+            detok=IncrementalDetokenizer(self.tokenizer))
+
+    def _load_audio(self, a: Any) -> np.ndarray:
+        if isinstance(a, np.ndarray):
+            return audio_mod.load(a, sr=audio_mod.SAMPLE_RATE)
+        return audio_mod.load(a)
+
+    def _resolve_prompt(self, prompt: Prompt | list[dict]) -> tuple[list[int], list[np.ndarray]]:
+        if isinstance(prompt, Prompt):
+            return list(prompt.token_ids), [self._load_audio(a) for a in prompt.audios]
+        if isinstance(prompt, list):
+            if self.tokenizer is None:
+                raise ValueError("this checkpoint has no tokenizer files (tokenizer.json, or vocab.json + "
+                                 "merges.txt): pass an omni_rt.Prompt with token ids instead of chat messages")
+            messages, raw_audios = split_messages(prompt)
+            audios = [self._load_audio(a) for a in raw_audios]
+            counts = [audio_mod.num_audio_tokens(audio_mod.num_frames(a.size)) for a in audios]
+            ids = self.tokenizer.encode(self.tokenizer.render(messages))
+            return expand_audio_pads(ids, self.cfg.thinker.audio_token_id, counts), audios
+        raise ValueError(f"prompt must be an omni_rt.Prompt or a list of chat messages, got {type(prompt).__name__}")
+
