@@ -36,9 +36,8 @@ def _block_window_attn_kernel(
     m_block = tl.program_id(1)
     head = tl.program_id(2)
 
-    # int64 so token * stride cannot wrap for long packed inputs.
-    start = tl.load(cu_seqlens_ptr + window).to(tl.int64)
-    seqlen = (tl.load(cu_seqlens_ptr + window + 1) - tl.load(cu_seqlens_ptr + window)).to(tl.int32)
+    start = tl.load(cu_seqlens_ptr + window)
+    seqlen = tl.load(cu_seqlens_ptr + window + 1) - start
     # The grid is sized by the longest window; shorter windows have nothing to do in their tail blocks.
     if m_block * BLOCK_M >= seqlen:
         return
@@ -51,7 +50,14 @@ def _block_window_attn_kernel(
     # add nothing to q.k and are never stored.
     mask_d = offs_d < head_dim
 
-    q_ptrs = q_ptr + (start + offs_m[:, None]) * stride_qt + head * stride_qh + offs_d[None, :]
+    # Window and head offsets go into scalar base pointers in int64 (token * stride can pass 2**31 on long
+    # packed inputs); the per-tile offsets stay int32 so the pointer tiles cost no 64-bit math per element.
+    q_base = q_ptr + start.to(tl.int64) * stride_qt + head.to(tl.int64) * stride_qh
+    k_base = k_ptr + start.to(tl.int64) * stride_kt + head.to(tl.int64) * stride_kh
+    v_base = v_ptr + start.to(tl.int64) * stride_vt + head.to(tl.int64) * stride_vh
+    o_base = o_ptr + start.to(tl.int64) * stride_ot + head.to(tl.int64) * stride_oh
+
+    q_ptrs = q_base + offs_m[:, None] * stride_qt + offs_d[None, :]
     q = tl.load(q_ptrs, mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -62,7 +68,7 @@ def _block_window_attn_kernel(
         cols = start_n + offs_n
         mask_n = cols < seqlen
         # K is loaded already transposed (head_dim, BLOCK_N) so the dot needs no tl.trans.
-        kt_ptrs = k_ptr + (start + cols[None, :]) * stride_kt + head * stride_kh + offs_d[:, None]
+        kt_ptrs = k_base + cols[None, :] * stride_kt + offs_d[:, None]
         kt = tl.load(kt_ptrs, mask=mask_d[:, None] & mask_n[None, :], other=0.0)
         if FP32_DOT:
             qk = tl.dot(q, kt, input_precision="ieee")
@@ -78,7 +84,7 @@ def _block_window_attn_kernel(
         p = tl.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
 
-        v_ptrs = v_ptr + (start + cols[:, None]) * stride_vt + head * stride_vh + offs_d[None, :]
+        v_ptrs = v_base + cols[:, None] * stride_vt + offs_d[None, :]
         v = tl.load(v_ptrs, mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None]
         if FP32_DOT:
@@ -89,18 +95,19 @@ def _block_window_attn_kernel(
         m_i = m_new
 
     acc = acc / l_i[:, None]
-    o_ptrs = o_ptr + (start + offs_m[:, None]) * stride_ot + head * stride_oh + offs_d[None, :]
+    o_ptrs = o_base + offs_m[:, None] * stride_ot + offs_d[None, :]
     tl.store(o_ptrs, acc.to(o_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
 def _launch_config(head_dim_pad: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
     """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a padded head dim and dtype.
 
-    64x64 tiles cover a 104-token window in 2x2 blocks; fp32 at head_dim 128 halves BLOCK_N so the fp32
-    K/V tiles and the fp32 accumulator stay in registers without spilling.
+    64x64 tiles cover a 104-token window in 2x2 blocks. fp32 dots run on FMA units with operands held in
+    registers, which spill at 64x64 (ptxas, checked by tests/test_kernel_compile.py), so fp32 uses 32-row
+    tiles and, at head_dim 128, 16-wide key blocks.
     """
-    if dtype == torch.float32 and head_dim_pad > 64:
-        return 64, 32, 4, 2
+    if dtype == torch.float32:
+        return (32, 32, 4, 2) if head_dim_pad <= 64 else (32, 16, 4, 2)
     return 64, 64, 4, 2
 
 
