@@ -23,8 +23,8 @@ def _kv_write_kernel(
     stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch,
     stride_vcb, stride_vcs, stride_vch,
-    num_kv_heads, head_dim, block_size,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_kv_heads, block_size,
+    HEAD_DIM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     t = tl.program_id(0)
     slot = tl.load(slot_ptr + t).to(tl.int64)
@@ -36,7 +36,7 @@ def _kv_write_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     # A skipped token (negative slot) gets an empty head range rather than a scalar term in the mask.
     heads = tl.where(slot >= 0, num_kv_heads, 0)
-    mask = (offs_h[:, None] < heads) & (offs_d[None, :] < head_dim)
+    mask = (offs_h[:, None] < heads) & (offs_d[None, :] < HEAD_DIM)
     t64 = t.to(tl.int64)
     k = tl.load(k_ptr + t64 * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(v_ptr + t64 * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
@@ -78,8 +78,8 @@ def kv_write_triton(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_c
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        kv_heads, head_dim, k_cache.shape[1],
-        BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
+        kv_heads, k_cache.shape[1],
+        HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(kv_heads), BLOCK_D=triton.next_power_of_2(head_dim),
         num_warps=_num_warps(kv_heads * head_dim),
     )
 
@@ -121,10 +121,10 @@ def _spec(dtype: str, kv_heads: int, head_dim: int) -> KernelSpec:
     sig = {"k_ptr": f"*{dtype}", "v_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
            "slot_ptr": "*i64"}
     for name in ("stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_kcb", "stride_kcs", "stride_kch",
-                 "stride_vcb", "stride_vcs", "stride_vch", "num_kv_heads", "head_dim", "block_size"):
+                 "stride_vcb", "stride_vcs", "stride_vch", "num_kv_heads", "block_size"):
         sig[name] = "i32"
     return KernelSpec(name=f"kv_write_{dtype}_h{kv_heads}_d{head_dim}", fn=_kv_write_kernel, signature=sig,
-                      constexprs={"BLOCK_H": triton.next_power_of_2(kv_heads),
+                      constexprs={"HEAD_DIM": head_dim, "BLOCK_H": triton.next_power_of_2(kv_heads),
                                   "BLOCK_D": triton.next_power_of_2(head_dim)},
                       num_warps=_num_warps(kv_heads * head_dim), num_stages=1)
 

@@ -37,9 +37,9 @@ def _paged_decode_kernel(
     stride_vb, stride_vs, stride_vh,
     stride_bt,
     stride_ob, stride_oh,
-    group, head_dim, block_size,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    SPLIT: tl.constexpr, PRECISION: tl.constexpr,
+    group, block_size,
+    HEAD_DIM: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, PRECISION: tl.constexpr, VEC: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -51,7 +51,7 @@ def _paged_decode_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_g = offs_g < group
-    mask_d = offs_d < head_dim
+    mask_d = offs_d < HEAD_DIM
     heads = kvh * group + offs_g
 
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
@@ -69,13 +69,21 @@ def _paged_decode_kernel(
     bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
     k_head = k_cache_ptr + kvh * stride_kh
     v_head = v_cache_ptr + kvh * stride_vh
+    if VEC > 1:
+        k_head = tl.multiple_of(k_head, 16)
+        v_head = tl.multiple_of(v_head, 16)
     for tile in range(lo, hi):
         pos = tile * BLOCK_N + offs_n
         mask_n = pos < ctx
         # Table entries past the sequence are padding (-1): only read the ones in range.
         page = tl.load(bt_row + pos // block_size, mask=mask_n, other=0).to(tl.int64)
         row = pos % block_size
-        k = tl.load(k_head + page[None, :] * stride_kb + row[None, :] * stride_ks + offs_d[:, None],
+        k_tok = page * stride_kb + row * stride_ks
+        v_tok = page * stride_vb + row * stride_vs
+        if VEC > 1:
+            k_tok = tl.multiple_of(k_tok, VEC)
+            v_tok = tl.multiple_of(v_tok, VEC)
+        k = tl.load(k_head + k_tok[None, :] + offs_d[:, None],
                     mask=mask_n[None, :] & mask_d[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -84,7 +92,7 @@ def _paged_decode_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_head + page[:, None] * stride_vb + row[:, None] * stride_vs + offs_d[None, :],
+        v = tl.load(v_head + v_tok[:, None] + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
@@ -94,7 +102,7 @@ def _paged_decode_kernel(
         # partitions write nothing: the reduce kernel recomputes which partitions are active.
         if lo < hi:
             idx = (b * num_heads + heads) * num_parts + part
-            tl.store(part_acc_ptr + idx[:, None] * head_dim + offs_d[None, :], acc,
+            tl.store(part_acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :], acc,
                      mask=mask_g[:, None] & mask_d[None, :])
             tl.store(part_ml_ptr + idx * 2, m_i, mask=mask_g)
             tl.store(part_ml_ptr + idx * 2 + 1, l_i, mask=mask_g)
@@ -109,15 +117,15 @@ def _paged_decode_kernel(
 def _paged_decode_reduce_kernel(
     part_acc_ptr, part_ml_ptr, context_lens_ptr, out_ptr,
     stride_ob, stride_oh,
-    head_dim, num_parts,
-    BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
+    num_parts,
+    HEAD_DIM: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
     num_heads = tl.num_programs(1)
     offs_p = tl.arange(0, BLOCK_P)
     offs_d = tl.arange(0, BLOCK_D)
-    mask_d = offs_d < head_dim
+    mask_d = offs_d < HEAD_DIM
 
     # Same partitioning as the attention kernel: only partitions that got at least one tile wrote partials.
     ctx = tl.load(context_lens_ptr + b)
@@ -133,7 +141,7 @@ def _paged_decode_reduce_kernel(
     m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_max)
     l_tot = tl.sum(w * l, 0)
-    acc = tl.load(part_acc_ptr + idx[:, None] * head_dim + offs_d[None, :],
+    acc = tl.load(part_acc_ptr + idx[:, None] * HEAD_DIM + offs_d[None, :],
                   mask=mask_p[:, None] & mask_d[None, :], other=0.0)
     out = tl.sum(w[:, None] * acc, 0) / tl.where(l_tot > 0, l_tot, 1.0)
     tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, out.to(out_ptr.dtype.element_ty), mask=mask_d)
@@ -158,6 +166,18 @@ def _block_d(head_dim: int) -> int:
 def _precision(dtype: torch.dtype) -> str:
     # fp32 inputs must not silently drop to TF32; for fp16/bf16 operands the setting is moot.
     return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _vec(dtype: torch.dtype, tensors, strides) -> int:
+    """Elements per 16-byte vector when every base pointer and row stride allows 16-byte loads, else 1.
+
+    The kernels turn this into ``tl.multiple_of`` hints on the gathered page rows: the JIT cannot infer the
+    alignment of a row found through the block table, and without it each element is a scalar load.
+    """
+    vec = 16 // dtype.itemsize
+    if all(t.data_ptr() % 16 == 0 for t in tensors) and all(s % vec == 0 for s in strides):
+        return vec
+    return 1
 
 
 def default_num_partitions(batch: int, num_kv_heads: int) -> int:
@@ -222,6 +242,7 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
     else:
         part_acc = part_ml = out  # unused when SPLIT is False
     block_d = _block_d(head_dim)
+    vec = _vec(q.dtype, (k_cache, v_cache), k_cache.stride()[:3] + v_cache.stride()[:3])
     _paged_decode_kernel[(batch, kv_heads, parts)](
         q, k_cache, v_cache, block_tables, context_lens, out, part_acc, part_ml,
         scale * _LOG2E,
@@ -230,14 +251,14 @@ def paged_decode_attention_triton(q: torch.Tensor, k_cache: torch.Tensor, v_cach
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0),
         out.stride(0), out.stride(1),
-        group, head_dim, k_cache.shape[1],
-        BLOCK_G=_block_g(group), BLOCK_N=_BLOCK_N, BLOCK_D=block_d, SPLIT=split,
-        PRECISION=_precision(q.dtype), num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
+        group, k_cache.shape[1],
+        HEAD_DIM=head_dim, BLOCK_G=_block_g(group), BLOCK_N=_BLOCK_N, BLOCK_D=block_d, SPLIT=split,
+        PRECISION=_precision(q.dtype), VEC=vec, num_warps=_NUM_WARPS, num_stages=_NUM_STAGES,
     )
     if split:
         _paged_decode_reduce_kernel[(batch, num_heads)](
-            part_acc, part_ml, context_lens, out, out.stride(0), out.stride(1), head_dim, parts,
-            BLOCK_N=_BLOCK_N, BLOCK_P=triton.next_power_of_2(parts), BLOCK_D=block_d, num_warps=_NUM_WARPS,
+            part_acc, part_ml, context_lens, out, out.stride(0), out.stride(1), parts,
+            HEAD_DIM=head_dim, BLOCK_N=_BLOCK_N, BLOCK_P=triton.next_power_of_2(parts), BLOCK_D=block_d, num_warps=_NUM_WARPS,
         )
     return out
 
@@ -319,23 +340,23 @@ def _decode_spec(dtype: torch.dtype, head_dim: int, split: bool) -> KernelSpec:
            "part_acc_ptr": "*fp32" if split else f"*{t}", "part_ml_ptr": "*fp32" if split else f"*{t}",
            "qk_scale": "fp32"}
     for name in ("stride_qb", "stride_qh", "stride_kb", "stride_ks", "stride_kh", "stride_vb", "stride_vs",
-                 "stride_vh", "stride_bt", "stride_ob", "stride_oh", "group", "head_dim", "block_size"):
+                 "stride_vh", "stride_bt", "stride_ob", "stride_oh", "group", "block_size"):
         sig[name] = "i32"
     return KernelSpec(
         name=f"paged_decode_{t}_d{head_dim}_{'split' if split else 'single'}", fn=_paged_decode_kernel,
         signature=sig,
-        constexprs={"BLOCK_G": 16, "BLOCK_N": _BLOCK_N, "BLOCK_D": _block_d(head_dim), "SPLIT": split,
-                    "PRECISION": _precision(dtype)},
+        constexprs={"HEAD_DIM": head_dim, "BLOCK_G": 16, "BLOCK_N": _BLOCK_N, "BLOCK_D": _block_d(head_dim), "SPLIT": split,
+                    "PRECISION": _precision(dtype), "VEC": 16 // dtype.itemsize},
         num_warps=_NUM_WARPS, num_stages=_NUM_STAGES)
 
 
 def _reduce_spec(dtype: torch.dtype, head_dim: int, parts: int) -> KernelSpec:
     t = _TRITON_DTYPE[dtype]
     sig = {"part_acc_ptr": "*fp32", "part_ml_ptr": "*fp32", "context_lens_ptr": "*i32", "out_ptr": f"*{t}",
-           "stride_ob": "i32", "stride_oh": "i32", "head_dim": "i32", "num_parts": "i32"}
+           "stride_ob": "i32", "stride_oh": "i32", "num_parts": "i32"}
     return KernelSpec(name=f"paged_decode_reduce_{t}_d{head_dim}_p{parts}", fn=_paged_decode_reduce_kernel,
                       signature=sig,
-                      constexprs={"BLOCK_N": _BLOCK_N, "BLOCK_P": parts, "BLOCK_D": _block_d(head_dim)},
+                      constexprs={"HEAD_DIM": head_dim, "BLOCK_N": _BLOCK_N, "BLOCK_P": parts, "BLOCK_D": _block_d(head_dim)},
                       num_warps=_NUM_WARPS, num_stages=1)
 
 
