@@ -113,21 +113,22 @@ def _causal_conv1d_dense_kernel(
     omask = offs_o < C_out
     tmask = offs_t < L
     acc = tl.zeros([BLOCK_O, BLOCK_T], dtype=tl.float32)
-    # runtime (not unrolled) tap loop: one dot in the body keeps compile time and shared memory small
-    for c0 in range(0, C_in, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+    # one flat runtime loop over (in-block, tap) with a single dot in its body: a constant 7-trip tap loop
+    # gets unrolled by LLVM and spills; the snake parameters are re-read per tap (BLOCK_C floats, cached)
+    for it in range(0, tl.cdiv(C_in, BLOCK_C) * WIDTH):
+        k = it % WIDTH
+        offs_c = (it // WIDTH) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = offs_c < C_in
         alpha_e, inv_beta = _snake_params(alpha_ptr, beta_ptr, offs_c, cmask, HAS_SNAKE, EPS)
-        for k in range(WIDTH):
-            w = tl.load(w_ptr + offs_o[:, None] * swo + offs_c[None, :] * swi + k * swk,
-                        mask=omask[:, None] & cmask[None, :], other=0.0)
-            xv = _load_window(x_ptr, state_ptr, alpha_e, inv_beta, b, offs_c, cmask,
-                              offs_t + k * dilation - S, tmask, L, S,
-                              sxb, sxc, sxt, ssb, ssc, sst, HAS_STATE, HAS_SNAKE)
-            if x_ptr.dtype.element_ty == tl.float32:
-                acc = tl.dot(w, xv, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(w, xv, acc)
+        w = tl.load(w_ptr + offs_o[:, None] * swo + offs_c[None, :] * swi + k * swk,
+                    mask=omask[:, None] & cmask[None, :], other=0.0)
+        xv = _load_window(x_ptr, state_ptr, alpha_e, inv_beta, b, offs_c, cmask,
+                          offs_t + k * dilation - S, tmask, L, S,
+                          sxb, sxc, sxt, ssb, ssc, sst, HAS_STATE, HAS_SNAKE)
+        if x_ptr.dtype.element_ty == tl.float32:
+            acc = tl.dot(w, xv, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(w, xv, acc)
     if WRITE_STATE:
         if (pid_t == 0) & (pid_o == 0):
             for c0 in range(0, C_in, BLOCK_C):
@@ -179,16 +180,19 @@ def _causal_conv1d_depthwise_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- launch
-def _dense_config(c_out: int, length: int) -> tuple[int, int, int, int]:
-    """(BLOCK_O, BLOCK_C, BLOCK_T, num_warps). Short streaming chunks get small tiles so that enough programs
-    exist to pull the (dominant) weight bytes through many SMs; long ones get the bigger GEMM tile. Every
-    x tile is 16 elements per thread: the fused snake's sin is inlined per element, which otherwise blows up
-    compile time."""
+def _dense_config(c_out: int, length: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_O, BLOCK_C, BLOCK_T, num_warps), chosen to compile spill-free on sm_80 and sm_90.
+
+    Short streaming chunks get small tiles so that enough programs exist to pull the (dominant) weight
+    bytes through many SMs; long ones a bigger GEMM tile. x tiles stay at <= 16 elements per thread because
+    the fused snake's precise sin is inlined per element. fp32 dots run as ieee FMA (no tensor cores),
+    whose operand registers grow with BLOCK_C, so fp32 uses BLOCK_C = 16."""
+    bc = 16 if dtype == torch.float32 else None
     if c_out <= 16:
-        return 16, 32, 64, 4
+        return (16, bc, 32, 4) if bc else (16, 32, 64, 4)
     if length <= 64:
-        return 32, 64, 32, 4
-    return 64, 32, 128, 8
+        return 32, bc or 64, 32, 4
+    return (32, bc, 64, 4) if bc else (64, 32, 64, 4)
 
 
 _DW_BLOCK_C, _DW_BLOCK_T, _DW_WARPS = 16, 128, 4
@@ -271,7 +275,7 @@ def _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha,
             *x.stride(), weight.stride(0), weight.stride(2), *st_strides, *y.stride(), *so_strides,
             BLOCK_C=_DW_BLOCK_C, BLOCK_T=_DW_BLOCK_T, num_warps=_DW_WARPS, **common)
     else:
-        bo, bc, bt, warps = _dense_config(c_out, length)
+        bo, bc, bt, warps = _dense_config(c_out, length, x.dtype)
         grid = (max(triton.cdiv(length, bt), 1), triton.cdiv(c_out, bo), batch)
         _causal_conv1d_dense_kernel[grid](
             *args, c_in, c_out, length, dilation,
@@ -366,7 +370,7 @@ def _specs() -> list[KernelSpec]:
                       ("res_conv1", 1, True, False, 768, 32), ("res_conv1_long", 1, True, False, 768, 4096),
                       ("in_conv_1024_1536", 7, False, True, 1536, 4), ("out_conv_96_1", 7, True, True, 1, 1920)]
         for name, width, snake, stream, c_out, length in dense_uses:
-            bo, bc, bt, warps = _dense_config(c_out, length)
+            bo, bc, bt, warps = _dense_config(c_out, length, dt)
             specs.append(KernelSpec(
                 name=f"causal_conv1d_dense_{name}_{t}", fn=_causal_conv1d_dense_kernel, signature=dense_sig,
                 constexprs=dict(WIDTH=width, HAS_BIAS=True, HAS_STATE=stream, HAS_SNAKE=snake,
