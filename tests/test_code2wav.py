@@ -22,6 +22,16 @@ ATOL = PARITY["code2wav_abs"]
 RELEASED = os.path.join(os.path.dirname(omni_rt.__file__), "assets", "qwen3-omni-30b-a3b-instruct.json")
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    # These models are tiny: with 2 OpenMP threads on a loaded 2-core CI box every small op pays for thread
+    # wake-ups (measured 40x slower per streaming step), so this file runs single-threaded.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def c2w(tiny_checkpoint, tiny_config):
     with torch.device("meta"):
@@ -151,7 +161,7 @@ def test_streaming_equals_offline(custom_pair, sizes):
 
 
 def test_streaming_equals_offline_tiny(c2w):
-    # the checkpoint's own config: 1920 samples per frame, first chunk 1365 per frame-1 chunk
+    # the checkpoint's own config: 1920 samples per frame, 1920 − 555 = 1365 for the first frame
     codes = _codes(c2w.cfg, 1, 11, seed=12)
     outs, _ = _stream(c2w, codes, [1, 2, 7, 1])
     assert [o.shape[-1] for o in outs] == [1365, 2 * 1920, 7 * 1920, 1920]
