@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from . import KernelSpec, use_triton
-from .paged_attention import _check_paged, _check_triton_strides, attention_ref, gather_pages
+from .paged_attention import _check_paged, _check_triton_strides, _vec, attention_ref, gather_pages
 
 __all__ = ["prefill_attention", "prefill_attention_triton", "prefill_attention_ref", "COMPILE_SPECS"]
 
@@ -32,8 +32,9 @@ def _prefill_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
     stride_bt, stride_ot, stride_oh,
-    group, head_dim, block_size,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, PRECISION: tl.constexpr,
+    group, block_size,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr, VEC: tl.constexpr,
 ):
     mblk = tl.program_id(0)
     b = tl.program_id(1)
@@ -47,9 +48,27 @@ def _prefill_kernel(
         offs_n = tl.arange(0, BLOCK_N)
         offs_d = tl.arange(0, BLOCK_D)
         mask_m = offs_m < qlen
-        mask_d = offs_d < head_dim
+        mask_d = offs_d < HEAD_DIM
         rows = (q_start + offs_m).to(tl.int64)
-        q = tl.load(q_ptr + rows[:, None] * stride_qt + h * stride_qh + offs_d[None, :],
+        q_row = rows * stride_qt
+        o_row = rows * stride_ot
+        q_head = q_ptr + h * stride_qh
+        o_head = out_ptr + h * stride_oh
+        kc_head = k_cache_ptr + kvh * stride_kch
+        vc_head = v_cache_ptr + kvh * stride_vch
+        k_head = k_ptr + kvh * stride_kh
+        v_head = v_ptr + kvh * stride_vh
+        if VEC > 1:
+            # The launcher checked 16-byte alignment of every base pointer and row stride (see _vec).
+            q_row = tl.multiple_of(q_row, VEC)
+            o_row = tl.multiple_of(o_row, VEC)
+            q_head = tl.multiple_of(q_head, 16)
+            o_head = tl.multiple_of(o_head, 16)
+            kc_head = tl.multiple_of(kc_head, 16)
+            vc_head = tl.multiple_of(vc_head, 16)
+            k_head = tl.multiple_of(k_head, 16)
+            v_head = tl.multiple_of(v_head, 16)
+        q = tl.load(q_head + q_row[:, None] + offs_d[None, :],
                     mask=mask_m[:, None] & mask_d[None, :], other=0.0)
 
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
@@ -58,14 +77,17 @@ def _prefill_kernel(
 
         # Earlier context from the pages: every query of the chunk sees all of it, no causal mask.
         bt_row = block_tables_ptr + b.to(tl.int64) * stride_bt
-        kc_head = k_cache_ptr + kvh * stride_kch
-        vc_head = v_cache_ptr + kvh * stride_vch
         for start in range(0, prefix, BLOCK_N):
             pos = start + offs_n
             mask_n = pos < prefix
             page = tl.load(bt_row + pos // block_size, mask=mask_n, other=0).to(tl.int64)
             row = pos % block_size
-            k = tl.load(kc_head + page[None, :] * stride_kcb + row[None, :] * stride_kcs + offs_d[:, None],
+            k_tok = page * stride_kcb + row * stride_kcs
+            v_tok = page * stride_vcb + row * stride_vcs
+            if VEC > 1:
+                k_tok = tl.multiple_of(k_tok, VEC)
+                v_tok = tl.multiple_of(v_tok, VEC)
+            k = tl.load(kc_head + k_tok[None, :] + offs_d[:, None],
                         mask=mask_n[None, :] & mask_d[:, None], other=0.0)
             s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
             s = tl.where(mask_n[None, :], s, float("-inf"))
@@ -74,20 +96,23 @@ def _prefill_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(vc_head + page[:, None] * stride_vcb + row[:, None] * stride_vcs + offs_d[None, :],
+            v = tl.load(vc_head + v_tok[:, None] + offs_d[None, :],
                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
         # The chunk itself, causal; tiles past this block's last query are fully masked, so stop there.
         hi = tl.minimum(qlen, (mblk + 1) * BLOCK_M)
-        k_head = k_ptr + kvh * stride_kh
-        v_head = v_ptr + kvh * stride_vh
         for start in range(0, hi, BLOCK_N):
             n = start + offs_n
             mask_n = n < qlen
             kv_rows = (q_start + n).to(tl.int64)
-            k = tl.load(k_head + kv_rows[None, :] * stride_kt + offs_d[:, None],
+            k_tok = kv_rows * stride_kt
+            v_tok = kv_rows * stride_vt
+            if VEC > 1:
+                k_tok = tl.multiple_of(k_tok, VEC)
+                v_tok = tl.multiple_of(v_tok, VEC)
+            k = tl.load(k_head + k_tok[None, :] + offs_d[:, None],
                         mask=mask_n[None, :] & mask_d[:, None], other=0.0)
             s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
             visible = mask_n[None, :] & (n[None, :] <= offs_m[:, None])
@@ -97,21 +122,21 @@ def _prefill_kernel(
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v = tl.load(v_head + kv_rows[:, None] * stride_vt + offs_d[None, :],
+            v = tl.load(v_head + v_tok[:, None] + offs_d[None, :],
                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             m_i = m_new
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + rows[:, None] * stride_ot + h * stride_oh + offs_d[None, :],
+        tl.store(o_head + o_row[:, None] + offs_d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_d[None, :])
 
 
 def _launch_config(dtype: torch.dtype) -> dict:
     """Tile sizes per input dtype: fp32 tiles take twice the registers/shared memory, so they are halved."""
     if dtype == torch.float32:
-        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 4, "num_stages": 1}
-    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 4, "num_stages": 2}
+        return {"BLOCK_M": 32, "BLOCK_N": 32, "num_warps": 8, "num_stages": 1}
+    return {"BLOCK_M": 64, "BLOCK_N": 64, "num_warps": 8, "num_stages": 2}
 
 
 def _block_d(head_dim: int) -> int:
@@ -177,6 +202,9 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     group = num_heads // k.shape[1]
     scale = head_dim ** -0.5 if scale is None else float(scale)
     cfg = _launch_config(q.dtype)
+    vec = _vec(q.dtype, (q, k, v, k_cache, v_cache, out),
+               q.stride()[:2] + k.stride()[:2] + v.stride()[:2] + k_cache.stride()[:3] + v_cache.stride()[:3]
+               + out.stride()[:2])
     grid = (triton.cdiv(max_seqlen_q, cfg["BLOCK_M"]), batch, num_heads)
     _prefill_kernel[grid](
         q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens, out,
@@ -185,8 +213,8 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), out.stride(0), out.stride(1),
-        group, head_dim, k_cache.shape[1],
-        BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype), **cfg,
+        group, k_cache.shape[1],
+        HEAD_DIM=head_dim, BLOCK_D=_block_d(head_dim), PRECISION=_precision(q.dtype), VEC=vec, **cfg,
     )
     return out
 
@@ -250,12 +278,13 @@ def _spec(dtype: torch.dtype, head_dim: int) -> KernelSpec:
            "out_ptr": f"*{t}", "qk_scale": "fp32"}
     for name in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh",
                  "stride_kcb", "stride_kcs", "stride_kch", "stride_vcb", "stride_vcs", "stride_vch",
-                 "stride_bt", "stride_ot", "stride_oh", "group", "head_dim", "block_size"):
+                 "stride_bt", "stride_ot", "stride_oh", "group", "block_size"):
         sig[name] = "i32"
     cfg = _launch_config(dtype)
     return KernelSpec(name=f"prefill_attention_{t}_d{head_dim}", fn=_prefill_kernel, signature=sig,
-                      constexprs={"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                                  "BLOCK_D": _block_d(head_dim), "PRECISION": _precision(dtype)},
+                      constexprs={"HEAD_DIM": head_dim, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                                  "BLOCK_D": _block_d(head_dim), "PRECISION": _precision(dtype),
+                                  "VEC": 16 // dtype.itemsize},
                       num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
 
