@@ -174,16 +174,15 @@ class TalkerTextFeed:
             if len(self.generated) >= k + 1 and (a < self.p or self._known(i)):
                 return self._a_token_proj(a)
             return None
-        n = len(self.generated)
+        last = self.p + len(self.generated) - 1  # stream length fed back to the thinker (its last token never is)
+        if a > last:
+            return self.tts_pad                     # past the reference's trailing_text_hidden
         e = next((j for j, t in enumerate(self.generated) if t in self.stop_ids), None)
         if e is not None and k > e:
             return self.tts_pad
-        if e is not None and k == e:
+        if e is not None and k == e or a == last:
             return self.tts_eos
-        last = self.p + n - 1  # assistant-stream length the thinker fed back (its last token never is)
-        if a < last:
-            return self._a_token_proj(a)
-        return self.tts_eos if a == last else self.tts_pad
+        return self._a_token_proj(a)
 
     def all_entries(self) -> torch.Tensor:
         """(len, H) the reference's whole ``trailing_text_hidden`` (needs ``finished``)."""
