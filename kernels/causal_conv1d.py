@@ -180,19 +180,24 @@ def _causal_conv1d_depthwise_kernel(
 
 
 # ----------------------------------------------------------------------------------------------- launch
-def _dense_config(c_out: int, length: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
-    """(BLOCK_O, BLOCK_C, BLOCK_T, num_warps), chosen to compile spill-free on sm_80 and sm_90.
+def _dense_config(c_out: int, length: int, width: int, dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """(BLOCK_O, BLOCK_C, BLOCK_T, num_warps), chosen to compile spill-free on sm_80 and sm_90 under
+    triton 3.6 and 3.9.
 
     Short streaming chunks get small tiles so that enough programs exist to pull the (dominant) weight
     bytes through many SMs; long ones a bigger GEMM tile. x tiles stay at <= 16 elements per thread because
     the fused snake's precise sin is inlined per element. fp32 dots run as ieee FMA (no tensor cores),
-    whose operand registers grow with BLOCK_C, so fp32 uses BLOCK_C = 16."""
-    bc = 16 if dtype == torch.float32 else None
+    whose operand registers grow with BLOCK_C, so fp32 uses BLOCK_C = 16; width 1 (a loop over in-blocks
+    only, pipelined deeper by the compiler) takes half the in-block of width 7."""
+    if dtype == torch.float32:
+        if c_out <= 16:
+            return 16, 16, 32, 4
+        return (32, 16, 32, 4) if length <= 64 else (32, 16, 64, 4)
     if c_out <= 16:
-        return (16, bc, 32, 4) if bc else (16, 32, 64, 4)
+        return 16, 32, 64, 4
     if length <= 64:
-        return 32, bc or 64, 32, 4
-    return (32, bc, 64, 4) if bc else (64, 32, 64, 4)
+        return 32, 64 if width > 1 else 32, 32, 4
+    return 64, 32 if width > 1 else 16, 64, 4
 
 
 _DW_BLOCK_C, _DW_BLOCK_T, _DW_WARPS = 16, 128, 4
@@ -275,7 +280,7 @@ def _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha,
             *x.stride(), weight.stride(0), weight.stride(2), *st_strides, *y.stride(), *so_strides,
             BLOCK_C=_DW_BLOCK_C, BLOCK_T=_DW_BLOCK_T, num_warps=_DW_WARPS, **common)
     else:
-        bo, bc, bt, warps = _dense_config(c_out, length, x.dtype)
+        bo, bc, bt, warps = _dense_config(c_out, length, width, x.dtype)
         grid = (max(triton.cdiv(length, bt), 1), triton.cdiv(c_out, bo), batch)
         _causal_conv1d_dense_kernel[grid](
             *args, c_in, c_out, length, dilation,
@@ -370,7 +375,7 @@ def _specs() -> list[KernelSpec]:
                       ("res_conv1", 1, True, False, 768, 32), ("res_conv1_long", 1, True, False, 768, 4096),
                       ("in_conv_1024_1536", 7, False, True, 1536, 4), ("out_conv_96_1", 7, True, True, 1, 1920)]
         for name, width, snake, stream, c_out, length in dense_uses:
-            bo, bc, bt, warps = _dense_config(c_out, length, dt)
+            bo, bc, bt, warps = _dense_config(c_out, length, width, dt)
             specs.append(KernelSpec(
                 name=f"causal_conv1d_dense_{name}_{t}", fn=_causal_conv1d_dense_kernel, signature=dense_sig,
                 constexprs=dict(WIDTH=width, HAS_BIAS=True, HAS_STATE=stream, HAS_SNAKE=snake,
