@@ -77,11 +77,18 @@ class Code2WavState:
     def scatter_(self, index: torch.Tensor | Sequence[int], src: "Code2WavState") -> "Code2WavState":
         """Write ``src`` (batch = len(index)) into streams ``index`` of this state in place (slot pools)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.pos.device)
-        mine = [self.pos, self.key, self.value, *self.conv, *self.tail]
-        theirs = [src.pos, src.key, src.value, *src.conv, *src.tail]
         dims = [0, 1, 1] + [0] * (len(self.conv) + len(self.tail))
-        for dst, s, dim in zip(mine, theirs, dims):
+        for dst, s, dim in zip(self.tensors(), src.tensors(), dims, strict=True):
             dst.index_copy_(dim, idx, s)
+        return self
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.pos, self.key, self.value, *self.conv, *self.tail]
+
+    def copy_(self, src: "Code2WavState") -> "Code2WavState":
+        """Overwrite this state with ``src`` in place (static buffers of a captured CUDA graph)."""
+        for dst, s in zip(self.tensors(), src.tensors(), strict=True):
+            dst.copy_(s)
         return self
 
     @staticmethod
@@ -452,7 +459,7 @@ class Code2Wav(nn.Module):
             return h
         lead = (lag - pos * unit).clamp_min(0)  # (B,)
         keep = torch.arange(h.shape[-1], device=h.device)[None, :] >= lead[:, None]
-        return h * keep[:, None, :].to(h.dtype)
+        return h.masked_fill(~keep[:, None, :], 0)
 
     def _transformer(self, codes, pos, past_k, past_v):
         """codes: (B, Q, n) -> hidden (B, n, hidden), new keys/values (layers, B, kv_heads, W-1, head_dim)."""
