@@ -286,8 +286,6 @@ def _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha,
             *args, c_in, c_out, length, dilation,
             *x.stride(), *weight.stride(), *st_strides, *y.stride(), *so_strides,
             BLOCK_O=bo, BLOCK_C=bc, BLOCK_T=bt, num_warps=warps, num_stages=2, **common)
-    if return_state and s == 0:
-        return y, state_out
     return (y, state_out) if return_state else y
 
 
@@ -300,8 +298,8 @@ def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x: (batch, in_ch, length), any strides; weight: (out_ch, in_ch / groups, width); bias: (out_ch,);
     state: (batch, in_ch, (width - 1) * dilation) post-activation history, None = zeros (stream start);
     snake_alpha, snake_beta: (in_ch,) log-scale SnakeBeta parameters applied to x before the conv.
-    out / state_out: optional preallocated (batch, out_ch, length) / state-shaped outputs (state_out must not
-    alias state). Returns y: (batch, out_ch, length), plus the new state when ``return_state``.
+    out / state_out: optional preallocated (batch, out_ch, length) / state-shaped outputs, any strides, for
+    CUDA-graph static buffers; neither may overlap x or state (double-buffer the state across chunks). Returns y: (batch, out_ch, length), plus the new state when ``return_state``.
     Triton supports groups == 1 and depthwise (groups == in_ch == out_ch); the reference supports any groups.
     """
     _validate(x, weight, bias, dilation, groups, state, snake_alpha, snake_beta, out, state_out)
