@@ -212,7 +212,6 @@ def run_worker(out_path: str, jobs: int, only: list[str] | None = None) -> None:
         specs, _ = module_specs(module_name)
         for spec in specs or []:
             work.extend((module_name, spec.name, arch) for arch in ARCHS)
-    # Biggest first would need timings; the fork pool keeps both cores busy well enough with ~1-3 s jobs.
     results = {}
     if jobs <= 1 or len(work) <= 1:
         results.update(map(_compile_one, work))
@@ -220,7 +219,15 @@ def run_worker(out_path: str, jobs: int, only: list[str] | None = None) -> None:
         # fork: workers inherit the imported kernel modules instead of re-importing torch and triton.
         ctx = multiprocessing.get_context("fork")
         with concurrent.futures.ProcessPoolExecutor(max_workers=jobs, mp_context=ctx) as pool:
-            results.update(pool.map(_compile_one, work))
+            futures = {pool.submit(_compile_one, job): job for job in work}
+            for future in concurrent.futures.as_completed(futures):
+                try:
+                    key, result = future.result()
+                except Exception as exc:
+                    # A compile that kills its process (e.g. a compiler crash) breaks the pool: every job still
+                    # pending reports it instead of the whole check dying without results.
+                    key, result = "|".join(futures[future]), {"error": f"compile process failed: {exc!r}"}
+                results[key] = result
     with open(out_path, "w") as f:
         json.dump(results, f, indent=1, sort_keys=True)
 
