@@ -242,10 +242,6 @@ class Engine:
         ids = torch.tensor([r.output[-1] for r in active], device=self.device)
         pos = torch.tensor([len(r.prompt) + len(r.output) - 1 for r in active], device=self.device)
         embeds = self.model.thinker.embed(ids)
-        if self.speech is not None:
-            for r, e in zip(active, embeds):
-                if r.speaking:
-                    self.speech.on_thinker_embed(r, e)
         hidden, _ = self.runner.decode([r.seq_id for r in active], embeds, pos.expand(3, -1))
         for r, tok in zip(active, self._sample(hidden, active)):
             self._push_token(r, tok)
@@ -267,8 +263,8 @@ class Engine:
         if req.thinker_finished:
             self.runner.free(req.seq_id)  # the talker only needs the saved embeddings, not the thinker KV
             req.phase = Phase.DONE
-            if self.speech is not None and req.speaking:
-                self.speech.on_thinker_finished(req)
+        if self.speech is not None and req.speaking:
+            self.speech.on_token(req, token)
         delta = req.detok.push([token])
         req.out.put(StreamChunk(req.request_id, text_delta=delta, token_ids=[token]))
 
