@@ -287,6 +287,37 @@ def test_spec_names_unique():
         assert not dupes, f"{module_name}: duplicate KernelSpec names {dupes}"
 
 
+def test_ptxas_log_parser():
+    # Spills are summed over every function in the log; a log without the line is "no report".
+    log = ("ptxas info    : Function properties for k0\n"
+           "    0 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads\n"
+           "ptxas info    : Used 255 registers, used 1 barriers\n"
+           "ptxas info    : Function properties for k1\n"
+           "    16 bytes stack frame, 4 bytes spill stores, 4 bytes spill loads\n"
+           "ptxas info    : Used 40 registers\n")
+    assert _parse_ptxas_log(log) == {"spill_stores": 12, "spill_loads": 16, "registers": 255}
+    assert _parse_ptxas_log("ptxas info    : Used 40 registers\n") is None
+
+
+def test_canonical_signature_forms():
+    from omni_rt.kernels import KernelSpec
+    from omni_rt.kernels.block_window_attention import COMPILE_SPECS
+
+    spec = COMPILE_SPECS[0]
+    canonical = _canonical_signature(spec)
+    assert list(canonical) == list(spec.fn.arg_names)
+    assert all(canonical[name] == "constexpr" for name in spec.constexprs)
+    # Constexprs also listed in the signature as "constexpr" (the runtime JIT's form) give the same result.
+    listed = dict(spec.signature, **{name: "constexpr" for name in spec.constexprs})
+    assert _canonical_signature(KernelSpec(spec.name, spec.fn, listed, spec.constexprs)) == canonical
+    dropped = dict(spec.constexprs)
+    dropped.pop("BLOCK_M")
+    with pytest.raises(ValueError, match="BLOCK_M"):
+        _canonical_signature(KernelSpec(spec.name, spec.fn, spec.signature, dropped))
+    with pytest.raises(ValueError, match="not arguments"):
+        _canonical_signature(KernelSpec(spec.name, spec.fn, dict(spec.signature, bogus="i32"), spec.constexprs))
+
+
 @pytest.mark.parametrize("module_name,spec_name,arch,import_error", _CASES)
 def test_compile(module_name, spec_name, arch, import_error, compile_results):
     if spec_name == IMPORT_ERROR:
