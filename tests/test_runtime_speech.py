@@ -1,0 +1,154 @@
+"""Speech through the Runtime on the tiny checkpoint: equal to transformers' generate (ids, codes, waveform),
+stream == generate sample for sample, the first packet after exactly one talker frame, concurrent speaking
+requests equal to their solo runs, cancellation returning every block and decoder slot."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import omni_rt
+from omni_rt.bench import question_prompt, spoken_question
+
+from _tolerances import PARITY
+
+T_GREEDY = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=10)
+K_GREEDY = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=26)
+
+
+@pytest.fixture(scope="module")
+def rt(tiny_checkpoint):
+    runtime = omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=4)
+    yield runtime
+    runtime.close()
+
+
+@pytest.fixture(scope="module")
+def question(rt):
+    return question_prompt(rt.cfg, spoken_question(2.5))
+
+
+def hf_generate(hf, prompt: omni_rt.Prompt, speaker: str):
+    from transformers import WhisperFeatureExtractor
+
+    kwargs = {}
+    if prompt.audios:
+        fe = WhisperFeatureExtractor(feature_size=128)
+        f = fe(prompt.audios[0], sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True,
+               return_tensors="pt")
+        kwargs = dict(input_features=f["input_features"], feature_attention_mask=f["attention_mask"])
+    captured = {}
+    original = hf.code2wav.chunked_decode
+
+    def capture(codes, *a, **k):
+        captured["codes"] = codes.clone()
+        return original(codes, *a, **k)
+
+    hf.code2wav.chunked_decode = capture
+    try:
+        with torch.inference_mode():
+            seq, wav = hf.generate(torch.tensor([prompt.token_ids]), speaker=speaker,
+                                   thinker_max_new_tokens=T_GREEDY.max_new_tokens, thinker_do_sample=False,
+                                   talker_max_new_tokens=K_GREEDY.max_new_tokens, talker_do_sample=False, **kwargs)
+    finally:
+        hf.code2wav.chunked_decode = original
+    return seq[0, len(prompt.token_ids):].tolist(), captured["codes"][0].numpy(), wav.reshape(-1).numpy()
+
+
+@pytest.mark.parametrize("speaker", ["Ethan", "chelsie", "AIDEN"])
+def test_generate_equals_transformers_audio_prompt(rt, hf_tiny, question, speaker):
+    out = rt.generate(question, speaker=speaker, thinker=T_GREEDY, talker=K_GREEDY)
+    ids, codes, wav = hf_generate(hf_tiny, question, speaker.lower())
+    assert out.token_ids == ids
+    assert out.codes.shape == codes.shape and np.array_equal(out.codes, codes)
+    assert out.audio.shape == wav.shape
+    assert np.abs(out.audio - wav).max() <= PARITY["waveform_abs"]
+
+
+def test_generate_equals_transformers_text_prompt(rt, hf_tiny):
+    p = omni_rt.Prompt(token_ids=[449, 11, 198, 100, 200, 300, 42, 450, 198, 449, 12, 198])
+    out = rt.generate(p, speaker="ethan", thinker=T_GREEDY, talker=K_GREEDY)
+    ids, codes, wav = hf_generate(hf_tiny, p, "ethan")
+    assert out.token_ids == ids and np.array_equal(out.codes, codes)
+    assert np.abs(out.audio - wav).max() <= PARITY["waveform_abs"]
+
+
+def test_fixture_speaks(rt, question):
+    """The tiny oracle must make speech tests meaningful: enough frames, audible, not clipped, varied codes."""
+    out = rt.generate(question, thinker=T_GREEDY, talker=K_GREEDY)
+    assert out.codes.shape[1] >= 20
+    rms = float(np.sqrt(np.mean(out.audio ** 2)))
+    clipped = float(np.mean(np.abs(out.audio) >= 0.999))
+    assert rms > 0.05 and clipped < 0.01, (rms, clipped)
+    assert len(set(out.codes[0].tolist())) >= 2
+    assert out.audio.size == out.codes.shape[1] * 1920 - 555
+
+
+def test_stream_equals_generate_and_first_packet_is_one_frame(rt, question):
+    out = rt.generate(question, speaker="ethan", thinker=T_GREEDY, talker=K_GREEDY)
+    chunks = list(rt.stream(question, speaker="ethan", thinker=T_GREEDY, talker=K_GREEDY))
+    audio_chunks = [c.audio for c in chunks if c.audio.size]
+    # first_chunk_frames = 1: the first packet is exactly one frame (1920 - 555 samples), later ones 1920 each
+    assert audio_chunks[0].size == 1920 - 555
+    assert all(a.size == 1920 for a in audio_chunks[1:])
+    assert np.array_equal(np.concatenate(audio_chunks), out.audio)
+    assert [t for c in chunks for t in c.token_ids] == out.token_ids
+    # the first audio packet leaves while the thinker is still generating
+    first_audio = next(i for i, c in enumerate(chunks) if c.audio.size)
+    last_token = max(i for i, c in enumerate(chunks) if c.token_ids)
+    assert first_audio < last_token
+
+
+def test_first_chunk_frames_is_configurable(tiny_checkpoint, question):
+    with omni_rt.Runtime(tiny_checkpoint, device="cpu", first_chunk_frames=3) as rt3:
+        chunks = [c.audio for c in rt3.stream(question, thinker=T_GREEDY, talker=K_GREEDY) if c.audio.size]
+    assert chunks[0].size == 3 * 1920 - 555
+
+
+def test_concurrent_speaking_requests_equal_solo(rt, question):
+    other = omni_rt.Prompt(token_ids=[449, 11, 198, 7, 8, 9, 450, 198, 449, 12, 198])
+    jobs = [(question, "ethan"), (other, "chelsie"), (question, "aiden"), (other, "ethan")]
+    solo = [rt.generate(p, speaker=s, thinker=T_GREEDY, talker=K_GREEDY) for p, s in jobs]
+    results = [None] * len(jobs)
+
+    def worker(i):
+        p, s = jobs[i]
+        results[i] = rt.generate(p, speaker=s, thinker=T_GREEDY, talker=K_GREEDY)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for a, b in zip(results, solo):
+        assert a.token_ids == b.token_ids and np.array_equal(a.codes, b.codes)
+        # ids and codes exactly; the waveform to fp32 rounding (batched convs sum in another order)
+        assert a.audio.shape == b.audio.shape and np.abs(a.audio - b.audio).max() <= PARITY["code2wav_abs"]
+    assert rt.engine.speech.pool.num_free_blocks() == rt.engine.speech.pool.num_blocks
+    assert rt.engine.pool.num_free_blocks() == rt.engine.pool.num_blocks
+    assert len(rt.engine.speech.slots) == rt.engine.max_batch_size
+
+
+def test_sampled_speech_is_seeded(rt, question):
+    t = omni_rt.SamplingParams(temperature=0.9, max_new_tokens=8, seed=5)
+    k = omni_rt.SamplingParams(max_new_tokens=12, seed=7)   # talker reference defaults, sampled
+    a = rt.generate(question, thinker=t, talker=k)
+    b = rt.generate(question, thinker=t, talker=k)
+    assert a.token_ids == b.token_ids and np.array_equal(a.codes, b.codes)
+
+
+def test_unknown_speaker_and_cancellation(rt, question):
+    with pytest.raises(ValueError, match="aiden, chelsie, ethan"):
+        rt.generate(question, speaker="nobody")
+    long_k = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=400, stop_token_ids=[])
+    for chunk in rt.stream(question, thinker=T_GREEDY, talker=long_k, request_id="cut"):
+        if chunk.audio.size:
+            break
+    for _ in range(300):
+        if "cut" not in rt.engine.requests:
+            break
+        threading.Event().wait(0.01)
+    assert rt.engine.speech.pool.num_free_blocks() == rt.engine.speech.pool.num_blocks
+    assert len(rt.engine.speech.slots) == rt.engine.max_batch_size
