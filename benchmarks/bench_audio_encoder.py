@@ -12,7 +12,6 @@ peak; CPU: peak RSS).
 """
 from __future__ import annotations
 
-import resource
 import statistics
 import time
 
@@ -106,13 +105,17 @@ def _peak_growth_bytes(fn) -> int:
         return torch.cuda.max_memory_allocated() - base
     try:
         with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak RSS so the reading below is this call's
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * resource.getpagesize()
-    except OSError:
+            f.write("5")  # reset VmHWM (peak RSS) so the reading below is this call's
+        base = _status_bytes("VmRSS:")
+    except (OSError, StopIteration):
         return 0
     fn()
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+    return _status_bytes("VmHWM:") - base
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith(field)) * 1024
 
 
 @pytest.mark.parametrize("seconds", SECONDS)

@@ -200,7 +200,7 @@ def test_triton_attention_matches_torch_path(encoder):
 
 
 _MEMORY_SCRIPT = textwrap.dedent("""
-    import dataclasses, json, resource, sys, time
+    import dataclasses, json, sys, time
     import torch
     from omni_rt.config import OmniConfig
     from omni_rt.models.audio_encoder import AudioEncoder
@@ -208,24 +208,26 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 
     torch.set_num_threads(2)
     # One layer: the memory question is the chunking, and the test must stay cheap.
-    cfg = dataclasses.replace(OmniConfig.from_dict(tiny_config()).thinker.audio, conv_chunksize=50, encoder_layers=1)
+    cfg = dataclasses.replace(OmniConfig.from_dict(tiny_config()).thinker.audio, conv_chunksize=20, encoder_layers=1)
     m = AudioEncoder(cfg).eval()
     frames = int(sys.argv[1])
     x = torch.randn(cfg.num_mel_bins, frames)
-    peak_rss = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    def status_kb(field):
+        with open("/proc/self/status") as f:
+            return next(int(l.split()[1]) for l in f if l.startswith(field)) * 1024
+
     with torch.inference_mode():
         m(x[:, :2000], [2000])  # warm-up: allocator and oneDNN caches are not the encoder's working set
         try:
             with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # reset the peak RSS, so the peak below is this call's
+                f.write("5")  # reset VmHWM (peak RSS), so the peak below is this call's
         except OSError:
             pass  # then the earlier peak counts too: the growth can only be overestimated
-        with open("/proc/self/statm") as f:
-            base = int(f.read().split()[1]) * resource.getpagesize()
+        base = status_kb("VmRSS:")
         t = time.perf_counter()
         out = m(x, [frames])
         dt = time.perf_counter() - t
-        peak = peak_rss()
+        peak = status_kb("VmHWM:")
     print(json.dumps({"growth": peak - base, "input": x.numel() * 4, "output": out.numel() * 4,
                       "tokens": out.shape[0], "seconds": dt}))
 """)
@@ -234,11 +236,15 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 def test_forty_minutes_encode_in_bounded_memory():
     """40 min = 240k frames = 2400 chunks: peak RSS grows by the output plus one pass, not with the input.
 
+    Measured in a fresh process with VmHWM (ru_maxrss would carry the forking parent's RSS across exec).
+
     Padding every chunk at once (as transformers does) would alone add the input's size (123 MB) and the
     first conv's output for all chunks 2x that; the bound is a quarter of the input.
     """
     frames = 40 * 60 * FPS
-    env = dict(os.environ, OMP_NUM_THREADS="2")
+    # A fixed mmap threshold makes glibc hand every tensor-sized block back to the OS when it is freed; with
+    # the default dynamic threshold, freed blocks may stay in the heap and RSS would measure the allocator.
+    env = dict(os.environ, OMP_NUM_THREADS="2", MALLOC_MMAP_THRESHOLD_="131072", MALLOC_ARENA_MAX="2")
     proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT, str(frames)], capture_output=True, text=True,
                           env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -261,10 +261,13 @@ class AudioEncoder(nn.Module):
     def _embed(self, chunks: torch.Tensor, chunk_tokens: Sequence[int]) -> torch.Tensor:
         """chunks: (n, 1, mel, 100) -> (valid tokens, d_model): conv stack, conv_out, per-chunk positions."""
         outs = []
+        gelu_ = torch.ops.aten.gelu_
         for part in chunks.split(self.cfg.conv_chunksize, dim=0):
-            h = F.gelu(self.conv2d1(part))
-            h = F.gelu(self.conv2d2(h))
-            h = F.gelu(self.conv2d3(h))
+            # GELU in place: the first conv's output is the largest tensor of a pass (released: 500 chunks x
+            # 480 x 64 x 50), and an out-of-place GELU would hold it twice.
+            h = gelu_(self.conv2d1(part))
+            h = gelu_(self.conv2d2(h))
+            h = gelu_(self.conv2d3(h))
             b, c, f, t = h.shape
             h = self.conv_out(h.permute(0, 3, 1, 2).reshape(b, t, c * f))
             outs.append(h + self._chunk_positions(h.device, h.dtype))
