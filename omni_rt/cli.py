@@ -58,8 +58,9 @@ def _stream_reply(rt, prompt, speaker: str, out_path: str | None, thinker_tokens
     if out_path and rt.has_talker:
         audio_mod.write_wav(out_path, audio, 24000)
         _log(f"[omni-rt] wrote {out_path}: {audio.size / 24000:.2f} s of 24 kHz audio in {frames_seen} chunks")
-    _log("[omni-rt] timings: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
+    _log("[omni-rt] request: " + ", ".join(f"{k}={v:.1f}" if isinstance(v, float) else f"{k}={v}"
                                           for k, v in metrics.items() if v is not None))
+    _log("[omni-rt] engine time per stage (ms): " + ", ".join(f"{k}={v:.1f}" for k, v in rt.stage_times().items()))
     return metrics
 
 

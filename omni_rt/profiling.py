@@ -68,3 +68,29 @@ class TorchProfiler:
         self.path = os.path.join(self.out_dir, f"omni_rt_trace_{os.getpid()}.json")
         self._prof.export_chrome_trace(self.path)
         return self.path
+
+
+class StageTimer:
+    """Wall time per named stage (accumulated), each stage also an NVTX range. ``snapshot()`` → {name: ms}."""
+
+    def __init__(self):
+        import time
+
+        self._clock = time.perf_counter
+        self.totals: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name: str) -> Iterator[None]:
+        start = self._clock()
+        with nvtx_range(name):
+            yield
+        self.totals[name] = self.totals.get(name, 0.0) + self._clock() - start
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def snapshot(self) -> dict[str, float]:
+        return {k: v * 1000.0 for k, v in self.totals.items()}
+
+    def reset(self) -> None:
+        self.totals.clear()
+        self.counts.clear()

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from typing import Any, AsyncIterator, Iterator
 
 import numpy as np
@@ -138,6 +139,13 @@ class Runtime:
         with torch.inference_mode():
             return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
 
+    def stage_times(self, reset: bool = False) -> dict[str, float]:
+        """Engine wall time per stage in ms, summed since the start (or the last reset)."""
+        snap = self.engine.timer.snapshot()
+        if reset:
+            self.engine.timer.reset()
+        return snap
+
     def abort(self, request_id: str) -> bool:
         """Cancel a request in flight; its KV blocks and decoder state are freed at the engine's next step."""
         return self.engine.abort(request_id)
@@ -175,7 +183,9 @@ class Runtime:
                       thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
                       request_id: str | None = None) -> AsyncIterator[StreamChunk]:
         """Async ``stream``; cancelling the consuming task aborts the request."""
+        t_call = time.perf_counter()
         req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id)
+        req.t_submit = t_call
         self.engine.submit(req)
         loop = asyncio.get_running_loop()
         done = False
@@ -196,7 +206,9 @@ class Runtime:
     # ------------------------------------------------------------------------------------------ internals
     def _stream(self, prompt, speaker, return_audio, thinker, talker, request_id,
                 holder: list) -> Iterator[StreamChunk]:
+        t_call = time.perf_counter()
         req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id)
+        req.t_submit = t_call  # metrics count from the call (audio loading and tokenizing included)
         holder.append(req)
         self.engine.submit(req)
         return self._drain(req)

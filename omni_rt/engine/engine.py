@@ -31,7 +31,7 @@ import torch
 from .. import audio as audio_mod
 from ..errors import DeviceFault
 from ..models.omni import OmniModel
-from ..profiling import nvtx_range
+from ..profiling import StageTimer
 from ..request import StreamChunk
 from .kv_cache import KVCachePool
 from .model_runner import DecoderRunner, text_positions
@@ -64,6 +64,7 @@ class Engine:
         self._stop = False
         self.fault: BaseException | None = None
         self._thread: threading.Thread | None = None
+        self.timer = StageTimer()   # wall time per stage, summed over steps (and NVTX ranges)
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> None:
@@ -130,14 +131,14 @@ class Engine:
     @torch.inference_mode()
     def step(self) -> None:
         self._reap_cancelled()
-        with nvtx_range("admit"):
+        with self.timer("admit"):
             self._admit()
-        with nvtx_range("thinker_prefill"):
+        with self.timer("thinker_prefill"):
             self._prefill_step()
-        with nvtx_range("thinker_decode"):
+        with self.timer("thinker_decode"):
             self._decode_step()
         if self.speech is not None:
-            with nvtx_range("speech"):
+            with self.timer("speech"):
                 self._speech_step()
         self._retire()
 
@@ -190,7 +191,7 @@ class Engine:
             if pads != sum(counts):
                 raise ValueError(f"the prompt has {pads} <|audio_pad|> tokens but its audios give {sum(counts)} "
                                  f"({counts}); expand each audio's pad run to its token count")
-            with nvtx_range("audio_encode"):
+            with self.timer("audio_encode"):
                 audio_embeds = thinker.audio_tower(torch.cat(mels, dim=1).to(self.dtype), lens)
         elif any(t == self.cfg.thinker.audio_token_id for t in req.prompt):
             raise ValueError("the prompt has <|audio_pad|> tokens but no audio was given")

@@ -18,7 +18,6 @@ import dataclasses
 import numpy as np
 import torch
 
-from ..profiling import nvtx_range
 from .kv_cache import KVCachePool
 from .model_runner import DecoderRunner
 from .requests import EngineRequest
@@ -124,18 +123,18 @@ class SpeechStage:
     def step(self, reqs: list[EngineRequest]) -> list[tuple[EngineRequest, np.ndarray]]:
         speakers = [(r, self.state[r.request_id]) for r in reqs]
         trs = [sp.talker for _, sp in speakers]
-        with nvtx_range("talker_decode"):
+        with self.engine.timer("talker_decode"):
             talker_decode_step(self.model, self.runner, [t for t in trs if t.started])
         for r, sp in speakers:
             if not sp.talker.started and sp.talker.feed.silent:
                 sp.talker.finish_reason = "silent"  # a one-token answer: nothing for the talker to voice
         new = [t for t in trs if not t.started and not t.finished and t.feed.prefill_ready()]
         if new:
-            with nvtx_range("talker_prefill"):
+            with self.engine.timer("talker_prefill"):
                 talker_prefill(self.model, self.runner, new)
         need = [t for t in trs if t.needs_frame()]
         if need:
-            with nvtx_range("code_predictor"):
+            with self.engine.timer("code_predictor"):
                 code_predictor_step(self.model, need, self._workspace(len(need)))
         out = self._vocode(speakers)
         for r, sp in speakers:
@@ -159,7 +158,7 @@ class SpeechStage:
             groups.setdefault(n, []).append((r, sp))
         out = []
         for n, members in groups.items():
-            with nvtx_range("code2wav"):
+            with self.engine.timer("code2wav"):
                 codes = torch.stack([torch.stack(sp.talker.frames[sp.vocoded: sp.vocoded + n], dim=1)
                                      for _, sp in members])            # (B, G, n)
                 idx = torch.tensor([sp.slot for _, sp in members], device=self.device)
