@@ -164,7 +164,7 @@ def block_window_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
 
 
 def _block_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                                   scale: float | None) -> torch.Tensor:
+                                   scale: float | None, max_seqlen: int | None = None) -> torch.Tensor:
     _validate(q, k, v, cu_seqlens)
     if q.dtype not in _TRITON_DTYPES:
         raise ValueError(f"block_window_attention supports fp16/bf16/fp32, got {q.dtype}")
@@ -174,14 +174,18 @@ def _block_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.stride(-1) != 1 and heads * head_dim > 0:
             raise ValueError(f"{name} must have unit stride on head_dim, got strides {t.stride()}")
-    # The audio encoder runs eagerly, so one host sync for the longest window (the grid size) is fine.
-    cu_host = cu_seqlens.cpu()
-    _validate_windows(cu_host, tokens)
     out = torch.empty((tokens, heads, head_dim), dtype=q.dtype, device=q.device)
-    num_windows = cu_host.numel() - 1
-    if tokens == 0 or heads == 0 or num_windows == 0:
+    num_windows = cu_seqlens.numel() - 1
+    if max_seqlen is None:
+        # The audio encoder runs eagerly, so one host sync for the longest window (the grid size) is fine;
+        # it also lets the window bounds be checked.
+        cu_host = cu_seqlens.cpu()
+        _validate_windows(cu_host, tokens)
+        max_seqlen = int((cu_host[1:] - cu_host[:-1]).max().item()) if num_windows > 0 else 0
+    elif max_seqlen < 0:
+        raise ValueError(f"max_seqlen must be >= 0, got {max_seqlen}")
+    if tokens == 0 or heads == 0 or num_windows == 0 or max_seqlen == 0:
         return out
-    max_seqlen = int((cu_host[1:] - cu_host[:-1]).max().item())
     if scale is None:
         scale = head_dim ** -0.5
 
@@ -200,15 +204,20 @@ def _block_window_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Te
 
 
 def block_window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor,
-                           scale: float | None = None) -> torch.Tensor:
+                           scale: float | None = None, max_seqlen: int | None = None) -> torch.Tensor:
     """Bidirectional attention within the windows ``cu_seqlens`` marks on packed tokens.
 
     q, k, v: (tokens, heads, head_dim), head_dim <= 128, unit stride on head_dim (views of a fused qkv
     buffer are fine); cu_seqlens: (num_windows + 1,) int32; scale defaults to head_dim ** -0.5.
-    Returns out: (tokens, heads, head_dim), contiguous, q's dtype. Takes one host sync (max window length).
+    Returns out: (tokens, heads, head_dim), contiguous, q's dtype.
+
+    The Triton path copies cu_seqlens to the host once per call (validation + longest window, the grid
+    size). A caller that already knows the longest window (the encoder, once for all its layers) passes
+    ``max_seqlen`` to skip that sync; cu_seqlens is then trusted, and a max_seqlen smaller than the
+    longest window leaves that window's tail rows unwritten.
     """
     if use_triton(q, k, v, cu_seqlens):
-        return _block_window_attention_triton(q, k, v, cu_seqlens, scale)
+        return _block_window_attention_triton(q, k, v, cu_seqlens, scale, max_seqlen)
     return block_window_attention_ref(q, k, v, cu_seqlens, scale)
 
 

@@ -76,6 +76,17 @@ def test_window_longer_than_two_blocks(device):
     _check(q, k, v, _cu([150], device))
 
 
+def test_max_seqlen_given_skips_host_sync(device):
+    # Same answer when the caller passes the longest window (no cu_seqlens copy to the host).
+    lengths = [26, 104, 7]
+    q, k, v = _fused_qkv(sum(lengths), 2, 64, torch.float16, device)
+    cu = _cu(lengths, device)
+    with force_triton():
+        out = block_window_attention(q, k, v, cu, max_seqlen=104)
+        synced = block_window_attention(q, k, v, cu)
+    torch.testing.assert_close(out, synced, atol=0, rtol=0)
+
+
 def test_single_token_and_empty(device):
     q, k, v = (torch.randn(1, 2, 16, device=device) for _ in range(3))
     with force_triton():
