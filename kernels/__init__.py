@@ -20,7 +20,7 @@ import os
 import threading
 from typing import Any, Callable, Iterator
 
-__all__ = ["use_triton", "force_triton", "triton_forced", "KernelSpec"]
+__all__ = ["use_triton", "force_triton", "triton_forced", "graph_safe", "graph_safe_enabled", "KernelSpec"]
 
 _state = threading.local()
 
@@ -42,6 +42,24 @@ def force_triton(enabled: bool = True) -> Iterator[None]:
         yield
     finally:
         _state.forced = previous
+
+
+@contextlib.contextmanager
+def graph_safe(enabled: bool = True) -> Iterator[None]:
+    """Inside the block (this thread), ops that do not take the Triton path use their static-shape torch
+    implementations (``*_static``: no boolean indexing, no host reads, no data-dependent loops) instead of
+    the references, so a whole decode step traces with ``torch.compile(fullgraph=True)``. Same numbers as
+    the references up to summation order."""
+    previous = getattr(_state, "graph_safe", None)
+    _state.graph_safe = enabled
+    try:
+        yield
+    finally:
+        _state.graph_safe = previous
+
+
+def graph_safe_enabled() -> bool:
+    return bool(getattr(_state, "graph_safe", None))
 
 
 def use_triton(*tensors: Any) -> bool:

@@ -42,10 +42,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import KernelSpec, use_triton
+from . import KernelSpec, graph_safe_enabled, use_triton
 
 __all__ = [
-    "fused_moe", "fused_moe_ref", "shared_expert_moe", "shared_expert_moe_ref", "route", "moe_align",
+    "fused_moe", "fused_moe_ref", "fused_moe_static", "shared_expert_moe", "shared_expert_moe_ref", "route", "moe_align",
     "get_config", "DEFAULT_CONFIG", "COMPILE_SPECS",
 ]
 
@@ -475,6 +475,8 @@ def fused_moe(x, gate_up_proj, down_proj, topk_weights, topk_ids, config=None):
     _check_inputs(x, gate_up_proj, down_proj, topk_weights, topk_ids)
     if use_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids):
         return _fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids, config)
+    if graph_safe_enabled():
+        return fused_moe_static(x, gate_up_proj, down_proj, topk_weights, topk_ids)
     return fused_moe_ref(x, gate_up_proj, down_proj, topk_weights, topk_ids)
 
 
@@ -504,6 +506,11 @@ def shared_expert_moe(x, gate_up_proj, down_proj, topk_weights, topk_ids, shared
     tensors = (x, gate_up_proj, down_proj, topk_weights, topk_ids, shared_gate_proj, shared_up_proj,
                shared_down_proj, shared_expert_gate)
     if not use_triton(*tensors):
+        if graph_safe_enabled():
+            f = torch.nn.functional
+            shared = f.linear(f.silu(f.linear(x, shared_gate_proj)) * f.linear(x, shared_up_proj), shared_down_proj)
+            routed = fused_moe_static(x, gate_up_proj, down_proj, topk_weights, topk_ids)
+            return routed + torch.sigmoid(f.linear(x, shared_expert_gate)) * shared
         return shared_expert_moe_ref(*tensors)
     m, hidden = x.shape
     if m == 0:
@@ -539,6 +546,27 @@ def fused_moe_ref(x, gate_up_proj, down_proj, topk_weights, topk_ids):
         y = torch.nn.functional.linear(h, down_proj[e]) * topk_weights[token_idx, k_pos, None]
         out.index_add_(0, token_idx, y.to(out.dtype))
     return out
+
+
+def fused_moe_static(x, gate_up_proj, down_proj, topk_weights, topk_ids):
+    """Static-shape :func:`fused_moe` (traces with ``fullgraph=True``: no per-expert ``torch.where``): gathers
+    each token's top-k experts' weights, (tokens, top_k, 2I, H) and (tokens, top_k, H, I), and runs them as
+    batched matmuls — for the small decode batches it serves, not for prefill-sized ones.
+
+    Shapes as :func:`fused_moe`; equals the reference up to the order of the top-k sum.
+    """
+    m, hidden = x.shape
+    top_k = topk_ids.shape[1]
+    if m == 0:
+        return x.new_zeros((0, hidden))
+    ids = topk_ids.long()
+    w_gate_up = gate_up_proj[ids]                      # (m, top_k, 2I, H)
+    w_down = down_proj[ids]                            # (m, top_k, H, I)
+    xs = x[:, None, :, None].expand(m, top_k, hidden, 1)
+    gate, up = torch.matmul(w_gate_up, xs).squeeze(-1).chunk(2, dim=-1)
+    h = torch.nn.functional.silu(gate) * up            # (m, top_k, I)
+    y = torch.matmul(w_down, h[..., None]).squeeze(-1) * topk_weights[..., None]
+    return y.to(x.dtype).sum(dim=1)
 
 
 def shared_expert_moe_ref(x, gate_up_proj, down_proj, topk_weights, topk_ids, shared_gate_proj, shared_up_proj,

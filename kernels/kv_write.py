@@ -12,9 +12,9 @@ import torch
 import triton
 import triton.language as tl
 
-from . import KernelSpec, use_triton
+from . import KernelSpec, graph_safe_enabled, use_triton
 
-__all__ = ["kv_write", "kv_write_triton", "kv_write_ref", "COMPILE_SPECS"]
+__all__ = ["kv_write", "kv_write_triton", "kv_write_ref", "kv_write_static", "COMPILE_SPECS"]
 
 
 @triton.jit
@@ -100,6 +100,30 @@ def kv_write_ref(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cach
     v_cache[pages, rows] = v[keep]
 
 
+def kv_write_static(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                    slot_mapping: torch.Tensor) -> None:
+    """Static-shape :func:`kv_write` (traces with ``fullgraph=True``, no boolean indexing): same result as the
+    reference. Every token scatters; a skipped token (negative slot) is redirected to the first kept token's
+    slot with that token's values (or, with no kept token, to slot 0 with its current values), so positions
+    written twice always receive identical values and the scatter stays deterministic."""
+    _check(k, v, k_cache, v_cache, slot_mapping)
+    if k.shape[0] == 0:
+        return
+    block_size = k_cache.shape[1]
+    slots = slot_mapping.long()
+    keep = slots >= 0
+    # The first kept token, as a (1,) index (argmax returns the first maximum; a 0-d index would be a host read).
+    first = keep.to(torch.int32).argmax(dim=0, keepdim=True)
+    any_kept = keep.any()
+    target = torch.where(any_kept, slots.index_select(0, first), torch.zeros_like(first))
+    slots = torch.where(keep, slots, target)
+    pages, rows = slots // block_size, slots % block_size
+    for src, cache in ((k, k_cache), (v, v_cache)):
+        fill = torch.where(any_kept, src.index_select(0, first), cache[:1, 0])
+        vals = torch.where(keep[:, None, None], src, fill)
+        cache.index_put_((pages, rows), vals)
+
+
 def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
              slot_mapping: torch.Tensor) -> None:
     """Scatter new K/V rows into the page tensors, in place.
@@ -110,6 +134,8 @@ def kv_write(k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: t
     """
     if use_triton(k, v, k_cache, v_cache, slot_mapping):
         kv_write_triton(k, v, k_cache, v_cache, slot_mapping)
+    elif graph_safe_enabled():
+        kv_write_static(k, v, k_cache, v_cache, slot_mapping)
     else:
         kv_write_ref(k, v, k_cache, v_cache, slot_mapping)
 

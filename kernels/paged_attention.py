@@ -19,9 +19,10 @@ import torch
 import triton
 import triton.language as tl
 
-from . import KernelSpec, use_triton
+from . import KernelSpec, graph_safe_enabled, use_triton
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_triton", "paged_decode_attention_ref",
+           "paged_decode_attention_static",
            "gather_pages", "attention_ref", "COMPILE_SPECS"]
 
 _LOG2E = 1.4426950408889634
@@ -309,6 +310,38 @@ def paged_decode_attention_ref(q: torch.Tensor, k_cache: torch.Tensor, v_cache: 
     return out
 
 
+def paged_decode_attention_static(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                                  block_tables: torch.Tensor, context_lens: torch.Tensor,
+                                  scale: float | None = None) -> torch.Tensor:
+    """Static-shape :func:`paged_decode_attention` in torch (traces with ``fullgraph=True``): gathers every
+    page of the (static-width) block table, masks positions >= context_len, attends in fp32.
+
+    Shapes as :func:`paged_decode_attention`. Padding table entries (-1) read page 0 and are masked; a row
+    with context_len 0 (batch padding) outputs zeros, as the reference does.
+    """
+    if q.dim() != 3:
+        raise ValueError(f"q must be (batch, num_heads, head_dim), got {tuple(q.shape)}")
+    batch, num_heads, head_dim = q.shape
+    _check_paged(num_heads, head_dim, k_cache, v_cache, block_tables, context_lens, batch, q.dtype)
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    kv_heads = k_cache.shape[2]
+    group = num_heads // kv_heads
+    pages = block_tables.long().clamp(min=0)
+    width = pages.shape[1] * k_cache.shape[1]
+    k = k_cache[pages].reshape(batch, width, kv_heads, head_dim).float()
+    v = v_cache[pages].reshape(batch, width, kv_heads, head_dim).float()
+    valid = torch.arange(width, device=q.device)[None, :] < context_lens.long()[:, None]  # (batch, width)
+    # Masked rows may hold anything (other sequences' pages, never-written slots): zero V so 0 * inf cannot
+    # leak a NaN into the output.
+    v = v.masked_fill(~valid[:, :, None, None], 0.0)
+    qg = q.float().view(batch, kv_heads, group, head_dim)
+    s = torch.einsum("bkgd,bnkd->bkgn", qg, k) * scale
+    s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    p = torch.nan_to_num(torch.softmax(s, dim=-1), nan=0.0)  # empty context: zeros, as the reference
+    out = torch.einsum("bkgn,bnkd->bkgd", p, v)
+    return out.reshape(batch, num_heads, head_dim).to(q.dtype)
+
+
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
                            scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -323,7 +356,10 @@ def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torc
     """
     if use_triton(q, k_cache, v_cache, block_tables, context_lens):
         return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, out=out)
-    result = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
+    if graph_safe_enabled():
+        result = paged_decode_attention_static(q, k_cache, v_cache, block_tables, context_lens, scale)
+    else:
+        result = paged_decode_attention_ref(q, k_cache, v_cache, block_tables, context_lens, scale)
     if out is None:
         return result
     out.copy_(result)

@@ -1,0 +1,305 @@
+"""CUDA graphs for the per-token paths: a generic bucketed runner and the thinker decode step.
+
+``GraphRunner`` wraps any step ``fn(inputs: dict[str, Tensor]) -> dict[str, Tensor]`` whose inputs live in
+named static buffers sized for ``max_batch_size`` (anchors: mini-sglang ``engine/graph.py``, nano-vllm
+``ModelRunner.capture_cudagraph``):
+
+- batch buckets ``[1, 2, 4, 8, ...]`` up to ``max_batch_size`` (itself included); one graph per bucket,
+  captured largest first so every later capture fits in the first one's memory pool (``graph.pool()``);
+- an eager warm-up before each capture (Triton JIT compiles, lazily built buffers, cuBLAS workspaces);
+- on each call the first ``n`` rows of every input are filled, rows ``n..bucket`` get the input's padding value
+  (for the decoder: slot -1 so nothing is written to the KV cache, context_len 0 so nothing is read), the
+  bucket's graph replays, and the outputs' first ``n`` rows are returned;
+- eager fallback for batches above the largest bucket, and everywhere when graphs are off or on CPU — the CPU
+  eager run goes through the same static buffers and padding, so that logic is tested without a GPU.
+
+Nothing on the per-token path reads a device value back: the fills are host → device copies, the replay is
+asynchronous, and the caller decides when to read the outputs (the engine's ``.tolist()`` of the next ids).
+
+The code-predictor frame loop and the Code2Wav streaming step can be wrapped the same way: a callable over
+named static buffers (their state tensors updated in place with ``copy_``) plus the padding value per input.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable, Mapping, Sequence, Union
+
+import torch
+
+from ..models.layers import AttentionMetadata
+from .kv_cache import KVCachePool
+from .sampler import SamplingTensors, sample
+
+logger = logging.getLogger(__name__)
+
+StepFn = Callable[[dict], dict]
+# An input value: a batch-n tensor copied into the buffer's first n rows, or a callable given the bucket's
+# whole buffer slice that fills every row of it itself (padding included), e.g. the KV pool's ``out=`` fillers.
+InputValue = Union[torch.Tensor, Callable[[torch.Tensor], object]]
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    """[1, 2, 4, ...] below ``max_batch_size``, then ``max_batch_size`` itself."""
+    if max_batch_size < 1:
+        raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    buckets, b = [], 1
+    while b < max_batch_size:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_batch_size]
+
+
+def _free_mib(device: torch.device) -> float:
+    return torch.cuda.mem_get_info(device)[0] / 2**20
+
+
+class GraphRunner:
+    """Bucketed CUDA-graph runner for ``fn`` over named static input buffers.
+
+    Args:
+        fn: the step; called with ``{name: buffer slice of the bucket}`` and returns ``{name: tensor}`` whose
+            batch dimension is dim 0 (values may be None: left out).
+        inputs: static buffers, each with ``max_batch_size`` rows along its batch dim.
+        pads: padding value per input (every input must have one).
+        max_batch_size: the largest bucket.
+        batch_dims: batch dimension per input (default 0), e.g. ``{"positions": 1}`` for ``(3, batch)``.
+        use_graphs: capture and replay graphs (only on CUDA; ignored on CPU).
+        name: for logs.
+    """
+
+    def __init__(self, fn: StepFn, inputs: Mapping[str, torch.Tensor], pads: Mapping[str, object],
+                 max_batch_size: int, batch_dims: Mapping[str, int] | None = None, use_graphs: bool = True,
+                 name: str = "step"):
+        self.fn = fn
+        self.inputs = dict(inputs)
+        self.pads = dict(pads)
+        self.batch_dims = {k: 0 for k in self.inputs} | dict(batch_dims or {})
+        missing = set(self.inputs) - set(self.pads)
+        if missing:
+            raise ValueError(f"inputs without a padding value: {sorted(missing)}")
+        for k, t in self.inputs.items():
+            if t.shape[self.batch_dims[k]] != max_batch_size:
+                raise ValueError(f"input {k!r} {tuple(t.shape)} has no {max_batch_size} rows along dim "
+                                 f"{self.batch_dims[k]}")
+        self.max_batch_size = max_batch_size
+        self.buckets = batch_buckets(max_batch_size)
+        devices = {t.device for t in self.inputs.values()}
+        if len(devices) != 1:
+            raise ValueError(f"all static inputs must be on one device, got {sorted(map(str, devices))}")
+        self.device = devices.pop()
+        self.use_graphs = bool(use_graphs) and self.device.type == "cuda"
+        self.name = name
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._pool = None
+        self.replays = 0  # graph replays so far (tests check the graph path is the one taken)
+
+    # -------------------------------------------------------------------------------------------- buffers
+    def bucket_for(self, n: int) -> int | None:
+        """The smallest bucket holding n rows, or None above the largest (eager fallback)."""
+        for b in self.buckets:
+            if n <= b:
+                return b
+        return None
+
+    def view(self, bs: int) -> dict[str, torch.Tensor]:
+        """Every input's first ``bs`` rows along its batch dim (views of the static buffers)."""
+        return {k: t.narrow(self.batch_dims[k], 0, bs) for k, t in self.inputs.items()}
+
+    def fill(self, buffers: dict[str, torch.Tensor], n: int, values: Mapping[str, InputValue | None]) -> None:
+        unknown = set(values) - set(buffers)
+        if unknown:
+            raise ValueError(f"unknown inputs for {self.name}: {sorted(unknown)}")
+        for k, buf in buffers.items():
+            value = values.get(k)
+            dim = self.batch_dims[k]
+            if value is None:
+                buf.fill_(self.pads[k])
+            elif callable(value):
+                value(buf)
+            else:
+                if value.shape[dim] != n:
+                    raise ValueError(f"input {k!r} has {value.shape[dim]} rows along dim {dim}, expected {n}")
+                buf.narrow(dim, 0, n).copy_(value)
+                if buf.shape[dim] > n:
+                    buf.narrow(dim, n, buf.shape[dim] - n).fill_(self.pads[k])
+
+    # -------------------------------------------------------------------------------------------- capture
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture one graph per bucket, largest first, sharing one memory pool. No-op without graphs."""
+        if not self.use_graphs or self.graphs:
+            return
+        torch.cuda.synchronize(self.device)
+        before, t0 = _free_mib(self.device), time.perf_counter()
+        for bs in reversed(self.buckets):
+            view = self.view(bs)
+            self.fill(view, 0, {})  # all padding: the warm-up and capture touch no KV page
+            out = self.fn(view)  # eager warm-up: JIT compiles and lazy allocations happen outside the capture
+            if not self.outputs:
+                self.outputs = {k: torch.empty_like(v) for k, v in out.items() if v is not None}
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self._pool):
+                out = self.fn(view)
+                for k, v in out.items():
+                    if v is not None:
+                        self.outputs[k][:bs].copy_(v)
+            if self._pool is None:
+                self._pool = graph.pool()
+            self.graphs[bs] = graph
+        torch.cuda.synchronize(self.device)
+        after = _free_mib(self.device)
+        logger.info("%s: captured %d CUDA graphs (batch %s) in %.1f s; free memory %.0f MiB -> %.0f MiB "
+                    "(%.0f MiB used)", self.name, len(self.graphs), self.buckets, time.perf_counter() - t0,
+                    before, after, before - after)
+
+    # -------------------------------------------------------------------------------------------- run
+    @torch.inference_mode()
+    def run(self, n: int, values: Mapping[str, InputValue | None]) -> dict[str, torch.Tensor]:
+        """One step for a batch of n: returns ``{name: output's first n rows}``.
+
+        values: per input, a batch-n tensor or a filler callable (see ``InputValue``); a missing or None
+        input is all padding. With a graph the outputs are views of the static output buffers, valid until
+        the next ``run``: copy what must outlive it.
+        """
+        if n < 1:
+            raise ValueError(f"batch size must be >= 1, got {n}")
+        bs = self.bucket_for(n)
+        if bs is None:
+            return self._run_oversized(n, values)
+        view = self.view(bs)
+        self.fill(view, n, values)
+        graph = self.graphs.get(bs)
+        if graph is None:
+            out = self.fn(view)
+            return {k: v[:n] for k, v in out.items() if v is not None}
+        graph.replay()
+        self.replays += 1
+        return {k: v[:n] for k, v in self.outputs.items()}
+
+    def _run_oversized(self, n: int, values: Mapping[str, InputValue | None]) -> dict[str, torch.Tensor]:
+        """Eager step on fresh buffers of exactly n rows (batches above the largest bucket)."""
+        buffers = {}
+        for k, t in self.inputs.items():
+            shape = list(t.shape)
+            shape[self.batch_dims[k]] = n
+            buffers[k] = t.new_empty(shape)
+        self.fill(buffers, n, values)
+        out = self.fn(buffers)
+        return {k: v for k, v in out.items() if v is not None}
+
+
+class ThinkerDecodeStep:
+    """The thinker's per-token step over named tensors: embed → decoder over the paged KV → lm_head → sample.
+
+    Inputs (B = batch): input_ids (B,) int64; positions (3, B) int64; slot_mapping (B,) int64;
+    block_tables (B, max_blocks) int32; context_lens (B,) int32; temperature, top_p, repetition_penalty (B,)
+    float32; top_k, seeds, steps (B,) int64; seen (B, vocab) bool (ids seen so far, for the repetition
+    penalty; all False leaves the scores untouched). Outputs: next_ids (B,) int64, embeds (B, H) (the input
+    tokens' embeddings, which the talker consumes), and tap (B, H) when ``tap_layer`` is set.
+    """
+
+    def __init__(self, thinker, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], tap_layer: int | None = None):
+        self.thinker = thinker
+        self.kv_caches = list(kv_caches)
+        self.tap_layer = tap_layer
+
+    def __call__(self, b: dict) -> dict:
+        embeds = self.thinker.embed(b["input_ids"])
+        meta = AttentionMetadata(slot_mapping=b["slot_mapping"], block_tables=b["block_tables"],
+                                 context_lens=b["context_lens"])
+        hidden, tap = self.thinker(embeds, b["positions"], self.kv_caches, meta, self.tap_layer)
+        st = SamplingTensors(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
+                             repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"])
+        next_ids = sample(self.thinker.logits(hidden), st, b["seen"])
+        return {"next_ids": next_ids, "embeds": embeds, "tap": tap}
+
+
+class ThinkerDecodeGraphs:
+    """The thinker decode step behind a ``GraphRunner``: static buffers, KV metadata fill, sampling inputs.
+
+    ``max_blocks`` (block table width) comes from ``max_model_len``, so one graph serves any context length
+    up to it: the paged-attention kernel reads the lengths from ``context_lens`` on the device.
+    """
+
+    def __init__(self, thinker, pool: KVCachePool, max_batch_size: int, max_model_len: int,
+                 use_graphs: bool = True, tap_layer: int | None = None):
+        self.pool = pool
+        device = pool.device
+        vocab = thinker.cfg.text.vocab_size
+        max_blocks = -(-max_model_len // pool.block_size)
+        B = max_batch_size
+        i64, i32, f32 = torch.int64, torch.int32, torch.float32
+        with torch.inference_mode():
+            inputs = {
+                "input_ids": torch.zeros(B, dtype=i64, device=device),
+                "positions": torch.zeros(3, B, dtype=i64, device=device),
+                "slot_mapping": torch.full((B,), -1, dtype=i64, device=device),
+                "block_tables": torch.full((B, max_blocks), -1, dtype=i32, device=device),
+                "context_lens": torch.zeros(B, dtype=i32, device=device),
+                "temperature": torch.zeros(B, dtype=f32, device=device),
+                "top_k": torch.zeros(B, dtype=i64, device=device),
+                "top_p": torch.ones(B, dtype=f32, device=device),
+                "repetition_penalty": torch.ones(B, dtype=f32, device=device),
+                "seeds": torch.zeros(B, dtype=i64, device=device),
+                "steps": torch.zeros(B, dtype=i64, device=device),
+                "seen": torch.zeros(B, vocab, dtype=torch.bool, device=device),
+            }
+        # Padding rows: greedy, no filters, write nowhere, read nothing.
+        pads = {"input_ids": 0, "positions": 0, "slot_mapping": -1, "block_tables": -1, "context_lens": 0,
+                "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "seeds": 0, "steps": 0,
+                "seen": False}
+        kv = list(zip(pool.k_caches, pool.v_caches))
+        self.step = ThinkerDecodeStep(thinker, kv, tap_layer)
+        self.runner = GraphRunner(self.step, inputs, pads, max_batch_size, batch_dims={"positions": 1},
+                                  use_graphs=use_graphs, name="thinker_decode")
+
+    def capture(self) -> None:
+        self.runner.capture()
+
+    def decode(self, seq_ids: Sequence[int], input_ids: Sequence[int], positions: Sequence[int], params: Sequence,
+               steps: Sequence[int], seeds: Sequence[int],
+               seen_ids: Sequence[Sequence[int]] | None = None) -> dict[str, torch.Tensor]:
+        """One decode step for sequences already holding their prompts in the KV pool.
+
+        input_ids[i] is the last token of seq_ids[i], at text position positions[i]; params:
+        SamplingParams-like objects; steps: tokens generated so far (the sampler's counter); seen_ids: per row,
+        the prompt + output ids when some row has a repetition penalty, else None. Returns next_ids (n,) int64,
+        embeds (n, H) (and tap (n, H) with a tap layer): views valid until the next call.
+        """
+        values = self.inputs_for(seq_ids, input_ids, positions, params, steps, seeds, seen_ids)
+        return self.runner.run(len(seq_ids), values)
+
+    def inputs_for(self, seq_ids: Sequence[int], input_ids: Sequence[int], positions: Sequence[int],
+                   params: Sequence, steps: Sequence[int], seeds: Sequence[int],
+                   seen_ids: Sequence[Sequence[int]] | None = None) -> dict[str, InputValue | None]:
+        """Reserve one KV slot per sequence and describe the step's inputs for ``GraphRunner.fill``/``run``
+        (arguments as :meth:`decode`)."""
+        ids = list(seq_ids)
+        n = len(ids)
+        slots = self.pool.append_token(ids)
+        f32, i64 = torch.float32, torch.int64
+        pos = torch.tensor(list(positions), dtype=i64)
+        values: dict[str, InputValue | None] = {
+            "input_ids": torch.tensor(list(input_ids), dtype=i64),
+            "positions": pos.expand(3, n),
+            "slot_mapping": slots,
+            "block_tables": lambda buf: self.pool.block_tables(ids, out=buf),
+            "context_lens": lambda buf: self.pool.context_lens(ids, out=buf),
+            "temperature": torch.tensor([p.temperature for p in params], dtype=f32),
+            "top_k": torch.tensor([p.top_k or 0 for p in params], dtype=i64),
+            "top_p": torch.tensor([p.top_p for p in params], dtype=f32),
+            "repetition_penalty": torch.tensor([p.repetition_penalty for p in params], dtype=f32),
+            "seeds": torch.tensor(list(seeds), dtype=i64),
+            "steps": torch.tensor(list(steps), dtype=i64),
+            "seen": None,
+        }
+        if seen_ids is not None:
+            def fill_seen(buf: torch.Tensor) -> None:
+                buf.zero_()
+                for i, row in enumerate(seen_ids):
+                    buf[i, torch.tensor(list(row), dtype=i64, device=buf.device)] = True
+            values["seen"] = fill_seen
+        return values
