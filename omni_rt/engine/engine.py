@@ -264,8 +264,12 @@ class Engine:
         if req.thinker_finished:
             self.runner.free(req.seq_id)  # the talker only needs the saved embeddings, not the thinker KV
             req.phase = Phase.DONE
-        if self.speech is not None and req.speaking:
-            self.speech.on_token(req, token)
+        if self.speech is not None and req.speaking and req.error is None:
+            try:
+                self.speech.on_token(req, token)
+            except Exception as e:  # this request's own speech setup failed: fail it alone
+                self._fail(req, e)
+                return
         delta = req.detok.push([token])
         req.out.put(StreamChunk(req.request_id, text_delta=delta, token_ids=[token]))
 
