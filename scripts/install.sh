@@ -17,7 +17,7 @@ if ! $PY -c "import triton" 2>/dev/null; then
   echo "[install] triton not found: installing triton==3.9.0"
   $PIP "triton==3.9.0"
 fi
-$PIP pybind11 setuptools numpy safetensors tokenizers jinja2 soundfile scipy tqdm
+$PIP pybind11 "setuptools>=70.1" wheel numpy safetensors tokenizers jinja2 soundfile scipy tqdm
 if [ "${1:-}" = "test" ]; then
   $PIP pytest pytest-benchmark "transformers==5.23.0"
 fi
