@@ -33,6 +33,7 @@ from ..errors import DeviceFault
 from ..models.omni import OmniModel
 from ..profiling import StageTimer
 from ..request import StreamChunk
+from .graphs import ThinkerDecodeGraphs
 from .kv_cache import KVCachePool
 from .model_runner import DecoderRunner, text_positions
 from .requests import EngineRequest, Phase
@@ -42,7 +43,7 @@ from .sampler import SamplingTensors, sample
 class Engine:
     def __init__(self, model: OmniModel, device: torch.device, dtype: torch.dtype, max_batch_size: int,
                  kv_tokens: int, block_size: int = 16, max_prefill_tokens: int = 4096,
-                 max_model_len: int = 32768, speech_factory: Callable | None = None):
+                 max_model_len: int = 32768, speech_factory: Callable | None = None, cuda_graphs: bool = False):
         self.model, self.device, self.dtype = model, device, dtype
         self.cfg = model.cfg
         self.max_batch_size = max_batch_size
@@ -53,6 +54,11 @@ class Engine:
         self.pool = KVCachePool(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads,
                                 tc.head_dim, dtype, device)
         self.runner = DecoderRunner(model.thinker.forward, self.pool, max_prefill_tokens)
+        # Thinker decode through CUDA graphs (one per batch bucket), only on CUDA; CPU keeps the eager path.
+        self.decode_graphs = None
+        if cuda_graphs and torch.device(device).type == "cuda":
+            self.decode_graphs = ThinkerDecodeGraphs(model.thinker, self.pool, max_batch_size, max_model_len)
+            self.decode_graphs.capture()
         self.speech = speech_factory(self) if (speech_factory is not None and model.has_talker) else None
         self.tap_layer = self.cfg.talker.accept_hidden_layer if model.has_talker else None
         self.vocab = tc.vocab_size
@@ -239,6 +245,16 @@ class Engine:
         active = [r for r in self.running if r.phase == Phase.DECODE and not r.thinker_finished
                   and not r.cancelled]
         if not active:
+            return
+        if self.decode_graphs is not None:
+            params = [r.thinker_params for r in active]
+            seen = ([r.prompt + r.output for r in active]
+                    if any(p.repetition_penalty != 1.0 for p in params) else None)
+            out = self.decode_graphs.decode([r.seq_id for r in active], [r.output[-1] for r in active],
+                                            [len(r.prompt) + len(r.output) - 1 for r in active], params,
+                                            [len(r.output) for r in active], [r.thinker_seed for r in active], seen)
+            for r, tok in zip(active, out["next_ids"].tolist()):
+                self._push_token(r, tok)
             return
         ids = torch.tensor([r.output[-1] for r in active], device=self.device)
         pos = torch.tensor([len(r.prompt) + len(r.output) - 1 for r in active], device=self.device)
