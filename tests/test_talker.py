@@ -186,6 +186,13 @@ def test_feed_waits_for_thinker_tokens(model):
     silent = TalkerTextFeed(model, ids, x, hid, spk, [IM_END], 32)
     silent.push([IM_END])
     assert silent.silent and not silent.prefill_ready()
+    # text-only prompts need no hidden-state tap; multimodal ones do
+    no_tap = TalkerTextFeed(model, ids, x, None, spk, [IM_END], 32)
+    no_tap.push(gen, finished=True)
+    assert rel_err(no_tap.prefill()[0], full.prefill()[0]) <= 1e-6
+    audio_ids = ids[:-3] + [IM_START, USER, NL, 480, IM_END, NL] + ids[-3:]
+    with pytest.raises(ValueError, match="thinker_hidden"):
+        TalkerTextFeed(model, audio_ids, model.thinker.embed(torch.tensor(audio_ids)), None, spk)
 
 
 def _run_frames(model, ids, frames, block_size, max_prefill_tokens):
@@ -207,10 +214,10 @@ def _run_frames(model, ids, frames, block_size, max_prefill_tokens):
 
 def test_triton_forced_talker_and_code_predictor_match_torch(model):
     """Two frames with every Triton kernel forced on (interpreter on CPU) against the PyTorch path."""
-    ids = MULTI_TURN[8:]
-    ref, h_ref = _run_frames(model, ids, 2, block_size=4, max_prefill_tokens=9)
+    ids = MULTI_TURN[23:]   # one user turn: 7 + 9 talker prompt positions, two prefill chunks over 4 pages
+    ref, h_ref = _run_frames(model, ids, 2, block_size=5, max_prefill_tokens=9)
     with force_triton():
-        tri, h_tri = _run_frames(model, ids, 2, block_size=4, max_prefill_tokens=9)
+        tri, h_tri = _run_frames(model, ids, 2, block_size=5, max_prefill_tokens=9)
     assert rel_err(h_tri, h_ref) <= 1e-4
     assert tri.code0 == ref.code0 and torch.equal(tri.codes(), ref.codes())
     assert ref.codes().shape == (model.cfg.talker.num_code_groups, 2)

@@ -50,13 +50,13 @@ class TalkerTextFeed:
     incrementally with the thinker's generated tokens.
 
     prompt_ids: the thinker prompt (n,); thinker_embeds: (n, thinker_hidden) thinker input embeddings (audio
-    scattered in); thinker_hidden: (n, thinker_hidden) hidden states after ``accept_hidden_layer`` layers;
-    speaker_id: codec id of the voice. stop_ids / max_new_tokens: the thinker's, so a token can be known not to
+    scattered in); thinker_hidden: (n, thinker_hidden) hidden states after ``accept_hidden_layer`` layers, or
+    None for prompts without audio/image/video tokens (only those positions read it); speaker_id: codec id of the voice. stop_ids / max_new_tokens: the thinker's, so a token can be known not to
     be the last one without waiting for the next (max_new_tokens None: always wait for the next token).
     """
 
     def __init__(self, model, prompt_ids: Sequence[int], thinker_embeds: torch.Tensor,
-                 thinker_hidden: torch.Tensor, speaker_id: int, stop_ids: Sequence[int] = (),
+                 thinker_hidden: torch.Tensor | None, speaker_id: int, stop_ids: Sequence[int] = (),
                  max_new_tokens: int | None = None):
         cfg = model.cfg
         if model.talker is None:
@@ -64,9 +64,10 @@ class TalkerTextFeed:
         self.model, self.talker = model, model.talker
         ids = [int(t) for t in prompt_ids]
         n = len(ids)
-        if thinker_embeds.shape[0] != n or thinker_hidden.shape[0] != n:
+        if thinker_embeds.shape[0] != n or (thinker_hidden is not None and thinker_hidden.shape[0] != n):
             raise ValueError(f"thinker_embeds/thinker_hidden must have {n} rows (one per prompt id), got "
-                             f"{thinker_embeds.shape[0]} and {thinker_hidden.shape[0]}")
+                             f"{thinker_embeds.shape[0]} and "
+                             f"{None if thinker_hidden is None else thinker_hidden.shape[0]}")
         starts = [i for i in range(n - 1) if ids[i] == cfg.im_start_token_id and ids[i + 1] == cfg.assistant_token_id]
         if not starts:
             raise ValueError("the prompt has no '<|im_start|>assistant' turn to answer")
@@ -92,6 +93,9 @@ class TalkerTextFeed:
             h = self.talker.cfg.text.hidden_size
             user_part = torch.empty(n, h, device=device, dtype=thinker_embeds.dtype)
             if bool(mm.any()):
+                if thinker_hidden is None:
+                    raise ValueError("the prompt has multimodal tokens: thinker_hidden (the thinker's hidden "
+                                     "states after accept_hidden_layer layers) is required")
                 user_part[mm] = self.talker.hidden_projection(thinker_hidden[mm]).to(user_part.dtype)
             user_part[~mm] = tp(thinker_embeds[~mm]).to(user_part.dtype)
             self.user_embeds = user_part[user]                                  # (n_user, H)
