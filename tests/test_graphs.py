@@ -296,3 +296,134 @@ def test_runtime_outputs_identical_with_and_without_cuda_graphs(text_ckpt):
                 assert rt.engine.decode_graphs.runner.replays > 0
             outputs[cuda_graphs] = (results, solo)
     assert outputs[True] == outputs[False]
+
+
+# ------------------------------------------------------------------------------------------- speech steps
+
+@pytest.fixture(scope="module")
+def speech_models(tiny_checkpoint, tiny_config):
+    """(code predictor, Code2Wav) per device, fp32."""
+    from omni_rt.loader import assign_parameters, iter_weights
+    from omni_rt.models.code2wav import Code2Wav
+
+    cache = {}
+
+    def get(device):
+        if device not in cache:
+            model = load_model(tiny_checkpoint, torch.float32, device)
+            with torch.device("meta"):
+                c2w = Code2Wav(tiny_config.code2wav)
+            assign_parameters(c2w, iter_weights(tiny_checkpoint, tiny_config, torch.float32, device),
+                              prefix="code2wav.")
+            cache[device] = (model.talker.code_predictor, c2w)
+        return cache[device]
+
+    return get
+
+
+def _frame_inputs(cp, n, device, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    h = cp.cfg.hidden_size
+    return {"past_hidden": torch.randn(n, h, generator=g).to(device),
+            "code0_embed": torch.randn(n, h, generator=g).to(device),
+            "temperature": torch.tensor([0.0, 0.9, 1.2, 0.0, 0.7][:n], device=device),
+            "top_p": torch.tensor([1.0, 0.8, 1.0, 1.0, 0.9][:n], device=device),
+            "top_k": torch.tensor([0, 10, 0, 0, 3][:n], device=device),
+            "seeds": torch.arange(n, device=device) * 7 + 1,
+            "frame_index": torch.arange(n, device=device) + 2}
+
+
+def _frame_direct(cp, v):
+    from omni_rt.models.code_predictor import FrameSampling
+
+    s = FrameSampling(temperature=v["temperature"], top_k=v["top_k"], top_p=v["top_p"], seeds=v["seeds"],
+                      frame_index=v["frame_index"])
+    return cp.frame(v["past_hidden"], v["code0_embed"], None, s)
+
+
+def _check_frames(runner, cp, device, exact):
+    for n in (3, 2, 5):  # bucket 4, bucket 2, above the largest bucket (eager fallback)
+        v = _frame_inputs(cp, n, device, seed=n)
+        out = runner.run(n, v)
+        codes, nxt = _frame_direct(cp, v)
+        assert torch.equal(out["codes"], codes), n
+        if exact:
+            assert torch.equal(out["next_embed"], nxt), n
+        else:
+            assert rel_err(out["next_embed"], nxt) <= PARITY["hidden_rel"], n
+
+
+def test_code_predictor_runner_equals_frame(speech_models):
+    from omni_rt.engine.graphs import code_predictor_graphs
+
+    cp, _ = speech_models("cpu")
+    with torch.inference_mode():
+        runner = code_predictor_graphs(cp, max_batch_size=4)
+        _check_frames(runner, cp, "cpu", exact=False)
+
+
+def _stream_codes(c2w, n, frames, seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, c2w.cfg.codebook_size, (n, c2w.cfg.num_quantizers, frames), generator=g)
+
+
+def _check_code2wav(runner, c2w, device, n, frames=3):
+    from omni_rt.engine.graphs import _state_from
+
+    codes = _stream_codes(c2w, n, frames, seed=n).to(device)
+    state = c2w.init_state(n)
+    ref_state = c2w.init_state(n)
+    n_conv, n_tail = len(state.conv), len(state.tail)
+    for f in range(frames):
+        step = codes[..., f:f + 1]
+        values = {"codes": step, "pos": state.pos, "key": state.key, "value": state.value}
+        values |= {f"conv{i}": t for i, t in enumerate(state.conv)} | {f"tail{i}": t for i, t in enumerate(state.tail)}
+        out = runner.run(n, values)
+        state = _copy_state(_state_from(out, n_conv, n_tail, prefix="new_"))
+        ref_audio, ref_state = c2w.step_padded(step, ref_state)
+        assert rel_err(out["audio"], ref_audio) <= 1e-6, (n, f)
+        assert torch.equal(state.pos, ref_state.pos)
+
+
+def _copy_state(s):
+    """A copy of a state whose tensors may be views of the runner's static outputs."""
+    from omni_rt.models.code2wav import Code2WavState
+
+    return Code2WavState(s.pos.clone(), s.key.clone(), s.value.clone(), tuple(t.clone() for t in s.conv),
+                         tuple(t.clone() for t in s.tail))
+
+
+def test_code2wav_runner_equals_step(speech_models):
+    from omni_rt.engine.graphs import code2wav_graphs
+
+    _, c2w = speech_models("cpu")
+    with torch.inference_mode():
+        runner = code2wav_graphs(c2w, max_batch_size=2)
+        for n in (1, 2, 3):  # bucket 1, bucket 2, above the largest bucket
+            _check_code2wav(runner, c2w, "cpu", n)
+
+
+@pytest.mark.gpu
+def test_code_predictor_graph_replay_equals_eager(speech_models):
+    from omni_rt.engine.graphs import code_predictor_graphs
+
+    cp, _ = speech_models("cuda")
+    with torch.inference_mode():
+        runner = code_predictor_graphs(cp, max_batch_size=4)
+        runner.capture()
+        assert sorted(runner.graphs) == [1, 2, 4]
+        _check_frames(runner, cp, "cuda", exact=False)
+        assert runner.replays == 2
+
+
+@pytest.mark.gpu
+def test_code2wav_graph_replay_equals_eager(speech_models):
+    from omni_rt.engine.graphs import code2wav_graphs
+
+    _, c2w = speech_models("cuda")
+    with torch.inference_mode():
+        runner = code2wav_graphs(c2w, max_batch_size=2)
+        runner.capture()
+        for n in (1, 2):
+            _check_code2wav(runner, c2w, "cuda", n)
+        assert runner.replays == 6

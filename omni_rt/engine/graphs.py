@@ -27,6 +27,8 @@ from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
+from ..models.code_predictor import FrameSampling, FrameWorkspace
+from ..models.code2wav import Code2WavState
 from ..models.layers import AttentionMetadata
 from .kv_cache import KVCachePool
 from .sampler import SamplingTensors, sample
@@ -58,19 +60,20 @@ class GraphRunner:
     """Bucketed CUDA-graph runner for ``fn`` over named static input buffers.
 
     Args:
-        fn: the step; called with ``{name: buffer slice of the bucket}`` and returns ``{name: tensor}`` whose
-            batch dimension is dim 0 (values may be None: left out).
+        fn: the step; called with ``{name: buffer slice of the bucket}`` and returns ``{name: tensor}``
+            (values may be None: left out), batch dimension 0 unless ``output_batch_dims`` says otherwise.
         inputs: static buffers, each with ``max_batch_size`` rows along its batch dim.
         pads: padding value per input (every input must have one).
         max_batch_size: the largest bucket.
         batch_dims: batch dimension per input (default 0), e.g. ``{"positions": 1}`` for ``(3, batch)``.
         use_graphs: capture and replay graphs (only on CUDA; ignored on CPU).
         name: for logs.
+        output_batch_dims: batch dimension per output (default 0).
     """
 
     def __init__(self, fn: StepFn, inputs: Mapping[str, torch.Tensor], pads: Mapping[str, object],
                  max_batch_size: int, batch_dims: Mapping[str, int] | None = None, use_graphs: bool = True,
-                 name: str = "step"):
+                 name: str = "step", output_batch_dims: Mapping[str, int] | None = None):
         self.fn = fn
         self.inputs = dict(inputs)
         self.pads = dict(pads)
@@ -90,6 +93,7 @@ class GraphRunner:
         self.device = devices.pop()
         self.use_graphs = bool(use_graphs) and self.device.type == "cuda"
         self.name = name
+        self.output_batch_dims = dict(output_batch_dims or {})
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.outputs: dict[str, torch.Tensor] = {}
         self._pool = None
@@ -145,7 +149,7 @@ class GraphRunner:
                 out = self.fn(view)
                 for k, v in out.items():
                     if v is not None:
-                        self.outputs[k][:bs].copy_(v)
+                        self._rows(k, self.outputs[k], bs).copy_(v)
             if self._pool is None:
                 self._pool = graph.pool()
             self.graphs[bs] = graph
@@ -174,10 +178,13 @@ class GraphRunner:
         graph = self.graphs.get(bs)
         if graph is None:
             out = self.fn(view)
-            return {k: v[:n] for k, v in out.items() if v is not None}
+            return {k: self._rows(k, v, n) for k, v in out.items() if v is not None}
         graph.replay()
         self.replays += 1
-        return {k: v[:n] for k, v in self.outputs.items()}
+        return {k: self._rows(k, v, n) for k, v in self.outputs.items()}
+
+    def _rows(self, name: str, t: torch.Tensor, n: int) -> torch.Tensor:
+        return t.narrow(self.output_batch_dims.get(name, 0), 0, n)
 
     def _run_oversized(self, n: int, values: Mapping[str, InputValue | None]) -> dict[str, torch.Tensor]:
         """Eager step on fresh buffers of exactly n rows (batches above the largest bucket)."""
@@ -303,3 +310,78 @@ class ThinkerDecodeGraphs:
                     buf[i, torch.tensor(list(row), dtype=i64, device=buf.device)] = True
             values["seen"] = fill_seen
         return values
+
+
+def code_predictor_graphs(code_predictor, max_batch_size: int, device=None, dtype: torch.dtype | None = None,
+                          use_graphs: bool = True) -> GraphRunner:
+    """The code predictor's frame (codes 1..G-1 of B talker frames) behind a ``GraphRunner``.
+
+    Inputs: past_hidden, code0_embed (B, H) in the model dtype; temperature, top_p (B,) fp32; top_k, seeds,
+    frame_index (B,) int64 (``FrameSampling``; temperature 0 rows are greedy). Outputs: codes (B, G-1) int64,
+    next_embed (B, H) (the next talker input). The frame KV workspace is one static buffer, sliced per bucket.
+    """
+    w = code_predictor.lm_head[0].weight
+    device = w.device if device is None else torch.device(device)
+    dtype = w.dtype if dtype is None else dtype
+    hidden = code_predictor.cfg.hidden_size
+    B = max_batch_size
+    with torch.inference_mode():
+        ws = code_predictor.workspace(B, device, dtype)
+        inputs = {"past_hidden": torch.zeros(B, hidden, device=device, dtype=dtype),
+                  "code0_embed": torch.zeros(B, hidden, device=device, dtype=dtype),
+                  "temperature": torch.zeros(B, device=device), "top_p": torch.ones(B, device=device),
+                  "top_k": torch.zeros(B, dtype=torch.int64, device=device),
+                  "seeds": torch.zeros(B, dtype=torch.int64, device=device),
+                  "frame_index": torch.zeros(B, dtype=torch.int64, device=device)}
+    pads = {"past_hidden": 0.0, "code0_embed": 0.0, "temperature": 0.0, "top_p": 1.0, "top_k": 0, "seeds": 0,
+            "frame_index": 0}
+
+    def frame(b: dict) -> dict:
+        bs = b["past_hidden"].shape[0]
+        sampling = FrameSampling(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
+                                 seeds=b["seeds"], frame_index=b["frame_index"])
+        # Above the largest bucket the slice is short and frame() builds its own workspace (eager fallback).
+        codes, nxt = code_predictor.frame(b["past_hidden"], b["code0_embed"],
+                                          FrameWorkspace(ws.k[:, :bs], ws.v[:, :bs]), sampling)
+        return {"codes": codes, "next_embed": nxt}
+
+    return GraphRunner(frame, inputs, pads, max_batch_size, use_graphs=use_graphs, name="code_predictor_frame")
+
+
+def code2wav_graphs(code2wav, max_batch_size: int, frames: int = 1, use_graphs: bool = True) -> GraphRunner:
+    """Code2Wav's streaming step (``step_padded``: ``frames`` more frames per stream) behind a ``GraphRunner``.
+
+    Inputs: codes (B, num_quantizers, frames) int64 and the state tensors by name — pos, key, value (batch
+    dim 1), conv0.., tail0.. (``Code2WavState``; padding rows are fresh zero states). Outputs: audio
+    (B, frames·samples_per_frame) and the new state under the same names prefixed ``new_`` (key/value batch dim
+    1): copy them back into the streams' state after each call.
+    """
+    B = max_batch_size
+    with torch.inference_mode():
+        state = code2wav.init_state(B)
+        device = state.pos.device
+        inputs = {"codes": torch.zeros(B, code2wav.cfg.num_quantizers, frames, dtype=torch.int64, device=device)}
+    names = _state_names(state)
+    inputs.update(zip(names, state.tensors()))
+    pads = {k: 0 for k in inputs}
+    dims = {"key": 1, "value": 1}
+
+    def step(b: dict) -> dict:
+        st = _state_from(b, len(state.conv), len(state.tail))
+        audio, new = code2wav.step_padded(b["codes"], st)
+        return {"audio": audio} | {f"new_{k}": t for k, t in zip(names, new.tensors())}
+
+    return GraphRunner(step, inputs, pads, max_batch_size, batch_dims=dims, use_graphs=use_graphs,
+                       name="code2wav_step", output_batch_dims={"new_key": 1, "new_value": 1})
+
+
+def _state_names(state: Code2WavState) -> list[str]:
+    return (["pos", "key", "value"] + [f"conv{i}" for i in range(len(state.conv))]
+            + [f"tail{i}" for i in range(len(state.tail))])
+
+
+def _state_from(b: Mapping[str, torch.Tensor], n_conv: int, n_tail: int, prefix: str = "") -> Code2WavState:
+    """Rebuild a ``Code2WavState`` from named tensors (``prefix`` ``new_`` for a step's outputs)."""
+    return Code2WavState(pos=b[prefix + "pos"], key=b[prefix + "key"], value=b[prefix + "value"],
+                         conv=tuple(b[f"{prefix}conv{i}"] for i in range(n_conv)),
+                         tail=tuple(b[f"{prefix}tail{i}"] for i in range(n_tail)))
