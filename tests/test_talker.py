@@ -231,3 +231,47 @@ def test_speaker_names():
     assert cfg.speaker("ETHAN") == cfg.speaker("ethan") == cfg.speaker_id["ethan"]
     with pytest.raises(ValueError, match="aiden, chelsie, ethan"):
         cfg.speaker("Vivian")
+
+
+def _feed(model, ids, speaker, gen, finished=True):
+    x, hid = thinker_states(model, ids)
+    feed = TalkerTextFeed(model, ids, x, hid, model.cfg.talker.speaker(speaker), [IM_END], 16)
+    feed.push(gen, finished=finished)
+    return feed
+
+
+def _drive(model, runner, reqs, steps):
+    for _ in range(steps):
+        code_predictor_step(model, reqs)
+        talker_decode_step(model, runner, reqs)
+
+
+def test_batched_steps_equal_solo_and_late_text_waits(model):
+    """Two requests share the talker steps (varlen prefill, batched frame, batched decode) and match their solo
+    runs; a request whose thinker is behind waits (its frame is done, its decode step does not run)."""
+    a_ids, b_ids = MULTI_TURN[23:], MULTI_TURN[8:16] + MULTI_TURN[30:]
+    a_gen, b_gen = [70, 71, 72, 73, 74, 75], [80, 81, 82, IM_END]
+    params = SamplingParams(temperature=0.0, max_new_tokens=9)
+    solo = []
+    for i, (ids, spk, gen) in enumerate(((a_ids, "aiden", a_gen), (b_ids, "ethan", b_gen))):
+        req = new_talker_request(i, _feed(model, ids, spk, gen), params)
+        runner = talker_runner(model)
+        talker_prefill(model, runner, [req])
+        _drive(model, runner, [req], 12)
+        assert req.finished and runner.pool.num_free_blocks() == runner.pool.num_blocks  # freed on finish
+        solo.append(req)
+    a = new_talker_request(0, _feed(model, a_ids, "aiden", a_gen[:2], finished=False), params)
+    b = new_talker_request(1, _feed(model, b_ids, "ethan", b_gen), params)
+    runner = talker_runner(model, block_size=3)
+    talker_prefill(model, runner, [a, b])
+    _drive(model, runner, [a, b], 2)
+    # a's thinker has tokens 0..1: step 0 (needs token 1) ran, step 1 (needs token 2) waits with its frame ready
+    assert len(a.code0) == 2 and len(a.frames) == 2 and a.pending is not None
+    assert len(b.code0) == 3
+    a.feed.push(a_gen[2:], finished=True)
+    _drive(model, runner, [a, b], 12)
+    assert runner.pool.num_free_blocks() == runner.pool.num_blocks
+    for got, want in zip((a, b), solo):
+        assert got.code0 == want.code0 and torch.equal(got.codes(), want.codes())
+        assert got.finish_reason == want.finish_reason
+    assert a.codes().shape[1] == len(a.code0) - 1

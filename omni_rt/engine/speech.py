@@ -270,9 +270,17 @@ def _accept(reqs: Sequence[TalkerRequest], hidden: torch.Tensor, ids: list[int])
             r.finish_reason = "length"   # the last code 0 never gets its residual codes (reference: T−1 frames)
 
 
+def _free_finished(runner: DecoderRunner, reqs: Sequence[TalkerRequest]) -> None:
+    """A finished request's talker KV goes back to the pool at once (its frames are already complete)."""
+    for r in reqs:
+        if r.finished:
+            runner.free(r.seq_id)
+
+
 @torch.inference_mode()
 def talker_prefill(model, runner: DecoderRunner, reqs: Sequence[TalkerRequest]) -> list[int]:
-    """Run the talker prompt of every request (chunked varlen prefill) and sample its first code 0."""
+    """Run the talker prompt of every request (chunked varlen prefill) and sample its first code 0. Requests
+    that finish (here or in ``talker_decode_step``) have their talker KV freed."""
     if not reqs:
         return []
     inputs = [r.feed.prefill() for r in reqs]
@@ -280,6 +288,7 @@ def talker_prefill(model, runner: DecoderRunner, reqs: Sequence[TalkerRequest]) 
     last = torch.stack([h[-1] for h in hidden])
     ids = _sample_code0(model.talker, last, reqs)
     _accept(reqs, last, ids)
+    _free_finished(runner, reqs)
     return ids
 
 
@@ -338,6 +347,7 @@ def talker_decode_step(model, runner: DecoderRunner, reqs: Sequence[TalkerReques
     for r in ready:
         r.pending = None
     _accept(ready, hidden, ids)
+    _free_finished(runner, ready)
     return ready
 
 
