@@ -95,7 +95,8 @@ class Runtime:
 
             speech_factory = lambda engine: SpeechStage(engine, first_chunk_frames=first_chunk_frames)  # noqa: E731
         self.engine = Engine(self.model, self.device, self.dtype, max_batch_size, kv_cache_tokens, kv_block_size,
-                             max_prefill_tokens, self.max_model_len, speech_factory=speech_factory)
+                             max_prefill_tokens, self.max_model_len, speech_factory=speech_factory,
+                             cuda_graphs=self.cuda_graphs)
         self._profiler = TorchProfiler(profile_dir) if profile_dir else None
         if self._profiler:
             self._profiler.start()
