@@ -10,7 +10,8 @@ Same random weights for both. On CPU: the ``small`` config in fp32, batch 1. On 
   transformers' ``code_predictor.generate(inputs_embeds=[past_hidden, code0_embed], max_new_tokens=G-1)``,
   which is what its talker runs per frame.
 
-extra_info: ``ref_s`` / ``ours_s`` medians timed the same way and ``speedup`` = ref_s / ours_s.
+extra_info: ``ref_s`` / ``ours_s`` medians timed the same way and ``speedup`` = ref_s / ours_s. CPU timings use
+one intra-op thread for both sides (stable on a shared host).
 
     pytest benchmarks/bench_talker.py --benchmark-only
     pytest benchmarks/bench_talker.py --benchmark-disable     # smoke run
@@ -105,6 +106,18 @@ def _median_time(fn, rounds: int) -> float:
 
 
 def _record(benchmark, run_ours, run_ref, rounds: int, **info) -> None:
+    threads = torch.get_num_threads()
+    if not CUDA:
+        # one intra-op thread for both sides: on a shared 2-core host, OpenMP spin-waits in tiny ops (index_add_,
+        # einsum) otherwise swamp per-frame timings by 10-100x
+        torch.set_num_threads(1)
+    try:
+        _record_timed(benchmark, run_ours, run_ref, rounds, threads=torch.get_num_threads(), **info)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _record_timed(benchmark, run_ours, run_ref, rounds: int, **info) -> None:
     benchmark.pedantic(run_ours, rounds=rounds, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(info)
     if benchmark.disabled:
