@@ -21,7 +21,7 @@ demo: install
 test: install-test
 	$(PYTHON) -m pytest -q tests
 	$(MAKE) compile-check-36
-	$(PYTHON) -m pytest -q benchmarks --benchmark-disable -p no:cacheprovider
+	OMNI_RT_LOADER_BENCH_CONFIG=tiny $(PYTHON) -m pytest -q benchmarks --benchmark-disable -p no:cacheprovider
 	bash scripts/gpu_check.sh --dry-run
 
 unit:
