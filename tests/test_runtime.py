@@ -217,3 +217,16 @@ def test_back_pressure_waits_instead_of_failing(text_ckpt):
         assert results == [solo] * 3
         with pytest.raises(ValueError, match="KV blocks"):
             small.generate(prompt(*range(30)), thinker=omni_rt.SamplingParams(max_new_tokens=60))
+
+
+def test_runtime_with_triton_forced_under_interpreter_matches(text_ckpt, monkeypatch):
+    """The whole text path (AuT on the block-window kernel, thinker on kv_write / prefill / paged decode /
+    fused MoE) through the engine thread with every Triton kernel forced on under the interpreter."""
+    wav = (0.1 * np.sin(np.arange(16000) * 2 * np.pi * 330 / 16000)).astype(np.float32)
+    msgs = [{"role": "user", "content": [{"type": "audio", "audio": wav}, {"type": "text", "text": "Hi"}]}]
+    p = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=3)
+    with omni_rt.Runtime(text_ckpt, device="cpu") as plain:
+        expected = plain.generate(msgs, thinker=p).token_ids
+    monkeypatch.setenv("OMNI_RT_FORCE_TRITON", "1")  # read per call, so the engine thread sees it too
+    with omni_rt.Runtime(text_ckpt, device="cpu") as forced:
+        assert forced.generate(msgs, thinker=p).token_ids == expected
