@@ -115,10 +115,10 @@ def _talker(out: dict, t, thinker_hidden: int) -> None:
     _decoder_layers(out, "talker.model", d, shared=True)
     out["talker.model.codec_embedding.weight"] = (d.vocab_size, d.hidden_size)
     out["talker.codec_head.weight"] = (d.vocab_size, d.hidden_size)
-    for proj in ("text_projection", "hidden_projection"):
-        out[f"talker.{proj}.linear_fc1.weight"] = (thinker_hidden, thinker_hidden)
-        out[f"talker.{proj}.linear_fc1.bias"] = (thinker_hidden,)
-        out[f"talker.{proj}.linear_fc2.weight"] = (d.hidden_size, thinker_hidden)
+    for proj in ("text_projection", "hidden_projection"):  # thinker width -> intermediate -> talker width
+        out[f"talker.{proj}.linear_fc1.weight"] = (d.intermediate_size, thinker_hidden)
+        out[f"talker.{proj}.linear_fc1.bias"] = (d.intermediate_size,)
+        out[f"talker.{proj}.linear_fc2.weight"] = (d.hidden_size, d.intermediate_size)
         out[f"talker.{proj}.linear_fc2.bias"] = (d.hidden_size,)
     cp = t.code_predictor
     p = "talker.code_predictor"
