@@ -35,6 +35,7 @@ from torch import nn
 
 from ..config import Code2WavConfig
 from ..kernels.causal_conv1d import causal_conv1d, prepare_weight, snake_beta_ref
+from .layers import RMSNorm
 
 __all__ = ["Code2Wav", "Code2WavState", "Code2WavStream"]
 
@@ -103,21 +104,6 @@ class Code2WavState:
 
 
 # ---------------------------------------------------------------------------------------- building blocks
-class _RMSNorm(nn.Module):
-    """x: (..., dim). Statistics in fp32, scale applied in the input dtype (as the reference)."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
-
-
 class _LayerScale(nn.Module):
     def __init__(self, dim: int, init: float):
         super().__init__()
@@ -185,10 +171,10 @@ class _Mlp(nn.Module):
 class _TransformerLayer(nn.Module):
     def __init__(self, c: Code2WavConfig):
         super().__init__()
-        self.input_layernorm = _RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.input_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.self_attn = _Attention(c)
         self.self_attn_layer_scale = _LayerScale(c.hidden_size, c.layer_scale_initial_scale)
-        self.post_attention_layernorm = _RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.mlp = _Mlp(c)
         self.mlp_layer_scale = _LayerScale(c.hidden_size, c.layer_scale_initial_scale)
 
@@ -203,7 +189,7 @@ class _Transformer(nn.Module):
     def __init__(self, c: Code2WavConfig):
         super().__init__()
         self.layers = nn.ModuleList([_TransformerLayer(c) for _ in range(c.num_hidden_layers)])
-        self.norm = _RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
 
 
 class _Snake(nn.Module):
