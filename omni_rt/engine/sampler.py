@@ -46,6 +46,9 @@ class SamplingTensors:
     repetition_penalty: torch.Tensor  # (batch,) float32
     seeds: torch.Tensor              # (batch,) int64
     steps: torch.Tensor              # (batch,) int64
+    # Host-side knowledge that every row is greedy: lets eager calls skip the warping and noise entirely.
+    # None (unknown, e.g. inside a captured graph) always takes the full branch-free path.
+    all_greedy: bool | None = None
 
     @classmethod
     def build(cls, params: list, steps: list[int], seeds: list[int], device) -> "SamplingTensors":
@@ -58,6 +61,7 @@ class SamplingTensors:
             repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=f32, device=device),
             seeds=torch.tensor(seeds, dtype=i64, device=device),
             steps=torch.tensor(steps, dtype=i64, device=device),
+            all_greedy=all(p.temperature == 0 for p in params),
         )
 
 
@@ -100,6 +104,8 @@ def sample(logits: torch.Tensor, st: SamplingTensors, seen: torch.Tensor | None 
     if suppress is not None:
         scores = scores.masked_fill(suppress[None, :], float("-inf"))
     greedy_ids = scores.argmax(dim=-1)
+    if st.all_greedy:
+        return greedy_ids
     temp = torch.where(st.temperature > 0, st.temperature, torch.ones_like(st.temperature))
     warped = _top_k_top_p(scores / temp[:, None], st.top_k, st.top_p)
     u = counter_uniform(st.seeds, st.steps, scores.shape[-1])
