@@ -24,6 +24,7 @@ import random
 import threading
 import time
 import traceback
+import warnings
 from typing import Callable
 
 import torch
@@ -57,8 +58,14 @@ class Engine:
         # Thinker decode through CUDA graphs (one per batch bucket), only on CUDA; CPU keeps the eager path.
         self.decode_graphs = None
         if cuda_graphs and torch.device(device).type == "cuda":
-            self.decode_graphs = ThinkerDecodeGraphs(model.thinker, self.pool, max_batch_size, max_model_len)
-            self.decode_graphs.capture()
+            try:
+                self.decode_graphs = ThinkerDecodeGraphs(model.thinker, self.pool, max_batch_size, max_model_len)
+                self.decode_graphs.capture()
+            except Exception as e:  # never lose the runtime to a capture problem: decode eagerly instead
+                warnings.warn(f"CUDA-graph capture of the thinker decode step failed ({e!r}); "
+                              f"falling back to eager decode", RuntimeWarning, stacklevel=2)
+                self.decode_graphs = None
+                torch.cuda.synchronize(device)
         self.speech = speech_factory(self) if (speech_factory is not None and model.has_talker) else None
         self.tap_layer = self.cfg.talker.accept_hidden_layer if model.has_talker else None
         self.vocab = tc.vocab_size
