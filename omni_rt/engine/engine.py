@@ -56,6 +56,7 @@ class Engine:
                                 tc.head_dim, dtype, device)
         self.runner = DecoderRunner(model.thinker.forward, self.pool, max_prefill_tokens)
         # Thinker decode through CUDA graphs (one per batch bucket), only on CUDA; CPU keeps the eager path.
+        self.cuda_graphs = cuda_graphs and torch.device(device).type == "cuda"
         self.decode_graphs = None
         if cuda_graphs and torch.device(device).type == "cuda":
             try:

@@ -308,9 +308,13 @@ def _frame_sampling(reqs: Sequence[TalkerRequest], device):
 
 
 @torch.inference_mode()
-def code_predictor_step(model, reqs: Sequence[TalkerRequest], workspace=None) -> None:
+def code_predictor_step(model, reqs: Sequence[TalkerRequest], workspace=None, frame_graph=None) -> None:
     """The batched frame step: residual codes for every request's newest code 0 (``needs_frame()``). Appends
-    the (G,) frame and sets ``pending`` (the next talker input's codec part). No host sync inside."""
+    the (G,) frame and sets ``pending`` (the next talker input's codec part). No host sync inside.
+
+    frame_graph: an ``engine.graphs.code_predictor_graphs`` runner (the whole 15-step loop, sampling included,
+    replayed as one CUDA graph); None runs ``CodePredictor.frame`` eagerly.
+    """
     reqs = [r for r in reqs if r.needs_frame()]
     if not reqs:
         return
@@ -318,7 +322,17 @@ def code_predictor_step(model, reqs: Sequence[TalkerRequest], workspace=None) ->
     past = torch.stack([r.last_hidden for r in reqs])
     code0 = torch.tensor([r.code0[-1] for r in reqs], device=past.device)
     c0_embed = talker.embed_codec(code0)
-    codes, embed_sum = talker.code_predictor.frame(past, c0_embed, workspace, _frame_sampling(reqs, past.device))
+    sampling = _frame_sampling(reqs, past.device)
+    if frame_graph is None:
+        codes, embed_sum = talker.code_predictor.frame(past, c0_embed, workspace, sampling)
+    else:
+        values = {"past_hidden": past, "code0_embed": c0_embed}
+        if sampling is not None:
+            values.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                          seeds=sampling.seeds, frame_index=sampling.frame_index)
+        out = frame_graph.run(len(reqs), values)
+        # graph outputs are views of static buffers: copy what outlives the next replay
+        codes, embed_sum = out["codes"].clone(), out["next_embed"].clone()
     full = torch.cat((code0[:, None], codes), dim=1)
     for j, r in enumerate(reqs):
         r.frames.append(full[j])

@@ -14,17 +14,31 @@ So a new request's first audio packet leaves in the same engine step as its talk
 from __future__ import annotations
 
 import dataclasses
+import warnings
 
 import numpy as np
 import torch
 
 from .kv_cache import KVCachePool
 from .model_runner import DecoderRunner
+from .graphs import code_predictor_graphs
 from .requests import EngineRequest
 from .speech import (TalkerRequest, TalkerTextFeed, code_predictor_step, new_talker_request, talker_decode_step,
                      talker_prefill)
 
 _TALKER_SEQ_BASE = 1 << 40  # talker KV sequence ids live apart from the thinker's
+
+
+def _capture_or_none(build):
+    """Build and capture a graph runner; on failure warn and return None (eager fallback)."""
+    try:
+        runner = build()
+        runner.capture()
+        return runner
+    except Exception as e:  # noqa: BLE001 - a capture problem must not take the runtime down
+        warnings.warn(f"CUDA-graph capture failed ({e!r}); running that step eagerly", RuntimeWarning,
+                      stacklevel=2)
+        return None
 
 
 @dataclasses.dataclass
@@ -56,6 +70,12 @@ class SpeechStage:
         self._fresh = self.c2w.init_state(1, self.device, self.dtype)
         self._workspaces: dict[int, object] = {}
         self.state: dict[str, _Speaker] = {}
+        # The code predictor's 15-step frame loop is launch-bound (~750 kernels per frame eagerly): on CUDA
+        # with graphs on, the whole loop (sampling included) replays as one graph per batch bucket.
+        self.frame_graph = None
+        if getattr(engine, "cuda_graphs", False) and torch.device(self.device).type == "cuda":
+            self.frame_graph = _capture_or_none(lambda: code_predictor_graphs(
+                model.talker.code_predictor, engine.max_batch_size, self.device, self.dtype))
 
     # -------------------------------------------------------------------------------------- admission
     def _talker_tokens(self, req: EngineRequest) -> int:
@@ -135,7 +155,7 @@ class SpeechStage:
         need = [t for t in trs if t.needs_frame()]
         if need:
             with self.engine.timer("code_predictor"):
-                code_predictor_step(self.model, need, self._workspace(len(need)))
+                code_predictor_step(self.model, need, self._workspace(len(need)), self.frame_graph)
         out = self._vocode(speakers)
         for r, sp in speakers:
             t = sp.talker
