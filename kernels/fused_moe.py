@@ -463,6 +463,10 @@ def _fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids, config
     return out.view(m, top_k, hidden).sum(dim=1)
 
 
+# Token-expert assignments up to which the torch path gathers per-token expert weights instead of looping.
+_STATIC_MAX_ASSIGNMENTS = 64
+
+
 def fused_moe(x, gate_up_proj, down_proj, topk_weights, topk_ids, config=None):
     """Routed experts of a Qwen3-Omni sparse MoE block.
 
@@ -475,7 +479,9 @@ def fused_moe(x, gate_up_proj, down_proj, topk_weights, topk_ids, config=None):
     _check_inputs(x, gate_up_proj, down_proj, topk_weights, topk_ids)
     if use_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids):
         return _fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids, config)
-    if graph_safe_enabled():
+    # Few assignments (decode): gather each token's experts and run batched matmuls (graph-safe, no per-expert
+    # loop); many (prefill): loop over experts, which reads each expert's weights once.
+    if graph_safe_enabled() or topk_ids.numel() <= _STATIC_MAX_ASSIGNMENTS:
         return fused_moe_static(x, gate_up_proj, down_proj, topk_weights, topk_ids)
     return fused_moe_ref(x, gate_up_proj, down_proj, topk_weights, topk_ids)
 
