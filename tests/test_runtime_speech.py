@@ -169,3 +169,27 @@ def test_code_predictor_through_the_graph_runner_equals_eager(tiny_checkpoint, q
         got = [graphed.generate(question, thinker=T_GREEDY, talker=k) for k in (K_GREEDY, k_sampled)]
     for a, b in zip(got, expected):
         assert np.array_equal(a.codes, b.codes) and np.abs(a.audio - b.audio).max() <= PARITY["code2wav_abs"]
+
+
+def test_small_prefill_budget_spreads_prefills_over_steps_with_same_output(tiny_checkpoint, question, rt):
+    """max_prefill_tokens 8: the thinker and talker prompts (~45 tokens) are prefilled over several engine
+    steps (chunked prefill reading earlier pages), and the output is unchanged."""
+    expected = rt.generate(question, speaker="chelsie", thinker=T_GREEDY, talker=K_GREEDY)
+    with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_prefill_tokens=8) as chunked:
+        calls = {"thinker": 0, "talker": 0}
+
+        def spy(runner, name):
+            original = runner.prefill
+
+            def counted(*a, **k):
+                calls[name] += 1
+                return original(*a, **k)
+            runner.prefill = counted
+
+        spy(chunked.engine.runner, "thinker")
+        spy(chunked.engine.speech.runner, "talker")
+        out = chunked.generate(question, speaker="chelsie", thinker=T_GREEDY, talker=K_GREEDY)
+        assert calls["thinker"] >= len(question.token_ids) // 8   # one budgeted chunk per engine step
+        assert calls["talker"] >= 4
+    assert out.token_ids == expected.token_ids and np.array_equal(out.codes, expected.codes)
+    assert np.abs(out.audio - expected.audio).max() <= PARITY["code2wav_abs"]

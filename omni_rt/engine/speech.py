@@ -285,7 +285,13 @@ def talker_prefill(model, runner: DecoderRunner, reqs: Sequence[TalkerRequest]) 
         return []
     inputs = [r.feed.prefill() for r in reqs]
     hidden, _ = runner.prefill([r.seq_id for r in reqs], [e for e, _ in inputs], [p for _, p in inputs])
-    last = torch.stack([h[-1] for h in hidden])
+    return talker_first_code(model, runner, reqs, torch.stack([h[-1] for h in hidden]))
+
+
+@torch.inference_mode()
+def talker_first_code(model, runner: DecoderRunner, reqs: Sequence[TalkerRequest], last: torch.Tensor) -> list[int]:
+    """Sample each request's first code 0 from the post-norm hidden state of its prompt's last position
+    (last: (B, H)), for callers that ran the talker prefill themselves (e.g. in budgeted chunks)."""
     ids = _sample_code0(model.talker, last, reqs)
     _accept(reqs, last, ids)
     _free_finished(runner, reqs)

@@ -24,7 +24,7 @@ from .model_runner import DecoderRunner
 from .graphs import code_predictor_graphs
 from .requests import EngineRequest
 from .speech import (TalkerRequest, TalkerTextFeed, code_predictor_step, new_talker_request, talker_decode_step,
-                     talker_prefill)
+                     talker_first_code)
 
 _TALKER_SEQ_BASE = 1 << 40  # talker KV sequence ids live apart from the thinker's
 
@@ -50,6 +50,8 @@ class _Speaker:
     talker: TalkerRequest | None = None
     vocoded: int = 0
     done: bool = False
+    prefill: tuple | None = None   # (embeds (n, H), positions (3, n)) while the talker prompt is being run
+    prefilled: int = 0
 
 
 class SpeechStage:
@@ -148,10 +150,8 @@ class SpeechStage:
         for r, sp in speakers:
             if not sp.talker.started and sp.talker.feed.silent:
                 sp.talker.finish_reason = "silent"  # a one-token answer: nothing for the talker to voice
-        new = [t for t in trs if not t.started and not t.finished and t.feed.prefill_ready()]
-        if new:
-            with self.engine.timer("talker_prefill"):
-                talker_prefill(self.model, self.runner, new)
+        with self.engine.timer("talker_prefill"):
+            self._prefill_step([sp for _, sp in speakers])
         need = [t for t in trs if t.needs_frame()]
         if need:
             with self.engine.timer("code_predictor"):
@@ -164,6 +164,38 @@ class SpeechStage:
                 if self.pool.has_seq(t.seq_id):
                     self.pool.free(t.seq_id)
         return out
+
+    def _prefill_step(self, speakers: list[_Speaker]) -> None:
+        """Advance talker prompts by at most ``max_prefill_tokens`` tokens this step (a long audio prompt's
+        talker prefill is spread over steps, so requests that are already speaking keep streaming)."""
+        for sp in speakers:
+            t = sp.talker
+            if sp.prefill is None and not t.started and not t.finished and t.feed.prefill_ready():
+                sp.prefill = t.feed.prefill()
+        todo = [sp for sp in speakers if sp.prefill is not None]
+        if not todo:
+            return
+        budget = self.engine.max_prefill_tokens
+        batch, chunks, positions = [], [], []
+        for sp in todo:
+            embeds, pos = sp.prefill
+            n = min(embeds.shape[0] - sp.prefilled, budget)
+            if n <= 0:
+                break
+            budget -= n
+            batch.append(sp)
+            chunks.append(embeds[sp.prefilled: sp.prefilled + n])
+            positions.append(pos[:, sp.prefilled: sp.prefilled + n])
+        hidden, _ = self.runner.prefill([sp.talker.seq_id for sp in batch], chunks, positions)
+        done, last = [], []
+        for sp, h, c in zip(batch, hidden, chunks):
+            sp.prefilled += c.shape[0]
+            if sp.prefilled == sp.prefill[0].shape[0]:
+                done.append(sp)
+                last.append(h[-1])
+                sp.prefill = None
+        if done:
+            talker_first_code(self.model, self.runner, [sp.talker for sp in done], torch.stack(last))
 
     def _vocode(self, speakers) -> list[tuple[EngineRequest, np.ndarray]]:
         """Stream every new frame through Code2Wav, batching requests with the same number of new frames."""
