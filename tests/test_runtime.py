@@ -146,7 +146,7 @@ def test_astream_and_task_cancellation(rt):
     assert [t for c in chunks for t in c.token_ids] == rt.generate(prompt(9, 9), thinker=GREEDY).token_ids
 
     async def cancel_midway():
-        long = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=400, stop_token_ids=[])
+        long = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=5000, stop_token_ids=[])
 
         async def consume():
             async for _ in rt.astream(prompt(3, 4), thinker=long, request_id="acancel"):
