@@ -112,7 +112,7 @@ def _smem_bytes(cfg: dict, elem_bytes: int) -> int:
 def fit_config(cfg: dict, dtype: torch.dtype) -> dict:
     """Adapt a table entry (written for 2-byte dtypes) to ``dtype``.
 
-    fp32 gets BLOCK_K <= 32 and BLOCK_M*BLOCK_N <= 2048 (register pressure of FMA dots); then num_stages
+    fp32 gets BLOCK_K <= 32 and BLOCK_M*BLOCK_N <= 512 (register pressure of FMA dots); then num_stages
     (down to 2) and BLOCK_K (down to 16) shrink until the gate/up tiles fit ``SMEM_BUDGET``.
     """
     cfg = dict(cfg)
@@ -121,9 +121,9 @@ def fit_config(cfg: dict, dtype: torch.dtype) -> dict:
         # IEEE fp32 dots are FMA loops whose operand layouts live in registers (no tensor cores): bound the
         # tile so sm_80 does not spill.
         cfg["BLOCK_K"] = min(cfg["BLOCK_K"], 32)
-        while cfg["BLOCK_M"] * cfg["BLOCK_N"] > 2048 and cfg["BLOCK_N"] > 32:
+        while cfg["BLOCK_M"] * cfg["BLOCK_N"] > 512 and cfg["BLOCK_N"] > 32:
             cfg["BLOCK_N"] //= 2
-        while cfg["BLOCK_M"] * cfg["BLOCK_N"] > 2048 and cfg["BLOCK_M"] > 16:
+        while cfg["BLOCK_M"] * cfg["BLOCK_N"] > 512 and cfg["BLOCK_M"] > 16:
             cfg["BLOCK_M"] //= 2
     while _smem_bytes(cfg, elem) > SMEM_BUDGET and cfg["num_stages"] > 2:
         cfg["num_stages"] -= 1

@@ -263,6 +263,9 @@ def compile_results() -> dict:
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
     jobs = max(1, min(os.cpu_count() or 1, 8))
     with tempfile.TemporaryDirectory() as tmp:
+        # A private, empty Triton cache: every kernel goes through Triton's own ptxas (whose -v log gives the
+        # spills of the cubin Triton ships), so the result never depends on what an earlier run cached.
+        env["TRITON_CACHE_DIR"] = os.path.join(tmp, "triton_cache")
         out_path = os.path.join(tmp, "compile_results.json")
         proc = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker", out_path,
                                "--jobs", str(jobs)], env=env, capture_output=True, text=True,
