@@ -264,8 +264,44 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seql
     if use_triton(q, k, v, cu_seqlens_q):
         return prefill_attention_triton(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens,
                                         scale, max_seqlen_q)
-    return prefill_attention_ref(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens, scale,
-                                 max_seqlen_q)
+    return prefill_attention_sdpa(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens, scale)
+
+
+def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                           k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                           block_tables: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
+                           scale: float | None = None, block_q: int = 512) -> torch.Tensor:
+    """The torch path of :func:`prefill_attention` (same arguments): per sequence, torch SDPA over blocks of
+    ``block_q`` queries, so a 30k-token audio prompt never materialises a (queries × keys) score matrix of
+    gigabytes the way the reference does. Softmax in fp32 for fp32 inputs (SDPA's own precision otherwise)."""
+    batch = _check(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens)
+    head_dim = q.shape[2]
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    group = q.shape[1] // k.shape[1]
+    out = torch.zeros_like(q)
+    cu = cu_seqlens_q.tolist()
+    for b in range(batch):
+        lo, hi = cu[b], cu[b + 1]
+        if hi <= lo:
+            continue
+        prefix = 0 if k_cache is None else int(context_lens[b]) - (hi - lo)
+        if prefix < 0:
+            raise ValueError(f"context_lens[{b}] = {prefix + hi - lo} is shorter than its {hi - lo} new tokens")
+        keys, values = k[lo:hi], v[lo:hi]
+        if prefix > 0:
+            keys = torch.cat([gather_pages(k_cache, block_tables[b], prefix), keys])
+            values = torch.cat([gather_pages(v_cache, block_tables[b], prefix), values])
+        # (heads, n, d) layouts; GQA by repeating K/V heads (enable_gqa is not on every torch we support)
+        kh = keys.transpose(0, 1).repeat_interleave(group, dim=0)
+        vh = values.transpose(0, 1).repeat_interleave(group, dim=0)
+        key_pos = torch.arange(keys.shape[0], device=q.device)
+        for start in range(lo, hi, block_q):
+            end = min(start + block_q, hi)
+            q_pos = prefix + torch.arange(start - lo, end - lo, device=q.device)
+            visible = key_pos[None, :] <= q_pos[:, None]
+            out[start:end] = torch.nn.functional.scaled_dot_product_attention(
+                q[start:end].transpose(0, 1), kh, vh, attn_mask=visible, scale=scale).transpose(0, 1)
+    return out
 
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
