@@ -213,3 +213,21 @@ def test_gpu_released_shapes(dtype, heads, kv_heads):
     torch_lp = prefill_attention_ref(*args, upcast=False).float()
     out = prefill_attention(*args)
     assert (out.float() - exact).abs().max().item() <= 2 * (torch_lp - exact).abs().max().item() + 2e-3
+
+
+@pytest.mark.parametrize("heads, kv_heads", [(4, 2), (4, 1)])
+def test_cpu_sdpa_path_matches_ref_with_pages_and_query_blocks(heads, kv_heads):
+    """The CPU path (SDPA over query blocks) equals the reference on a chunk after paged context, with
+    query blocks that split the chunks unevenly."""
+    from omni_rt.kernels.prefill_attention import prefill_attention_sdpa
+
+    prev, new = [19, 0, 5], [23, 9, 1]
+    pages = Pages([p + n for p, n in zip(prev, new)], 7, kv_heads, 16, torch.float32)
+    q, k, v, ref = run_chunk(pages, prev, new, heads, kv_heads, 16, torch.float32, triton_path=False)
+    cl = torch.tensor([p + n for p, n in zip(prev, new)], dtype=torch.int32)
+    out = prefill_attention_sdpa(q, k, v, cu_seqlens(new), pages.k_cache, pages.v_cache, pages.block_tables, cl,
+                                 block_q=5)
+    assert_close(out, ref, atol=1e-5, rtol=1e-5, name="sdpa path vs ref")
+    with force_triton(False):
+        assert_close(prefill_attention(q, k, v, cu_seqlens(new), pages.k_cache, pages.v_cache,
+                                       pages.block_tables, cl), ref, atol=1e-5, rtol=1e-5, name="dispatch")
