@@ -104,3 +104,5 @@ def test_full_size_concurrency(benchmark):
                                                           talker_max_new_tokens=128), rounds=1, iterations=1)
     benchmark.extra_info.update({"report": report, "device": torch.cuda.get_device_name(0),
                                  "note": "synthetic weights route near-uniformly (worst case for expert reuse)"})
+    del model
+    torch.cuda.empty_cache()  # ~70 GB: give it back before the next suite builds its own full-size model

@@ -60,11 +60,21 @@ def test_greedy_generate_vs_transformers(benchmark, tmp_path, config):
                                  "transformers_tok_s": NEW_TOKENS / hf_s, "speedup_vs_transformers": hf_s / ours_s})
 
 
+@pytest.fixture(scope="module")
+def full_thinker():
+    """The released thinker (+ AuT) with random bf16 weights on the GPU (~62 GB), freed after this module so
+    later suites can use the memory."""
+    model = build_synthetic_model("full", torch.bfloat16, "cuda", with_talker=False)
+    yield model
+    del model
+    torch.cuda.empty_cache()
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("batch", [1, 4, 8])
 @pytest.mark.benchmark(group="thinker-gpu")
-def test_full_size_decode_tokens_per_s(benchmark, batch):
-    model = _full_model()
+def test_full_size_decode_tokens_per_s(benchmark, batch, full_thinker):
+    model = full_thinker
     steps = 32
     prompts = [[PROMPT[0]] + [1000 + 7 * i + j for j in range(60)] for i in range(batch)]
     params = [SamplingParams(temperature=0.0, max_new_tokens=steps, stop_token_ids=[]).resolved("thinker")] * batch
@@ -83,11 +93,3 @@ def test_full_size_decode_tokens_per_s(benchmark, batch):
                                  "floor_ms_per_step_h100_b1": 1.82,
                                  "note": "includes prefill of 61 tokens; synthetic weights route near-uniformly"})
 
-
-_FULL = {}
-
-
-def _full_model():
-    if "model" not in _FULL:
-        _FULL["model"] = build_synthetic_model("full", torch.bfloat16, "cuda", with_talker=False)
-    return _FULL["model"]
