@@ -368,7 +368,7 @@ def _stream_codes(c2w, n, frames, seed):
 
 
 def _check_code2wav(runner, c2w, device, n, frames=3):
-    from omni_rt.engine.graphs import _state_from
+    from omni_rt.engine.graphs import state_from
 
     codes = _stream_codes(c2w, n, frames, seed=n).to(device)
     state = c2w.init_state(n)
@@ -379,7 +379,7 @@ def _check_code2wav(runner, c2w, device, n, frames=3):
         values = {"codes": step, "pos": state.pos, "key": state.key, "value": state.value}
         values |= {f"conv{i}": t for i, t in enumerate(state.conv)} | {f"tail{i}": t for i, t in enumerate(state.tail)}
         out = runner.run(n, values)
-        state = _copy_state(_state_from(out, n_conv, n_tail, prefix="new_"))
+        state = _copy_state(state_from(out, n_conv, n_tail, prefix="new_"))
         ref_audio, ref_state = c2w.step_padded(step, ref_state)
         assert rel_err(out["audio"], ref_audio) <= 1e-6, (n, f)
         assert torch.equal(state.pos, ref_state.pos)

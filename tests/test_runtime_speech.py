@@ -193,3 +193,30 @@ def test_small_prefill_budget_spreads_prefills_over_steps_with_same_output(tiny_
         assert calls["talker"] >= 4
     assert out.token_ids == expected.token_ids and np.array_equal(out.codes, expected.codes)
     assert np.abs(out.audio - expected.audio).max() <= PARITY["code2wav_abs"]
+
+
+def test_code2wav_through_the_graph_runner_equals_eager(tiny_checkpoint, question):
+    """The engine's Code2Wav graph path for one-frame steps (static buffers, padding to a bucket, state
+    copied back into the slot pool), run eagerly on CPU: identical audio to the plain streaming step."""
+    from omni_rt.engine.graphs import code2wav_graphs
+
+    jobs = [(question, "ethan"), (omni_rt.Prompt(token_ids=[449, 11, 198, 7, 8, 450, 198, 449, 12, 198]), "aiden")]
+    with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=3) as plain:
+        expected = [plain.generate(p, speaker=s, thinker=T_GREEDY, talker=K_GREEDY) for p, s in jobs]
+    with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=3) as graphed:
+        stage = graphed.engine.speech
+        stage.c2w_graph = code2wav_graphs(graphed.model.code2wav, 3, frames=1, use_graphs=False)
+        results = [None, None]
+
+        def worker(i):
+            p, s = jobs[i]
+            results[i] = graphed.generate(p, speaker=s, thinker=T_GREEDY, talker=K_GREEDY)
+
+        threads = [threading.Thread(target=worker, args=(i,)) for i in range(2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    for a, b in zip(results, expected):
+        assert np.array_equal(a.codes, b.codes)
+        assert a.audio.shape == b.audio.shape and np.abs(a.audio - b.audio).max() <= PARITY["code2wav_abs"]

@@ -361,13 +361,13 @@ def code2wav_graphs(code2wav, max_batch_size: int, frames: int = 1, use_graphs: 
         state = code2wav.init_state(B)
         device = state.pos.device
         inputs = {"codes": torch.zeros(B, code2wav.cfg.num_quantizers, frames, dtype=torch.int64, device=device)}
-    names = _state_names(state)
+    names = state_names(state)
     inputs.update(zip(names, state.tensors()))
     pads = {k: 0 for k in inputs}
     dims = {"key": 1, "value": 1}
 
     def step(b: dict) -> dict:
-        st = _state_from(b, len(state.conv), len(state.tail))
+        st = state_from(b, len(state.conv), len(state.tail))
         audio, new = code2wav.step_padded(b["codes"], st)
         return {"audio": audio} | {f"new_{k}": t for k, t in zip(names, new.tensors())}
 
@@ -375,12 +375,12 @@ def code2wav_graphs(code2wav, max_batch_size: int, frames: int = 1, use_graphs: 
                        name="code2wav_step", output_batch_dims={"new_key": 1, "new_value": 1})
 
 
-def _state_names(state: Code2WavState) -> list[str]:
+def state_names(state: Code2WavState) -> list[str]:
     return (["pos", "key", "value"] + [f"conv{i}" for i in range(len(state.conv))]
             + [f"tail{i}" for i in range(len(state.tail))])
 
 
-def _state_from(b: Mapping[str, torch.Tensor], n_conv: int, n_tail: int, prefix: str = "") -> Code2WavState:
+def state_from(b: Mapping[str, torch.Tensor], n_conv: int, n_tail: int, prefix: str = "") -> Code2WavState:
     """Rebuild a ``Code2WavState`` from named tensors (``prefix`` ``new_`` for a step's outputs)."""
     return Code2WavState(pos=b[prefix + "pos"], key=b[prefix + "key"], value=b[prefix + "value"],
                          conv=tuple(b[f"{prefix}conv{i}"] for i in range(n_conv)),

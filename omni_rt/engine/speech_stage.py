@@ -21,12 +21,17 @@ import torch
 
 from .kv_cache import KVCachePool
 from .model_runner import DecoderRunner
-from .graphs import code_predictor_graphs
+from .graphs import code2wav_graphs, code_predictor_graphs, state_from, state_names
 from .requests import EngineRequest
 from .speech import (TalkerRequest, TalkerTextFeed, code_predictor_step, new_talker_request, talker_decode_step,
                      talker_first_code)
 
 _TALKER_SEQ_BASE = 1 << 40  # talker KV sequence ids live apart from the thinker's
+
+
+def _state_inputs(state) -> dict:
+    """A Code2WavState as the graph runner's named inputs."""
+    return dict(zip(state_names(state), state.tensors()))
 
 
 def _capture_or_none(build):
@@ -78,6 +83,10 @@ class SpeechStage:
         if getattr(engine, "cuda_graphs", False) and torch.device(self.device).type == "cuda":
             self.frame_graph = _capture_or_none(lambda: code_predictor_graphs(
                 model.talker.code_predictor, engine.max_batch_size, self.device, self.dtype))
+        # One-frame Code2Wav streaming steps (every step after the first packet) replay as a graph as well.
+        self.c2w_graph = None
+        if getattr(engine, "cuda_graphs", False) and torch.device(self.device).type == "cuda":
+            self.c2w_graph = _capture_or_none(lambda: code2wav_graphs(self.c2w, engine.max_batch_size, frames=1))
 
     # -------------------------------------------------------------------------------------- admission
     def _talker_tokens(self, req: EngineRequest) -> int:
@@ -215,7 +224,12 @@ class SpeechStage:
                                      for _, sp in members])            # (B, G, n)
                 idx = torch.tensor([sp.slot for _, sp in members], device=self.device)
                 state = self.c2w_state.select(idx)
-                audio, state = self.c2w.step_padded(codes, state)
+                if n == 1 and self.c2w_graph is not None:
+                    res = self.c2w_graph.run(len(members), {"codes": codes, **_state_inputs(state)})
+                    # outputs are views of static buffers: scatter_ copies the state out before the next replay
+                    audio, state = res["audio"], state_from(res, len(state.conv), len(state.tail), prefix="new_")
+                else:
+                    audio, state = self.c2w.step_padded(codes, state)
                 self.c2w_state.scatter_(idx, state)
                 audio = audio.float().cpu().numpy()
                 codes_np = codes.cpu().numpy()
