@@ -66,7 +66,6 @@ class Engine:
                 warnings.warn(f"CUDA-graph capture of the thinker decode step failed ({e!r}); "
                               f"falling back to eager decode", RuntimeWarning, stacklevel=2)
                 self.decode_graphs = None
-                torch.cuda.synchronize(device)
         self.speech = speech_factory(self) if (speech_factory is not None and model.has_talker) else None
         self.tap_layer = self.cfg.talker.accept_hidden_layer if model.has_talker else None
         self.vocab = tc.vocab_size
