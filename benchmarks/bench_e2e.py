@@ -36,13 +36,16 @@ def _params():
             omni_rt.SamplingParams(temperature=0.0, max_new_tokens=TALKER_TOKENS))
 
 
+@pytest.mark.parametrize("config", ["tiny", "small"])
 @pytest.mark.benchmark(group="e2e-cpu")
-def test_generate_vs_transformers(benchmark, rt, tiny_ckpt):
+def test_generate_vs_transformers(benchmark, tmp_path, config):
     transformers = pytest.importorskip("transformers")
+    ckpt = omni_rt.testing.make_checkpoint(tmp_path / config, config, seed=0)
+    rt = omni_rt.Runtime(ckpt, device="cpu")
     wav = spoken_question(5.0)
     prompt = question_prompt(rt.cfg, wav)
     thinker, talker = _params()
-    hf = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(tiny_ckpt, dtype=torch.float32).eval()
+    hf = transformers.Qwen3OmniMoeForConditionalGeneration.from_pretrained(ckpt, dtype=torch.float32).eval()
     fe = transformers.WhisperFeatureExtractor(feature_size=128)
     feats = fe(wav, sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True,
                return_tensors="pt")
@@ -68,12 +71,15 @@ def test_generate_vs_transformers(benchmark, rt, tiny_ckpt):
         times.append(time.perf_counter() - t)
         return result
 
-    out = benchmark.pedantic(ours, rounds=3, iterations=1, warmup_rounds=1)
+    try:
+        out = benchmark.pedantic(ours, rounds=3, iterations=1, warmup_rounds=1)
+    finally:
+        rt.close()
     ours_s = sorted(times)[len(times) // 2]  # our own clock: pytest-benchmark keeps no stats when disabled
     benchmark.extra_info.update({
         "transformers_s": hf_s, "omni_rt_s": ours_s, "speedup_vs_transformers": hf_s / ours_s,
         "first_packet_ms": out.metrics.get("first_packet_ms"), "rtf": out.metrics.get("rtf"),
-        "audio_s": out.metrics.get("audio_s"), "device": "cpu", "config": "tiny"})
+        "audio_s": out.metrics.get("audio_s"), "device": "cpu", "config": config})
 
 
 @pytest.mark.benchmark(group="e2e-cpu")
