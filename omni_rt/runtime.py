@@ -103,11 +103,15 @@ class Runtime:
         self.engine.start()
 
     def _plan_kv_tokens(self, max_batch_size: int, fraction: float, block_size: int) -> int:
-        if self.device.type != "cuda":
-            return min(max_batch_size * self.max_model_len, 262144)
-        from .engine.kv_cache import plan_num_blocks
+        from .engine.kv_cache import kv_block_bytes, plan_num_blocks
 
         tc = self.cfg.thinker.text
+        if self.device.type != "cuda":
+            # CPU: enough for every batch slot at max_model_len, within a quarter of RAM (at most 4 GiB).
+            per_token = kv_block_bytes(tc.num_hidden_layers, 1, tc.num_key_value_heads, tc.head_dim, self.dtype)
+            ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+            budget = min(ram // 4, 4 << 30)
+            return max(block_size, min(max_batch_size * self.max_model_len, 262144, budget // per_token))
         free, _ = torch.cuda.mem_get_info(self.device)
         # The talker's pools and activations come out of the same memory: keep a share for them.
         share = 0.8 if self.model.has_talker else 1.0

@@ -230,3 +230,14 @@ def test_runtime_with_triton_forced_under_interpreter_matches(text_ckpt, monkeyp
     monkeypatch.setenv("OMNI_RT_FORCE_TRITON", "1")  # read per call, so the engine thread sees it too
     with omni_rt.Runtime(text_ckpt, device="cpu") as forced:
         assert forced.generate(msgs, thinker=p).token_ids == expected
+
+
+def test_close_ends_streams_in_flight(text_ckpt):
+    rt2 = omni_rt.Runtime(text_ckpt, device="cpu")
+    long = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=5000, stop_token_ids=[])
+    it = rt2.stream(prompt(1, 2), thinker=long)
+    next(it)
+    rt2.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        for _ in it:
+            pass

@@ -137,6 +137,12 @@ class Engine:
                 self.step()
             except BaseException as e:  # a fault in batched device work: sticky, fails everything in flight
                 self._fail_all(e)
+        # Closed with requests still in flight: end their streams instead of leaving consumers waiting.
+        closed = RuntimeError("the runtime was closed before this request finished")
+        for req in list(self.running) + list(self.waiting):
+            req.out.put(StreamChunk(req.request_id, finished=True, error=closed))
+        self.running.clear()
+        self.waiting.clear()
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
