@@ -96,7 +96,7 @@ def cmd_run(args) -> int:
     from .runtime import Runtime
 
     with _Timer(f"loading {args.model}"):
-        rt = Runtime(args.model, device=args.device)
+        rt = Runtime(args.model, device=args.device, progress=lambda m: _log(f"    {m}"))
     try:
         content = []
         if args.audio:
@@ -130,7 +130,8 @@ def cmd_bench(args) -> int:
             model = build_synthetic_model(args.synthetic, dtype, device)
             rt = Runtime(model, device=device, dtype=dtype, max_batch_size=max(levels))
         else:
-            rt = Runtime(args.model, device=args.device, max_batch_size=max(levels))
+            rt = Runtime(args.model, device=args.device, max_batch_size=max(levels),
+                         progress=lambda m: _log(f"    {m}"))
     try:
         with _Timer(f"benchmark at concurrency {levels}"):
             report = run_benchmark(rt, levels, seconds=args.seconds, max_new_tokens=args.max_new_tokens,

@@ -10,7 +10,7 @@ import asyncio
 import os
 import random
 import time
-from typing import Any, AsyncIterator, Iterator
+from typing import Any, AsyncIterator, Callable, Iterator
 
 import numpy as np
 import torch
@@ -51,13 +51,15 @@ class Runtime:
         max_prefill_tokens: prompt tokens per engine step (chunked prefill keeps decoding requests moving).
         first_chunk_frames: talker frames decoded before the first audio packet is sent (default 1).
         profile_dir: record a torch.profiler trace of the engine into this folder (see omni_rt.profiling).
+        progress: called with a line of text per checkpoint shard read (load progress for large checkpoints).
     """
 
     def __init__(self, model: str | os.PathLike | OmniModel, device: str | torch.device | None = None,
                  dtype: torch.dtype | None = None, cuda_graphs: bool = True, max_batch_size: int = 8,
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  kv_cache_tokens: int | None = None, kv_block_size: int = 16, max_prefill_tokens: int = 4096,
-                 first_chunk_frames: int = 1, profile_dir: str | os.PathLike | None = None):
+                 first_chunk_frames: int = 1, profile_dir: str | os.PathLike | None = None,
+                 progress: Callable[[str], None] | None = None):
         self.device = _default_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -77,7 +79,7 @@ class Runtime:
             self.path = os.fspath(model)
             if not os.path.isdir(self.path):
                 raise FileNotFoundError(f"checkpoint directory not found: {self.path}")
-            self.model = load_model(self.path, self.dtype, self.device)
+            self.model = load_model(self.path, self.dtype, self.device, progress=progress)
         self.cfg: OmniConfig = self.model.cfg
         self.tokenizer = None
         if self.path is not None:
