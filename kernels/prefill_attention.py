@@ -219,17 +219,9 @@ def prefill_attention_triton(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     return out
 
 
-def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                          k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
-                          block_tables: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
-                          scale: float | None = None, max_seqlen_q: int | None = None,
-                          upcast: bool = True) -> torch.Tensor:
-    """Plain-PyTorch :func:`prefill_attention`: per sequence, earlier context gathered from the pages plus the
-    chunk's own k/v, causal. ``upcast=False`` computes in the input dtype (same-dtype baseline)."""
-    batch = _check(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens)
-    head_dim = q.shape[2]
-    scale = head_dim ** -0.5 if scale is None else float(scale)
-    out = torch.zeros_like(q)
+def _sequences(batch, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens):
+    """Per non-empty sequence of the torch paths: (lo, hi, prefix, keys, values) with the earlier context
+    gathered from the pages ahead of the chunk's own k/v (keys/values: (prefix + hi - lo, kv_heads, d))."""
     cu = cu_seqlens_q.tolist()
     for b in range(batch):
         lo, hi = cu[b], cu[b + 1]
@@ -242,6 +234,22 @@ def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
         if prefix > 0:
             keys = torch.cat([gather_pages(k_cache, block_tables[b], prefix), keys])
             values = torch.cat([gather_pages(v_cache, block_tables[b], prefix), values])
+        yield lo, hi, prefix, keys, values
+
+
+def prefill_attention_ref(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
+                          k_cache: torch.Tensor | None = None, v_cache: torch.Tensor | None = None,
+                          block_tables: torch.Tensor | None = None, context_lens: torch.Tensor | None = None,
+                          scale: float | None = None, max_seqlen_q: int | None = None,
+                          upcast: bool = True) -> torch.Tensor:
+    """Plain-PyTorch :func:`prefill_attention`: per sequence, earlier context gathered from the pages plus the
+    chunk's own k/v, causal. ``upcast=False`` computes in the input dtype (same-dtype baseline)."""
+    batch = _check(q, k, v, cu_seqlens_q, k_cache, v_cache, block_tables, context_lens)
+    head_dim = q.shape[2]
+    scale = head_dim ** -0.5 if scale is None else float(scale)
+    out = torch.zeros_like(q)
+    for lo, hi, prefix, keys, values in _sequences(batch, k, v, cu_seqlens_q, k_cache, v_cache, block_tables,
+                                                   context_lens):
         q_pos = prefix + torch.arange(hi - lo, device=q.device)
         out[lo:hi] = attention_ref(q[lo:hi], keys, values, q_pos, scale, upcast)
     return out
@@ -279,18 +287,8 @@ def prefill_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu
     scale = head_dim ** -0.5 if scale is None else float(scale)
     group = q.shape[1] // k.shape[1]
     out = torch.zeros_like(q)
-    cu = cu_seqlens_q.tolist()
-    for b in range(batch):
-        lo, hi = cu[b], cu[b + 1]
-        if hi <= lo:
-            continue
-        prefix = 0 if k_cache is None else int(context_lens[b]) - (hi - lo)
-        if prefix < 0:
-            raise ValueError(f"context_lens[{b}] = {prefix + hi - lo} is shorter than its {hi - lo} new tokens")
-        keys, values = k[lo:hi], v[lo:hi]
-        if prefix > 0:
-            keys = torch.cat([gather_pages(k_cache, block_tables[b], prefix), keys])
-            values = torch.cat([gather_pages(v_cache, block_tables[b], prefix), values])
+    for lo, hi, prefix, keys, values in _sequences(batch, k, v, cu_seqlens_q, k_cache, v_cache, block_tables,
+                                                   context_lens):
         # (heads, n, d) layouts; GQA by repeating K/V heads (enable_gqa is not on every torch we support)
         kh = keys.transpose(0, 1).repeat_interleave(group, dim=0)
         vh = values.transpose(0, 1).repeat_interleave(group, dim=0)

@@ -197,17 +197,12 @@ class Runtime:
         loop = asyncio.get_running_loop()
         done = False
         try:
-            while True:
+            while not done:
                 chunk = await loop.run_in_executor(None, req.out.get)
-                if chunk.finished:
-                    done = True
-                if chunk.error is not None:
-                    raise chunk.error
+                done = _check_chunk(chunk)
                 yield chunk
-                if done:
-                    return
         finally:
-            if not done:
+            if not done:  # the task was cancelled or the consumer stopped early: cancel the request
                 self.engine.abort(req.request_id)
 
     # ------------------------------------------------------------------------------------------ internals
@@ -223,15 +218,10 @@ class Runtime:
     def _drain(self, req: EngineRequest) -> Iterator[StreamChunk]:
         done = False
         try:
-            while True:
+            while not done:
                 chunk = req.out.get()
-                if chunk.finished:
-                    done = True
-                if chunk.error is not None:
-                    raise chunk.error
+                done = _check_chunk(chunk)
                 yield chunk
-                if done:
-                    return
         finally:
             if not done:  # the caller left the loop early (or the generator was closed): cancel
                 self.engine.abort(req.request_id)
@@ -277,3 +267,9 @@ class Runtime:
             return expand_audio_pads(ids, self.cfg.thinker.audio_token_id, counts), audios
         raise ValueError(f"prompt must be an omni_rt.Prompt or a list of chat messages, got {type(prompt).__name__}")
 
+
+def _check_chunk(chunk: StreamChunk) -> bool:
+    """Raise the request's error if the chunk carries one; else whether it is the last chunk."""
+    if chunk.error is not None:
+        raise chunk.error
+    return chunk.finished
