@@ -220,3 +220,23 @@ def test_code2wav_through_the_graph_runner_equals_eager(tiny_checkpoint, questio
     for a, b in zip(results, expected):
         assert np.array_equal(a.codes, b.codes)
         assert a.audio.shape == b.audio.shape and np.abs(a.audio - b.audio).max() <= PARITY["code2wav_abs"]
+
+
+def test_encode_audio_equals_reference_tower(rt, hf_tiny, tmp_path):
+    """Runtime.encode_audio (array or path in) == transformers' audio tower on the same log-mel."""
+    from transformers import WhisperFeatureExtractor
+
+    from _tolerances import rel_err
+
+    wav = spoken_question(3.3)
+    ours = rt.encode_audio(wav)
+    f = WhisperFeatureExtractor(feature_size=128)(wav, sampling_rate=16000, padding=True, truncation=False,
+                                                   return_attention_mask=True, return_tensors="pt")
+    with torch.inference_mode():
+        ref = hf_tiny.thinker.get_audio_features(f["input_features"],
+                                                 feature_attention_mask=f["attention_mask"]).last_hidden_state
+    assert ours.shape == (omni_rt.audio.num_audio_tokens(omni_rt.audio.num_frames(wav.size)), 48)
+    assert rel_err(ours, ref) <= PARITY["audio_encoder_rel"]
+    path = tmp_path / "q.wav"
+    omni_rt.audio.write_wav(path, wav, 16000)
+    assert rel_err(rt.encode_audio(str(path)), ref) <= 1e-3  # 16-bit PCM round trip
