@@ -57,3 +57,15 @@ def test_profile_dir_writes_a_trace(tiny_checkpoint, tmp_path):
 def test_run_requires_input(tiny_checkpoint):
     with pytest.raises(SystemExit, match="--audio and/or --text"):
         main(["run", "--model", tiny_checkpoint, "--device", "cpu"])
+
+
+def test_run_answers_an_audio_file(tiny_checkpoint, tmp_path, capsys):
+    from omni_rt.bench import ASSET
+
+    out = tmp_path / "answer.wav"
+    assert main(["run", "--model", tiny_checkpoint, "--audio", ASSET, "--text", "Answer briefly.",
+                 "--speaker", "aiden", "--out", str(out), "--device", "cpu", "--max-new-tokens", "5",
+                 "--talker-max-new-tokens", "9"]) == 0
+    assert "first packet" in capsys.readouterr().out
+    with wave.open(str(out)) as w:
+        assert w.getnframes() == 8 * 1920 - 555
