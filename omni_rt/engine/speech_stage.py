@@ -77,15 +77,13 @@ class SpeechStage:
         self._fresh = self.c2w.init_state(1, self.device, self.dtype)
         self._workspaces: dict[int, object] = {}
         self.state: dict[str, _Speaker] = {}
-        # The code predictor's 15-step frame loop is launch-bound (~750 kernels per frame eagerly): on CUDA
-        # with graphs on, the whole loop (sampling included) replays as one graph per batch bucket.
-        self.frame_graph = None
+        # With CUDA graphs on: the code predictor's 15-step frame loop (launch-bound, ~750 kernels per frame
+        # eagerly) replays as one graph per batch bucket, sampling included, and so does every one-frame
+        # Code2Wav streaming step.
+        self.frame_graph = self.c2w_graph = None
         if getattr(engine, "cuda_graphs", False) and torch.device(self.device).type == "cuda":
             self.frame_graph = _capture_or_none(lambda: code_predictor_graphs(
                 model.talker.code_predictor, engine.max_batch_size, self.device, self.dtype))
-        # One-frame Code2Wav streaming steps (every step after the first packet) replay as a graph as well.
-        self.c2w_graph = None
-        if getattr(engine, "cuda_graphs", False) and torch.device(self.device).type == "cuda":
             self.c2w_graph = _capture_or_none(lambda: code2wav_graphs(self.c2w, engine.max_batch_size, frames=1))
 
     # -------------------------------------------------------------------------------------- admission
