@@ -20,6 +20,7 @@ import triton
 import triton.language as tl
 
 from . import KernelSpec, graph_safe_enabled, use_triton
+from ._online_softmax import online_softmax_step
 
 __all__ = ["paged_decode_attention", "paged_decode_attention_triton", "paged_decode_attention_ref",
            "paged_decode_attention_static",
@@ -89,14 +90,10 @@ def _paged_decode_kernel(
         s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
         s = tl.where(mask_n[None, :], s, float("-inf"))
         # Every tile in [lo, hi) holds at least one valid key, so m_new is finite and exp2 never sees inf - inf.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
         v = tl.load(v_head + v_tok[:, None] + offs_d[None, :],
                     mask=mask_n[:, None] & mask_d[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
 
     if SPLIT:
         # Partials: acc (batch, heads, parts, head_dim) and (m, l) (batch, heads, parts, 2), fp32. Empty

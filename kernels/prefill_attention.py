@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from . import KernelSpec, use_triton
+from ._online_softmax import online_softmax_step
 from .paged_attention import _check_paged, _check_triton_strides, _vec, attention_ref, gather_pages
 
 __all__ = ["prefill_attention", "prefill_attention_triton", "prefill_attention_ref", "COMPILE_SPECS"]
@@ -92,14 +93,10 @@ def _prefill_kernel(
             s = tl.dot(q, k, input_precision=PRECISION) * qk_scale
             s = tl.where(mask_n[None, :], s, float("-inf"))
             # The first tile's key 0 is visible to every row, so m_new is finite from the first iteration.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
             v = tl.load(vc_head + v_tok[:, None] + offs_d[None, :],
                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
 
         # The chunk itself, causal; tiles past this block's last query are fully masked, so stop there.
         hi = tl.minimum(qlen, (mblk + 1) * BLOCK_M)
@@ -118,14 +115,10 @@ def _prefill_kernel(
             visible = mask_n[None, :] & (n[None, :] <= offs_m[:, None])
             s = tl.where(visible, s, float("-inf"))
             # Key n=0 of the first chunk tile is visible to every row, so no row's max stays -inf.
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            alpha = tl.exp2(m_i - m_new)
-            p = tl.exp2(s - m_new[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
+            p, alpha, m_i, l_i = online_softmax_step(s, m_i, l_i)
             v = tl.load(v_head + v_tok[:, None] + offs_d[None, :],
                         mask=mask_n[:, None] & mask_d[None, :], other=0.0)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
-            m_i = m_new
 
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(o_head + o_row[:, None] + offs_d[None, :],
