@@ -53,7 +53,9 @@ setup(
     install_requires=["numpy", "safetensors", "tokenizers", "jinja2"],
     extras_require={
         "audio": ["soundfile", "scipy"],
-        "test": ["pytest", "pytest-benchmark", "transformers==5.23.0", "soundfile", "scipy"],
+        "vision": ["pillow"],            # image files and PIL images (uint8 arrays need nothing)
+        "video": ["pillow", "av"],       # video files and their audio tracks (PyAV)
+        "test": ["pytest", "pytest-benchmark", "transformers==5.23.0", "soundfile", "scipy", "pillow", "av"],
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,
