@@ -20,6 +20,7 @@ from . import vision as vision_mod
 from .config import OmniConfig
 from .engine.engine import Engine
 from .engine.requests import EngineRequest
+from .engine.text_output import TextOutput
 from .models.omni import OmniModel, load_model
 from .profiling import TorchProfiler
 from .request import GenerationOutput, Prompt, SamplingParams, StreamChunk, new_request_id
@@ -130,6 +131,29 @@ class Runtime:
     def has_talker(self) -> bool:
         return self.model.has_talker
 
+    @property
+    def speakers(self) -> list[str]:
+        """This checkpoint's voices, lower case ([] without a talker)."""
+        return sorted(k.lower() for k in self.cfg.talker.speaker_id) if self.has_talker else []
+
+    def stats(self) -> dict:
+        """Cheap, thread-safe counters (api.md): KV blocks free/total (thinker and talker), speech slots
+        free/total, requests running and waiting, and the sticky device fault (None or its message)."""
+        e = self.engine
+        speech = e.speech
+        fault = e.fault
+        return {
+            "kv_free_blocks": e.pool.num_free_blocks(),
+            "kv_total_blocks": e.pool.num_blocks,
+            "talker_kv_free_blocks": speech.pool.num_free_blocks() if speech is not None else 0,
+            "talker_kv_total_blocks": speech.pool.num_blocks if speech is not None else 0,
+            "speech_slots_free": len(speech.slots) if speech is not None else 0,
+            "speech_slots_total": e.max_batch_size if speech is not None else 0,
+            "running": len(e.running),
+            "waiting": len(e.waiting),
+            "fault": None if fault is None else f"{type(fault).__name__}: {fault}",
+        }
+
     def close(self) -> None:
         """Stop the engine thread (requests in flight are not finished)."""
         self.engine.shutdown()
@@ -183,11 +207,12 @@ class Runtime:
                  thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
                  request_id: str | None = None) -> GenerationOutput:
         """Run one request to completion; returns text, token ids, codes, audio and metrics."""
-        text, ids, audio = [], [], []
+        text, ids, audio, reasoning = [], [], [], []
         last = None
         req_holder: list[EngineRequest] = []
         for chunk in self._stream(prompt, speaker, return_audio, thinker, talker, request_id, req_holder):
             text.append(chunk.text_delta)
+            reasoning.append(chunk.reasoning_delta)
             ids.extend(chunk.token_ids)
             if chunk.audio.size:
                 audio.append(chunk.audio)
@@ -200,7 +225,8 @@ class Runtime:
                      np.zeros((self.cfg.talker.num_code_groups, 0), dtype=np.int64))
             wav = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
         return GenerationOutput(request_id=req.request_id, text="".join(text), token_ids=ids, codes=codes,
-                                audio=wav, metrics=last.metrics or {}, finish_reason=req.finish_reason or "stop")
+                                audio=wav, metrics=last.metrics or {}, finish_reason=req.finish_reason or "stop",
+                                reasoning="".join(reasoning))
 
     def stream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
@@ -268,7 +294,18 @@ class Runtime:
             speaker_id=speaker_id, thinker_stop_ids=frozenset(int(t) for t in stop),
             thinker_seed=thinker_p.seed if thinker_p.seed is not None else random.getrandbits(63),
             talker_seed=(talker_p.seed if talker_p and talker_p.seed is not None else random.getrandbits(63)),
-            detok=IncrementalDetokenizer(self.tokenizer))
+            detok=IncrementalDetokenizer(self.tokenizer), text_out=self._text_output(ids, thinker_p))
+
+    def _text_output(self, prompt_ids: list[int], params: SamplingParams) -> TextOutput:
+        """Text side of a request: stop strings and, when the tokenizer has think tags, the reasoning span (on
+        from the start when the prompt itself opens it, as Thinking templates may)."""
+        think = None
+        if self.tokenizer is not None:
+            ids = [self.tokenizer.tok.token_to_id(t) for t in ("<think>", "</think>")]
+            if None not in ids:
+                think = (ids[0], ids[1])
+        opened = think is not None and think[0] in prompt_ids[-2:]
+        return TextOutput(self.tokenizer, params.stop, think, in_reasoning=opened)
 
     def _load_audio(self, a: Any) -> np.ndarray:
         if isinstance(a, np.ndarray):
