@@ -164,7 +164,6 @@ class RealtimeSession:
                            f"or clear it", param="audio", code="payload_too_large")
         wav = _resample_24k_to_16k(pcm)
         self.buffer.append(wav)
-        start_ms = self.buffer_ms
         self.buffer_ms += wav.size * 1000.0 / audio_mod.SAMPLE_RATE
         if self.vad is not None:
             events = await asyncio.get_running_loop().run_in_executor(None, self.vad.push, wav)
@@ -173,11 +172,11 @@ class RealtimeSession:
                 if kind == "start":
                     item = _id("item")
                     self.pending_item = item
-                    if self.response is not None and not self.response.done() and \
-                            self.turn_detection.get("interrupt_response", True):
-                        await self.cancel_response()      # barge-in
                     await self.send({"type": "input_audio_buffer.speech_started", "audio_start_ms": round(ms),
                                      "item_id": item})
+                    if self.response is not None and not self.response.done() and \
+                            self.turn_detection.get("interrupt_response", True):
+                        await self.cancel_response()      # barge-in: the user talks over the reply
                 else:
                     item = getattr(self, "pending_item", None) or _id("item")
                     await self.send({"type": "input_audio_buffer.speech_stopped", "audio_end_ms": round(ms),
@@ -185,7 +184,6 @@ class RealtimeSession:
                     await self.commit(item, previous=None)
                     if self.turn_detection.get("create_response", True):
                         await self.start_response({})
-        del start_ms
 
     async def commit(self, item_id: str | None = None, previous: str | None = None) -> None:
         if not self.buffer:
