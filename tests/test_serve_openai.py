@@ -41,7 +41,6 @@ def server(rt):
     app = create_app(rt, model_name="tiny", max_inflight=24, limits=Limits(max_body_bytes=2 << 20,
                                                                           max_audio_seconds=30),
                      talker_max_new_tokens=TALKER_STEPS)
-    app.state.omni.rt_close_on_exit = False
     with live_server(app) as url:
         yield url
 
@@ -325,3 +324,41 @@ def test_health_is_503_while_loading():
         gate.set()
         server.should_exit = True
         t.join(timeout=30)
+
+
+def test_cli_serves_the_synthetic_checkpoint(tmp_path):
+    """`omni-rt serve --synthetic tiny` as a user runs it: the demo's checkpoint with its tokenizer and chat template."""
+    import os
+    import subprocess
+    import sys
+
+    from _live_server import free_port
+
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "omni_rt", "serve", "--synthetic", "tiny", "--device", "cpu",
+                             "--port", str(port), "--talker-max-new-tokens", "4", "--api-key", "k"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stdout.read()
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="k", timeout=TIMEOUT, max_retries=0)
+        assert c.models.list().data[0].id == "omni-rt-synthetic-tiny"
+        r = c.chat.completions.create(model="omni-rt-synthetic-tiny", max_tokens=4, temperature=0,
+                                      modalities=["text", "audio"], audio={"voice": "aiden", "format": "wav"},
+                                      messages=[{"role": "user", "content": "Hello, how are you?"}])
+        assert r.usage.completion_tokens == 4 and r.choices[0].message.audio.data
+        assert os.path.isfile(tmp_path / ".omni_rt_cache" / "demo-tiny" / "tokenizer.json")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
