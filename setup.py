@@ -17,7 +17,8 @@ from setuptools import setup
 
 AUDIO = ["soundfile", "scipy"]
 SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "websockets>=12"] + AUDIO
-VIDEO = ["pillow", "av"]
+VISION = ["pillow"]            # image files and PIL images (uint8 arrays need nothing)
+VIDEO = ["pillow", "av"]       # video files and their audio tracks (PyAV)
 RAY = ["ray[serve]>=2.30"]
 
 ext_modules = []
@@ -62,6 +63,7 @@ setup(
     extras_require={
         "audio": AUDIO,
         "serve": SERVE,
+        "vision": VISION,
         "video": VIDEO,
         "ray": RAY,
         "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers==5.23.0", "openai>=1.40", "httpx"]

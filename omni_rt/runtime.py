@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from . import audio as audio_mod
+from . import vision as vision_mod
 from .config import OmniConfig
 from .engine.engine import Engine
 from .engine.requests import EngineRequest
@@ -88,6 +89,9 @@ class Runtime:
                 self.tokenizer = OmniTokenizer(self.path)
             except TokenizerMissing:
                 self.tokenizer = None
+        # Image/video preprocessing settings: the checkpoint's preprocessor_config.json, else the released ones.
+        self.vision_preprocess = (vision_mod.VisionPreprocessConfig.from_checkpoint(self.path, self.cfg.thinker.vision)
+                                  if self.cfg.thinker.vision is not None else None)
         tc = self.cfg.thinker.text
         self.max_model_len = max_model_len or min(tc.max_position_embeddings, 32768)
         if kv_cache_tokens is None:
@@ -169,6 +173,24 @@ class Runtime:
         mel = audio_mod.log_mel(wav, device=self.device)
         with torch.inference_mode():
             return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
+
+    def encode_image(self, image: Any, deepstack: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The vision encoder output for one image (path, PIL image or uint8 (H, W, 3) array):
+        (n_tokens, out_hidden_size); with ``deepstack=True`` also the deepstack features, one
+        (n_tokens, out_hidden_size) per tap layer."""
+        visual = self._require_vision("encode_image")
+        pixel_values, grid = vision_mod.preprocess_images([image], self.vision_preprocess)
+        with torch.inference_mode():
+            out, taps = visual(pixel_values.to(self.device, self.dtype), grid, deepstack=deepstack)
+        return (out, taps) if deepstack else out
+
+    def _require_vision(self, what: str):
+        visual = self.model.thinker.visual
+        if visual is None:
+            raise ValueError(f"{what}: this checkpoint has no vision tower (thinker_config.vision_config is "
+                             f"absent), so it cannot take images or video")
+        return visual
 
     def stage_times(self, reset: bool = False) -> dict[str, float]:
         """Engine wall time per stage in ms, summed since the start (or the last reset)."""
