@@ -22,7 +22,7 @@ from omni_rt.bench import spoken_question  # noqa: E402
 from omni_rt.serve.app import create_app  # noqa: E402
 from omni_rt.serve.protocol import Limits  # noqa: E402
 
-from _live_server import live_server  # noqa: E402
+from omni_rt.serve.live import live_server  # noqa: E402
 
 TALKER_STEPS = 8
 TOKENS = 6
@@ -295,7 +295,7 @@ def test_health_is_503_while_loading():
 
     import uvicorn
 
-    from _live_server import free_port
+    from omni_rt.serve.live import free_port
 
     app = create_app(slow_load, model_name="x")
     port = free_port()
@@ -332,7 +332,7 @@ def test_cli_serves_the_synthetic_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    from _live_server import free_port
+    from omni_rt.serve.live import free_port
 
     port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
