@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import OmniConfig
 from .errors import CheckpointError
-from .layout import checkpoint_layout, is_scale, is_vision, model_layout, parse_expert_name
+from .layout import checkpoint_layout, is_scale, model_layout, parse_expert_name
 from .quant import (BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise, is_fp8_eligible, quantize_blockwise,
                     scale_name, scale_shape)
 
@@ -158,7 +158,7 @@ def iter_weights(path: str | os.PathLike, cfg: OmniConfig, dtype: torch.dtype, d
     for i, (file, names) in enumerate(sorted(by_file.items())):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in names:
-                if is_vision(name) or is_scale(name):
+                if is_scale(name):
                     continue
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != expected[name]:

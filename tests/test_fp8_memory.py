@@ -55,7 +55,7 @@ def test_released_weights_fit_38gb_with_fp8(cfg):
     assert by_dtype[torch.float32] < 0.001 * by_dtype[torch.float8_e4m3fn]
     mem_bf16, mem_fp8 = bf16.weight_memory(), fp8.weight_memory()
     assert mem_fp8["thinker"] <= 0.52 * mem_bf16["thinker"] and mem_fp8["talker"] <= 0.52 * mem_bf16["talker"]
-    for part in ("audio_tower", "code_predictor", "code2wav"):
+    for part in ("audio_tower", "vision", "code_predictor", "code2wav"):
         assert mem_fp8[part] == mem_bf16[part]
     buffers = sum(b.numel() * b.element_size() for b in fp8.buffers())
     assert mem_fp8["total"] == sum(by_dtype.values()) + buffers
@@ -75,7 +75,7 @@ def test_runtime_memory_reports_components(tiny_checkpoint):
     with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=1, kv_cache_tokens=64) as rt:
         mem = rt.memory()
         params = sum(p.numel() * p.element_size() for p in rt.model.parameters())
-    assert set(mem) == {"thinker", "audio_tower", "talker", "code_predictor", "code2wav", "total"}
+    assert set(mem) == {"thinker", "audio_tower", "vision", "talker", "code_predictor", "code2wav", "total"}
     assert all(v > 0 for v in mem.values())
     assert mem["total"] == sum(v for k, v in mem.items() if k != "total")
     assert params <= mem["total"]                  # buffers (rotary tables, conv caches) counted too

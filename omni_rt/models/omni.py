@@ -43,14 +43,16 @@ class OmniModel(nn.Module):
     def weight_memory(self) -> dict[str, int]:
         """Bytes of parameters and buffers per component (their actual dtypes), and ``total``.
 
-        Components: thinker (text decoder + embeddings + lm_head), audio_tower, talker (decoder, codec
+        Components: thinker (text decoder + embeddings + lm_head), audio_tower, vision, talker (decoder, codec
         embedding/head, projections), code_predictor, code2wav; absent ones are left out.
         """
         parts = {"thinker": self.thinker, "audio_tower": self.thinker.audio_tower}
+        if getattr(self.thinker, "visual", None) is not None:
+            parts["vision"] = self.thinker.visual
         if self.talker is not None:
             parts.update(talker=self.talker, code_predictor=self.talker.code_predictor, code2wav=self.code2wav)
         sizes = {name: _tensor_bytes(m) for name, m in parts.items()}
-        sizes["thinker"] -= sizes["audio_tower"]
+        sizes["thinker"] -= sizes["audio_tower"] + sizes.get("vision", 0)
         if self.talker is not None:
             sizes["talker"] -= sizes["code_predictor"]
         sizes["total"] = sum(sizes.values())
