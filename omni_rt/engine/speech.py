@@ -102,11 +102,6 @@ class TalkerTextFeed:
                 user_part[mm] = self.talker.hidden_projection(thinker_hidden[mm]).to(user_part.dtype)
             user_part[~mm] = tp(thinker_embeds[~mm]).to(user_part.dtype)
             self.user_embeds = user_part[user]                                  # (n_user, H)
-            self.user_ids = [t for t, u in zip(ids, user.tolist()) if u]
-        # TM-RoPE for the talker prompt (user turns + 9 assistant positions) when it holds images or video.
-        self.positions, self.rope_delta = None, 0.0
-        if vision:
-            self.positions, self.rope_delta = talker_positions(cfg, ids, user.tolist(), vision)
             self.assistant_proj = tp(thinker_embeds[self.assistant_start:])      # (p, H)
             special = torch.tensor([cfg.tts_bos_token_id, cfg.tts_eos_token_id, cfg.tts_pad_token_id],
                                    device=device)
@@ -116,6 +111,10 @@ class TalkerTextFeed:
                                       tc.codec_pad_id, tc.codec_bos_id], device=device)
             self.codec_prefix = torch.cat((torch.zeros(3, h, device=device, dtype=self.tts_pad.dtype),
                                            self.talker.embed_codec(codec_ids)))  # (9, H)
+        # TM-RoPE for the talker prompt (user turns + 9 assistant positions) when it holds images or video.
+        self.positions, self.rope_delta = None, 0.0
+        if vision:
+            self.positions, self.rope_delta = talker_positions(cfg, ids, user.tolist(), vision)
 
     # -- thinker side ------------------------------------------------------------------------------------
     def push(self, tokens: Sequence[int], finished: bool = False) -> None:
