@@ -24,7 +24,8 @@ from .engine.text_output import TextOutput
 from .models.omni import OmniModel, load_model
 from .profiling import TorchProfiler
 from .request import GenerationOutput, Prompt, SamplingParams, StreamChunk, new_request_id
-from .tokenizer import IncrementalDetokenizer, OmniTokenizer, TokenizerMissing, expand_audio_pads, split_messages
+from .prompting import PreparedPrompt, PromptBuilder
+from .tokenizer import IncrementalDetokenizer, OmniTokenizer, TokenizerMissing
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:
@@ -54,6 +55,10 @@ class Runtime:
         first_chunk_frames: talker frames decoded before the first audio packet is sent (default 1).
         profile_dir: record a torch.profiler trace of the engine into this folder (see omni_rt.profiling).
         progress: called with a line of text per checkpoint shard read (load progress for large checkpoints).
+        quantization: None (weights as stored: an FP8 checkpoint is recognised from its config.json) or "fp8"
+            (quantize the thinker's and talker's decoder projections to block FP8 while loading). FP8 weights
+            stay FP8 in device memory on GPUs with FP8 hardware (sm_89/sm_90, decided at load); on CPU and
+            sm_80 they are dequantized to ``dtype`` at load.
     """
 
     def __init__(self, model: str | os.PathLike | OmniModel, device: str | torch.device | None = None,
@@ -61,7 +66,7 @@ class Runtime:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  kv_cache_tokens: int | None = None, kv_block_size: int = 16, max_prefill_tokens: int = 4096,
                  first_chunk_frames: int = 1, profile_dir: str | os.PathLike | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, quantization: str | None = None):
         self.device = _default_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -72,6 +77,8 @@ class Runtime:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         if first_chunk_frames < 1:
             raise ValueError(f"first_chunk_frames must be >= 1, got {first_chunk_frames}")
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.first_chunk_frames = first_chunk_frames
         self.path = None
@@ -81,7 +88,8 @@ class Runtime:
             self.path = os.fspath(model)
             if not os.path.isdir(self.path):
                 raise FileNotFoundError(f"checkpoint directory not found: {self.path}")
-            self.model = load_model(self.path, self.dtype, self.device, progress=progress)
+            self.model = load_model(self.path, self.dtype, self.device, progress=progress,
+                                    quantization=quantization)
         self.cfg: OmniConfig = self.model.cfg
         self.tokenizer = None
         if self.path is not None:
@@ -92,6 +100,7 @@ class Runtime:
         # Image/video preprocessing settings: the checkpoint's preprocessor_config.json, else the released ones.
         self.vision_preprocess = (vision_mod.VisionPreprocessConfig.from_checkpoint(self.path, self.cfg.thinker.vision)
                                   if self.cfg.thinker.vision is not None else None)
+        self._prompts = PromptBuilder(self.cfg, self.tokenizer, self.vision_preprocess)
         tc = self.cfg.thinker.text
         self.max_model_len = max_model_len or min(tc.max_position_embeddings, 32768)
         if kv_cache_tokens is None:
@@ -110,7 +119,7 @@ class Runtime:
         self.engine.start()
 
     def _plan_kv_tokens(self, max_batch_size: int, fraction: float, block_size: int) -> int:
-        from .engine.kv_cache import kv_block_bytes, plan_num_blocks
+        from .engine.kv_cache import kv_block_bytes
 
         tc = self.cfg.thinker.text
         if self.device.type != "cuda":
@@ -119,12 +128,9 @@ class Runtime:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             budget = min(ram // 4, 4 << 30)
             return max(block_size, min(max_batch_size * self.max_model_len, 262144, budget // per_token))
+        # Measured after the weights are resident: FP8 weights leave the memory they save to the KV pages.
         free, _ = torch.cuda.mem_get_info(self.device)
-        # The talker's pools and activations come out of the same memory: keep a share for them.
-        share = 0.8 if self.model.has_talker else 1.0
-        blocks = plan_num_blocks(int(free * share), tc.num_hidden_layers, block_size, tc.num_key_value_heads,
-                                 tc.head_dim, self.dtype, fraction)
-        return blocks * block_size
+        return plan_kv_tokens(self.cfg, free, self.dtype, self.model.has_talker, fraction, block_size)
 
     # ------------------------------------------------------------------------------------------- API
     @property
@@ -174,6 +180,12 @@ class Runtime:
         with torch.inference_mode():
             return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
 
+    def memory(self) -> dict[str, int]:
+        """Weight bytes per component as loaded (actual dtypes: FP8 codes and scales where kept): thinker,
+        audio_tower, vision (when the checkpoint has one), talker, code_predictor, code2wav (absent without a
+        talker), and total."""
+        return self.model.weight_memory()
+
     def encode_image(self, image: Any, deepstack: bool = False
                      ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """The vision encoder output for one image (path, PIL image or uint8 (H, W, 3) array):
@@ -205,12 +217,16 @@ class Runtime:
 
     def generate(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                  thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
-                 request_id: str | None = None) -> GenerationOutput:
-        """Run one request to completion; returns text, token ids, codes, audio and metrics."""
+                 request_id: str | None = None, use_audio_in_video: bool | None = None) -> GenerationOutput:
+        """Run one request to completion; returns text, token ids, codes, audio and metrics.
+
+        use_audio_in_video: a video file's own audio track is heard too, interleaved by time (chat messages;
+        a Prompt carries its own flag)."""
         text, ids, audio, reasoning = [], [], [], []
         last = None
         req_holder: list[EngineRequest] = []
-        for chunk in self._stream(prompt, speaker, return_audio, thinker, talker, request_id, req_holder):
+        for chunk in self._stream(prompt, speaker, return_audio, thinker, talker, request_id, req_holder,
+                                  use_audio_in_video):
             text.append(chunk.text_delta)
             reasoning.append(chunk.reasoning_delta)
             ids.extend(chunk.token_ids)
@@ -230,16 +246,17 @@ class Runtime:
 
     def stream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
-               request_id: str | None = None) -> Iterator[StreamChunk]:
+               request_id: str | None = None, use_audio_in_video: bool | None = None) -> Iterator[StreamChunk]:
         """Yield chunks (text deltas, audio, finished) as they are produced; leaving the loop aborts."""
-        return self._stream(prompt, speaker, return_audio, thinker, talker, request_id, [])
+        return self._stream(prompt, speaker, return_audio, thinker, talker, request_id, [], use_audio_in_video)
 
     async def astream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                       thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
-                      request_id: str | None = None) -> AsyncIterator[StreamChunk]:
+                      request_id: str | None = None, use_audio_in_video: bool | None = None
+                      ) -> AsyncIterator[StreamChunk]:
         """Async ``stream``; cancelling the consuming task aborts the request."""
         t_call = time.perf_counter()
-        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id)
+        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
         req.t_submit = t_call
         self.engine.submit(req)
         loop = asyncio.get_running_loop()
@@ -255,9 +272,9 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------ internals
     def _stream(self, prompt, speaker, return_audio, thinker, talker, request_id,
-                holder: list) -> Iterator[StreamChunk]:
+                holder: list, use_audio_in_video: bool | None = None) -> Iterator[StreamChunk]:
         t_call = time.perf_counter()
-        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id)
+        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
         req.t_submit = t_call  # metrics count from the call (audio loading and tokenizing included)
         holder.append(req)
         self.engine.submit(req)
@@ -274,14 +291,16 @@ class Runtime:
             if not done:  # the caller left the loop early (or the generator was closed): cancel
                 self.engine.abort(req.request_id)
 
-    def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id) -> EngineRequest:
+    def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id,
+                      use_audio_in_video: bool | None = None) -> EngineRequest:
         if return_audio is None:
             return_audio = self.has_talker
         if return_audio and not self.has_talker:
             raise ValueError("this checkpoint has no talker/code2wav (text-only model): call with "
                              "return_audio=False")
         speaker_id = self.cfg.talker.speaker(speaker) if return_audio else None
-        ids, audios = self._resolve_prompt(prompt)
+        prepared = self._resolve_prompt(prompt, use_audio_in_video)
+        ids, audios = prepared.ids, prepared.audios
         thinker_p = (thinker or SamplingParams()).resolved("thinker")
         talker_p = (talker or SamplingParams()).resolved("talker") if return_audio else None
         if request_id is None:
@@ -294,7 +313,8 @@ class Runtime:
             speaker_id=speaker_id, thinker_stop_ids=frozenset(int(t) for t in stop),
             thinker_seed=thinker_p.seed if thinker_p.seed is not None else random.getrandbits(63),
             talker_seed=(talker_p.seed if talker_p and talker_p.seed is not None else random.getrandbits(63)),
-            detok=IncrementalDetokenizer(self.tokenizer), text_out=self._text_output(ids, thinker_p))
+            detok=IncrementalDetokenizer(self.tokenizer), text_out=self._text_output(ids, thinker_p),
+            vision=prepared.vision)
 
     def _text_output(self, prompt_ids: list[int], params: SamplingParams) -> TextOutput:
         """Text side of a request: stop strings and, when the tokenizer has think tags, the reasoning span (on
@@ -307,24 +327,28 @@ class Runtime:
         opened = think is not None and think[0] in prompt_ids[-2:]
         return TextOutput(self.tokenizer, params.stop, think, in_reasoning=opened)
 
-    def _load_audio(self, a: Any) -> np.ndarray:
-        if isinstance(a, np.ndarray):
-            return audio_mod.load(a, sr=audio_mod.SAMPLE_RATE)
-        return audio_mod.load(a)
-
-    def _resolve_prompt(self, prompt: Prompt | list[dict]) -> tuple[list[int], list[np.ndarray]]:
+    def _resolve_prompt(self, prompt: Prompt | list[dict], use_audio_in_video: bool | None = None
+                        ) -> PreparedPrompt:
+        if use_audio_in_video is not None and not isinstance(use_audio_in_video, (bool, np.bool_)):
+            raise ValueError(f"use_audio_in_video must be a bool, got {use_audio_in_video!r}")
         if isinstance(prompt, Prompt):
-            return list(prompt.token_ids), [self._load_audio(a) for a in prompt.audios]
+            return self._prompts.from_prompt(prompt, use_audio_in_video)
         if isinstance(prompt, list):
-            if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer files (tokenizer.json, or vocab.json + "
-                                 "merges.txt): pass an omni_rt.Prompt with token ids instead of chat messages")
-            messages, raw_audios = split_messages(prompt)
-            audios = [self._load_audio(a) for a in raw_audios]
-            counts = [audio_mod.num_audio_tokens(audio_mod.num_frames(a.size)) for a in audios]
-            ids = self.tokenizer.encode(self.tokenizer.render(messages))
-            return expand_audio_pads(ids, self.cfg.thinker.audio_token_id, counts), audios
+            return self._prompts.from_messages(prompt, use_audio_in_video)
         raise ValueError(f"prompt must be an omni_rt.Prompt or a list of chat messages, got {type(prompt).__name__}")
+
+
+def plan_kv_tokens(cfg: OmniConfig, free_bytes: int, dtype: torch.dtype, has_talker: bool, fraction: float,
+                   block_size: int) -> int:
+    """Thinker KV capacity in tokens for ``free_bytes`` of device memory left after the weights."""
+    from .engine.kv_cache import plan_num_blocks
+
+    tc = cfg.thinker.text
+    # The talker's pools and activations come out of the same memory: keep a share for them.
+    share = 0.8 if has_talker else 1.0
+    blocks = plan_num_blocks(int(free_bytes * share), tc.num_hidden_layers, block_size, tc.num_key_value_heads,
+                             tc.head_dim, dtype, fraction)
+    return blocks * block_size
 
 
 def _check_chunk(chunk: StreamChunk) -> bool:

@@ -18,18 +18,18 @@ from .vision_encoder import VisionEncoder
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer: int, shared_expert: bool):
+    def __init__(self, cfg: DecoderConfig, layer: int, shared_expert: bool, fp8: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                   cfg.head_dim, cfg.rms_norm_eps)
+                                   cfg.head_dim, cfg.rms_norm_eps, fp8)
         if cfg.is_moe_layer(layer):
             self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
                                  cfg.moe_intermediate_size, cfg.norm_topk_prob,
-                                 cfg.shared_expert_intermediate_size if shared_expert else 0)
+                                 cfg.shared_expert_intermediate_size if shared_expert else 0, fp8)
         else:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, fp8)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -40,55 +40,69 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Layers + final norm over packed tokens (no batch dim: sequences are delimited by the metadata)."""
 
-    def __init__(self, cfg: DecoderConfig, shared_expert: bool = False, embed: bool = True):
+    def __init__(self, cfg: DecoderConfig, shared_expert: bool = False, embed: bool = True, fp8: bool = False):
         super().__init__()
         self.cfg = cfg
         if embed:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, shared_expert) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, shared_expert, fp8) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata, tap_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (tokens, hidden); positions: (3, tokens) → (normed hidden (tokens, hidden), tapped hidden or None).
+                meta: AttentionMetadata, tap_layer: int | None = None,
+                deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (tokens, hidden); positions: (3, tokens) float or int → (normed hidden (tokens, hidden), tapped
+        hidden or None).
 
         ``tap_layer`` k returns the residual stream after k layers (transformers' ``hidden_states[k]``).
+        ``deepstack`` (visual mask (tokens,) bool, [features (mask.sum(), hidden)] per tap): feature j is added
+        at the visual tokens after layer j (prefill only; the reference's _deepstack_process).
         """
         cos, sin = self.rotary(positions, x.dtype)
         tap = x if tap_layer == 0 else None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_caches[i], meta)
+            if deepstack is not None and i < len(deepstack[1]):
+                x = x.index_put((deepstack[0],), deepstack[1][i].to(x.dtype), accumulate=True)
             if tap_layer == i + 1:
                 tap = x
         return self.norm(x), tap
 
 
 class Thinker(nn.Module):
-    def __init__(self, cfg: ThinkerConfig):
+    """``fp8``: the decoder layers' projections hold block-FP8 weights (see models.layers.FP8Linear)."""
+
+    def __init__(self, cfg: ThinkerConfig, fp8: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.model = Decoder(cfg.text)
+        self.model = Decoder(cfg.text, fp8=fp8)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.audio_tower = AudioEncoder(cfg.audio)
         # None for checkpoints without a vision tower (e.g. the Captioner): vision inputs are refused.
         self.visual = VisionEncoder(cfg.vision) if cfg.vision is not None else None
 
-    def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (tokens,) → (tokens, hidden), audio features replacing <|audio_pad|> embeddings in order.
+    def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None = None,
+              image_embeds: torch.Tensor | None = None, video_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (tokens,) → (tokens, hidden), audio / image / video features replacing the
+        <|audio_pad|> / <|image_pad|> / <|video_pad|> embeddings in order.
 
-        audio_embeds: (n_audio_tokens, hidden); its length must equal the number of audio pad tokens.
+        Each *_embeds: (n_pad_tokens of that kind, hidden); its length must equal that pad count.
         """
         x = self.model.embed_tokens(input_ids)
-        if audio_embeds is not None and audio_embeds.shape[0] > 0:
-            mask = input_ids == self.cfg.audio_token_id
-            x = x.masked_scatter(mask[:, None], audio_embeds.to(x.dtype))
+        for feats, token in ((audio_embeds, self.cfg.audio_token_id), (image_embeds, self.cfg.image_token_id),
+                             (video_embeds, self.cfg.video_token_id)):
+            if feats is not None and feats.shape[0] > 0:
+                mask = input_ids == token
+                x = x.masked_scatter(mask[:, None], feats.to(x.dtype))
         return x
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                tap_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.model(embeds, positions, kv_caches, meta, tap_layer)
+                tap_layer: int | None = None, deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model(embeds, positions, kv_caches, meta, tap_layer, deepstack)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (n, hidden) normed → (n, vocab) in the model dtype."""
