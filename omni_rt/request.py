@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from typing import Any, Sequence
 
 import numpy as np
+
+from .validate import check_int, check_int_list, check_real
+
+# Seeds are 63-bit: the sampler keeps them in int64 tensors.
+SEED_LIMIT = 1 << 63
 
 # The reference's defaults per stage (transformers Qwen3OmniMoe generate()): the thinker decodes greedily;
 # the talker samples with top_k 50, top_p 1.0, temperature 0.9 and repetition penalty 1.05.
@@ -32,32 +38,49 @@ class SamplingParams:
     stop_token_ids: Sequence[int] | None = None
     seed: int | None = None
 
+    def __post_init__(self):
+        self.validate()
+
     def resolved(self, stage: str) -> "SamplingParams":
         """A copy with every None filled from ``stage``'s defaults, validated."""
         if stage not in _STAGE_DEFAULTS:
             raise ValueError(f"stage must be one of {sorted(_STAGE_DEFAULTS)}, got {stage!r}")
+        self.validate()  # the fields may have been assigned since construction
         values = dataclasses.asdict(self)
         for key, default in _STAGE_DEFAULTS[stage].items():
             if values[key] is None:
                 values[key] = default
-        out = SamplingParams(**values)
-        out.validate()
-        return out
+        return SamplingParams(**values)
+
+    def for_vocab(self, vocab_size: int, name: str = "SamplingParams") -> "SamplingParams":
+        """A copy checked against a stage's vocabulary: every stop id must lie in it, and a ``top_k`` of at least
+        the vocabulary size means "no top-k" (0), as transformers' TopKLogitsWarper treats it."""
+        if self.stop_token_ids is not None:
+            check_int_list(f"{name}.stop_token_ids", self.stop_token_ids, 0, vocab_size)
+        top_k = self.top_k
+        if top_k is not None and top_k >= vocab_size:
+            top_k = 0
+        return dataclasses.replace(self, top_k=top_k)
 
     def validate(self) -> None:
-        if self.temperature is not None and not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0):
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
-        if self.top_p is not None and not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, (int, np.integer))
-                                                or self.max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
-        if self.stop_token_ids is not None and not all(isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids}")
+        """Check (and normalise to Python scalars) every field that is set: TypeError for a wrong type,
+        ValueError for a value out of range, naming the field and what it accepts."""
+        if self.temperature is not None:
+            self.temperature = check_real("SamplingParams.temperature", self.temperature, 0.0,
+                                          hint=" (0 = greedy)")
+        if self.top_k is not None:
+            self.top_k = check_int("SamplingParams.top_k", self.top_k, 0, hint=" (0 = no top-k)")
+        if self.top_p is not None:
+            self.top_p = check_real("SamplingParams.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        if self.repetition_penalty is not None:
+            self.repetition_penalty = check_real("SamplingParams.repetition_penalty", self.repetition_penalty,
+                                                 0.0, lo_open=True, hint=" (1 = off)")
+        if self.max_new_tokens is not None:
+            self.max_new_tokens = check_int("SamplingParams.max_new_tokens", self.max_new_tokens, 1)
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = check_int_list("SamplingParams.stop_token_ids", self.stop_token_ids, 0)
+        if self.seed is not None:
+            self.seed = check_int("SamplingParams.seed", self.seed, 0, SEED_LIMIT, hi_exclusive=True)
 
 
 @dataclasses.dataclass
@@ -70,13 +93,30 @@ class Prompt:
     audios: Sequence[Any] = ()
 
     def __post_init__(self):
-        ids = list(self.token_ids)
-        if not ids:
-            raise ValueError("Prompt.token_ids is empty")
-        if not all(isinstance(t, (int, np.integer)) and t >= 0 for t in ids):
-            raise ValueError("Prompt.token_ids must be non-negative integers")
-        self.token_ids = [int(t) for t in ids]
+        self.token_ids = check_int_list("Prompt.token_ids", self.token_ids, 0)
+        if not self.token_ids:
+            raise ValueError("Prompt.token_ids is empty: a prompt needs at least one token id")
+        if isinstance(self.audios, (str, os.PathLike, np.ndarray)) or not isinstance(self.audios, (list, tuple)):
+            raise TypeError(f"Prompt.audios must be a list of audios (np.ndarray, torch.Tensor or path), got "
+                            f"{type(self.audios).__name__}")
         self.audios = list(self.audios)
+        for i, a in enumerate(self.audios):
+            check_media(f"Prompt.audios[{i}]", a)
+
+
+def check_media(name: str, value: Any) -> None:
+    """An audio given as an array, a tensor or a path; a path must exist (FileNotFoundError otherwise)."""
+    import torch
+
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{name}: audio file not found: {path!r}")
+        return
+    raise TypeError(f"{name} must be an np.ndarray or torch.Tensor of samples, or a path to an audio file; got "
+                    f"{type(value).__name__}")
 
 
 @dataclasses.dataclass
