@@ -27,6 +27,7 @@ class SamplingParams:
 
     temperature 0 = greedy (repetition penalty still applies, as in transformers). stop_token_ids None = the
     stage's own stop id (<|im_end|> for the thinker, codec_eos for the talker). seed None = a random seed.
+    stop (thinker): strings; the reply's text ends before the first one and nothing past it is spoken.
     Talker max_new_tokens counts talker steps: T steps give T - 1 frames.
     """
 
@@ -37,6 +38,7 @@ class SamplingParams:
     max_new_tokens: int | None = None
     stop_token_ids: Sequence[int] | None = None
     seed: int | None = None
+    stop: Sequence[str] | None = None   # strings: the reply ends before the first one (thinker only)
 
     def __post_init__(self):
         self.validate()
@@ -81,6 +83,16 @@ class SamplingParams:
             self.stop_token_ids = check_int_list("SamplingParams.stop_token_ids", self.stop_token_ids, 0)
         if self.seed is not None:
             self.seed = check_int("SamplingParams.seed", self.seed, 0, SEED_LIMIT, hi_exclusive=True)
+        if self.stop is not None:
+            if isinstance(self.stop, (str, bytes)) or not isinstance(self.stop, (list, tuple)):
+                raise TypeError(f"SamplingParams.stop must be a list of non-empty strings, got "
+                                f"{type(self.stop).__name__} {self.stop!r:.80}")
+            for i, x in enumerate(self.stop):
+                if not isinstance(x, str):
+                    raise TypeError(f"SamplingParams.stop[{i}] must be a string, got {type(x).__name__}")
+                if not x:
+                    raise ValueError(f"SamplingParams.stop[{i}] must be a non-empty string")
+            self.stop = list(self.stop)
 
 
 @dataclasses.dataclass
@@ -129,6 +141,7 @@ class GenerationOutput:
     sample_rate: int = 24000
     metrics: dict = dataclasses.field(default_factory=dict)
     finish_reason: str = "stop"
+    reasoning: str = ""          # a Thinking checkpoint's <think>…</think> span (not part of ``text``)
 
 
 @dataclasses.dataclass
@@ -140,6 +153,7 @@ class StreamChunk:
     finished: bool = False
     metrics: dict | None = None
     error: BaseException | None = None
+    reasoning_delta: str = ""    # new reasoning text (Thinking checkpoints), apart from text_delta
 
 
 def new_request_id() -> str:

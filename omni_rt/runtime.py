@@ -18,10 +18,12 @@ import numpy as np
 import torch
 
 from . import audio as audio_mod
+from . import vision as vision_mod
 from .config import OmniConfig
 from .errors import DeviceFault
 from .engine.engine import Engine
 from .engine.requests import EngineRequest
+from .engine.text_output import TextOutput
 from .models.omni import OmniModel, load_model
 from .profiling import TorchProfiler
 from .request import GenerationOutput, Prompt, SamplingParams, check_media, new_request_id
@@ -117,6 +119,9 @@ class Runtime:
                 self.tokenizer = OmniTokenizer(self.path)
             except TokenizerMissing:
                 self.tokenizer = None
+        # Image/video preprocessing settings: the checkpoint's preprocessor_config.json, else the released ones.
+        self.vision_preprocess = (vision_mod.VisionPreprocessConfig.from_checkpoint(self.path, self.cfg.thinker.vision)
+                                  if self.cfg.thinker.vision is not None else None)
         tc = self.cfg.thinker.text
         if max_model_len is not None and max_model_len > tc.max_position_embeddings:
             raise ValueError(f"max_model_len must be an integer in [1, {tc.max_position_embeddings}] (the "
@@ -167,8 +172,8 @@ class Runtime:
 
     @property
     def speakers(self) -> list[str]:
-        """This checkpoint's voices ([] without a talker)."""
-        return sorted(self.cfg.talker.speaker_id) if self._has_talker else []
+        """This checkpoint's voices, lower case ([] without a talker)."""
+        return sorted(k.lower() for k in self.cfg.talker.speaker_id) if self._has_talker else []
 
     @property
     def closed(self) -> bool:
@@ -233,6 +238,25 @@ class Runtime:
         with torch.inference_mode():
             return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
 
+    def encode_image(self, image: Any, deepstack: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The vision encoder output for one image (path, PIL image or uint8 (H, W, 3) array):
+        (n_tokens, out_hidden_size); with ``deepstack=True`` also the deepstack features, one
+        (n_tokens, out_hidden_size) per tap layer."""
+        self._check_open()
+        visual = self._require_vision("encode_image")
+        pixel_values, grid = vision_mod.preprocess_images([image], self.vision_preprocess)
+        with torch.inference_mode():
+            out, taps = visual(pixel_values.to(self.device, self.dtype), grid, deepstack=deepstack)
+        return (out, taps) if deepstack else out
+
+    def _require_vision(self, what: str):
+        visual = self.model.thinker.visual
+        if visual is None:
+            raise ValueError(f"{what}: this checkpoint has no vision tower (thinker_config.vision_config is "
+                             f"absent), so it cannot take images or video")
+        return visual
+
     def stage_times(self, reset: bool = False) -> dict[str, float]:
         """Engine wall time per stage in ms, summed since the start (or the last reset)."""
         self._check_open()
@@ -253,11 +277,12 @@ class Runtime:
                  request_id: str | None = None) -> GenerationOutput:
         """Run one request to completion; returns text, token ids, codes, audio and metrics."""
         req = self._submit(prompt, speaker, return_audio, thinker, talker, request_id)
-        text, ids, audio = [], [], []
+        text, ids, audio, reasoning = [], [], [], []
         last = None
         with RequestStream(self.engine, req) as chunks:
             for chunk in chunks:
                 text.append(chunk.text_delta)
+                reasoning.append(chunk.reasoning_delta)
                 ids.extend(chunk.token_ids)
                 if chunk.audio.size:
                     audio.append(chunk.audio)
@@ -269,7 +294,8 @@ class Runtime:
                      np.zeros((self.cfg.talker.num_code_groups, 0), dtype=np.int64))
             wav = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
         return GenerationOutput(request_id=req.request_id, text="".join(text), token_ids=ids, codes=codes,
-                                audio=wav, metrics=last.metrics or {}, finish_reason=req.finish_reason or "stop")
+                                audio=wav, metrics=last.metrics or {}, finish_reason=req.finish_reason or "stop",
+                                reasoning="".join(reasoning))
 
     def stream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
@@ -330,7 +356,18 @@ class Runtime:
             speaker_id=speaker_id, thinker_stop_ids=frozenset(int(t) for t in stop),
             thinker_seed=thinker_p.seed if thinker_p.seed is not None else random.getrandbits(63),
             talker_seed=(talker_p.seed if talker_p and talker_p.seed is not None else random.getrandbits(63)),
-            detok=IncrementalDetokenizer(self.tokenizer))
+            detok=IncrementalDetokenizer(self.tokenizer), text_out=self._text_output(ids, thinker_p))
+
+    def _text_output(self, prompt_ids: list[int], params: SamplingParams) -> TextOutput:
+        """Text side of a request: stop strings and, when the tokenizer has think tags, the reasoning span (on
+        from the start when the prompt itself opens it, as Thinking templates may)."""
+        think = None
+        if self.tokenizer is not None:
+            ids = [self.tokenizer.tok.token_to_id(t) for t in ("<think>", "</think>")]
+            if None not in ids:
+                think = (ids[0], ids[1])
+        opened = think is not None and think[0] in prompt_ids[-2:]
+        return TextOutput(self.tokenizer, params.stop, think, in_reasoning=opened)
 
     def _check_prompt(self, ids: list[int], audios: list[np.ndarray], speaking: bool) -> None:
         """What the engine would otherwise find out on its own thread: ids in the vocabulary, one audio token
