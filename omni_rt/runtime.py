@@ -195,6 +195,7 @@ class Runtime:
             self._closed = True
         self._finalizer.detach()
         self.engine.shutdown()
+        self._final_stats = self._stats()   # stats() keeps answering (from this snapshot) after close
         if self._profiler:
             self._profiler.stop()
             self._profiler = None
@@ -213,9 +214,13 @@ class Runtime:
 
     def stats(self) -> dict:
         """Cheap, thread-safe counters (api.md): KV blocks and speech slots free/total, requests running and
-        waiting, and ``fault`` (None, or what killed the runtime)."""
+        waiting, and ``fault`` (None, or what killed the runtime). After ``close()`` it returns the counters as
+        the runtime left them (every request ended, every block and slot returned); it never raises."""
         if self._closed:
-            raise RuntimeError("this omni_rt.Runtime is closed: create a new one")
+            return dict(self._final_stats)
+        return self._stats()
+
+    def _stats(self) -> dict:
         e = self.engine
         sp = e.speech
         fault = e.fault

@@ -151,11 +151,16 @@ class Engine:
         # Closed with requests still in flight: end their streams instead of leaving consumers waiting.
         closed = RuntimeError("the runtime was closed before this request finished")
         with self._lock:
-            pending = list(self.running) + list(self.waiting)
-            self.running.clear()
+            running, waiting = list(self.running), list(self.waiting)
             self.waiting.clear()
             self.requests.clear()
-        for req in pending:
+        for req in running:  # return their KV blocks and speech slots, so the final stats show them free
+            try:
+                self._release(req)
+            except Exception:  # noqa: BLE001 - a faulted engine's bookkeeping may be gone; the streams still end
+                pass
+        self.running.clear()
+        for req in running + waiting:
             req.out.put(StreamChunk(req.request_id, finished=True, error=closed))
 
     def has_work(self) -> bool:
