@@ -69,6 +69,10 @@ class Runtime:
         first_chunk_frames: talker frames decoded before the first audio packet is sent (default 1).
         profile_dir: record a torch.profiler trace of the engine into this folder (see omni_rt.profiling).
         progress: called with a line of text per checkpoint shard read (load progress for large checkpoints).
+        quantization: None (weights as stored: an FP8 checkpoint is recognised from its config.json) or "fp8"
+            (quantize the thinker's and talker's decoder projections to block FP8 while loading). FP8 weights
+            stay FP8 in device memory on GPUs with FP8 hardware (sm_89/sm_90, decided at load); on CPU and
+            sm_80 they are dequantized to ``dtype`` at load.
     """
 
     def __init__(self, model: str | os.PathLike | OmniModel, device: str | torch.device | None = None,
@@ -76,7 +80,7 @@ class Runtime:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  kv_cache_tokens: int | None = None, kv_block_size: int = 16, max_prefill_tokens: int = 4096,
                  first_chunk_frames: int = 1, profile_dir: str | os.PathLike | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, quantization: str | None = None):
         if not isinstance(model, (str, os.PathLike, OmniModel)):
             raise TypeError(f"model must be a checkpoint directory (str or os.PathLike) or an OmniModel, got "
                             f"{type(model).__name__}")
@@ -102,6 +106,10 @@ class Runtime:
             raise TypeError(f"profile_dir must be a folder path (str or os.PathLike), got {type(profile_dir).__name__}")
         if progress is not None and not callable(progress):
             raise TypeError(f"progress must be a callable taking one str, got {type(progress).__name__}")
+        if quantization is not None and not isinstance(quantization, str):
+            raise TypeError(f"quantization must be None or 'fp8', got {type(quantization).__name__}")
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.first_chunk_frames = first_chunk_frames
         self.path = None
@@ -111,7 +119,8 @@ class Runtime:
             self.path = os.fspath(model)
             if not os.path.isdir(self.path):
                 raise FileNotFoundError(f"checkpoint directory not found: {self.path}")
-            self.model = load_model(self.path, self.dtype, self.device, progress=progress)
+            self.model = load_model(self.path, self.dtype, self.device, progress=progress,
+                                    quantization=quantization)
         self.cfg: OmniConfig = self.model.cfg
         self.tokenizer = None
         if self.path is not None:
@@ -149,7 +158,7 @@ class Runtime:
         self._finalizer = weakref.finalize(self, _stop_unclosed, self.engine, self._profiler)
 
     def _plan_kv_tokens(self, max_batch_size: int, fraction: float, block_size: int) -> int:
-        from .engine.kv_cache import kv_block_bytes, plan_num_blocks
+        from .engine.kv_cache import kv_block_bytes
 
         tc = self.cfg.thinker.text
         if self.device.type != "cuda":
@@ -158,12 +167,9 @@ class Runtime:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             budget = min(ram // 4, 4 << 30)
             return max(block_size, min(max_batch_size * self.max_model_len, 262144, budget // per_token))
+        # Measured after the weights are resident: FP8 weights leave the memory they save to the KV pages.
         free, _ = torch.cuda.mem_get_info(self.device)
-        # The talker's pools and activations come out of the same memory: keep a share for them.
-        share = 0.8 if self.model.has_talker else 1.0
-        blocks = plan_num_blocks(int(free * share), tc.num_hidden_layers, block_size, tc.num_key_value_heads,
-                                 tc.head_dim, self.dtype, fraction)
-        return blocks * block_size
+        return plan_kv_tokens(self.cfg, free, self.dtype, self.model.has_talker, fraction, block_size)
 
     # ------------------------------------------------------------------------------------------- API
     @property
@@ -242,6 +248,12 @@ class Runtime:
         mel = audio_mod.log_mel(wav, device=self.device, n_mels=self.cfg.thinker.audio.num_mel_bins)
         with torch.inference_mode():
             return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
+
+    def memory(self) -> dict[str, int]:
+        """Weight bytes per component as loaded (actual dtypes: FP8 codes and scales where kept): thinker,
+        audio_tower, vision (when the checkpoint has one), talker, code_predictor, code2wav (absent without a
+        talker), and total."""
+        return self.model.weight_memory()
 
     def encode_image(self, image: Any, deepstack: bool = False
                      ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
@@ -431,3 +443,15 @@ def _stop_unclosed(engine: Engine, profiler) -> None:
     if profiler is not None:
         profiler.stop()
 
+
+def plan_kv_tokens(cfg: OmniConfig, free_bytes: int, dtype: torch.dtype, has_talker: bool, fraction: float,
+                   block_size: int) -> int:
+    """Thinker KV capacity in tokens for ``free_bytes`` of device memory left after the weights."""
+    from .engine.kv_cache import plan_num_blocks
+
+    tc = cfg.thinker.text
+    # The talker's pools and activations come out of the same memory: keep a share for them.
+    share = 0.8 if has_talker else 1.0
+    blocks = plan_num_blocks(int(free_bytes * share), tc.num_hidden_layers, block_size, tc.num_key_value_heads,
+                             tc.head_dim, dtype, fraction)
+    return blocks * block_size

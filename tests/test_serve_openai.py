@@ -22,7 +22,7 @@ from omni_rt.bench import spoken_question  # noqa: E402
 from omni_rt.serve.app import create_app  # noqa: E402
 from omni_rt.serve.protocol import Limits  # noqa: E402
 
-from _live_server import live_server  # noqa: E402
+from omni_rt.serve.live import live_server  # noqa: E402
 
 TALKER_STEPS = 8
 TOKENS = 6
@@ -41,7 +41,6 @@ def server(rt):
     app = create_app(rt, model_name="tiny", max_inflight=24, limits=Limits(max_body_bytes=2 << 20,
                                                                           max_audio_seconds=30),
                      talker_max_new_tokens=TALKER_STEPS)
-    app.state.omni.rt_close_on_exit = False
     with live_server(app) as url:
         yield url
 
@@ -296,7 +295,7 @@ def test_health_is_503_while_loading():
 
     import uvicorn
 
-    from _live_server import free_port
+    from omni_rt.serve.live import free_port
 
     app = create_app(slow_load, model_name="x")
     port = free_port()
@@ -325,3 +324,111 @@ def test_health_is_503_while_loading():
         gate.set()
         server.should_exit = True
         t.join(timeout=30)
+
+
+def test_cli_serves_the_synthetic_checkpoint(tmp_path):
+    """`omni-rt serve --synthetic tiny` as a user runs it: the demo's checkpoint with its tokenizer and chat template."""
+    import os
+    import subprocess
+    import sys
+
+    from omni_rt.serve.live import free_port
+
+    port = free_port()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
+               OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "omni_rt", "serve", "--synthetic", "tiny", "--device", "cpu",
+                             "--port", str(port), "--talker-max-new-tokens", "4", "--api-key", "k"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + TIMEOUT
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        assert proc.poll() is None, proc.stdout.read()
+        c = openai.OpenAI(base_url=f"{url}/v1", api_key="k", timeout=TIMEOUT, max_retries=0)
+        assert c.models.list().data[0].id == "omni-rt-synthetic-tiny"
+        r = c.chat.completions.create(model="omni-rt-synthetic-tiny", max_tokens=4, temperature=0,
+                                      modalities=["text", "audio"], audio={"voice": "aiden", "format": "wav"},
+                                      messages=[{"role": "user", "content": "Hello, how are you?"}])
+        assert r.usage.completion_tokens == 4 and r.choices[0].message.audio.data
+        assert os.path.isfile(tmp_path / ".omni_rt_cache" / "demo-tiny" / "tokenizer.json")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=60)
+
+
+def test_device_fault_makes_health_503(tiny_checkpoint):
+    with omni_rt.Runtime(tiny_checkpoint, device="cpu") as broken:
+        with live_server(create_app(broken, model_name="tiny")) as url:
+            def explode(*a, **k):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+            broken.engine.runner.decode = explode   # test-only injection of a device fault
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "device_fault"
+            h = httpx.get(f"{url}/health", timeout=10)
+            assert h.status_code == 503 and h.json()["status"] == "fault" and "illegal memory" in h.json()["stats"]["fault"]
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT)
+            assert r.status_code == 503
+
+
+def test_bad_requests_do_not_disturb_a_running_stream(client, rt, server):
+    ref = expected(rt, voice="ethan")
+    stream = client.chat.completions.create(model="tiny", messages=question_messages(), modalities=["text", "audio"],
+                                            audio={"voice": "ethan", "format": "pcm16"}, temperature=0,
+                                            max_tokens=TOKENS, stream=True)
+    text, pcm, bad = [], [], 0
+    for chunk in stream:
+        if bad < 3:   # bad requests land while this one streams
+            bad_bodies = [{"messages": [{"role": "user", "content": [{"type": "input_audio",
+                                                                        "input_audio": {"data": "AAAA", "format": "mp3"}}]}]},
+                          {"messages": [{"role": "tool", "content": "x"}]}, {"stop": 5, "messages": []}]
+            r = httpx.post(f"{server}/v1/chat/completions", json=bad_bodies[bad], timeout=TIMEOUT)
+            assert r.status_code == 400, r.text
+            bad += 1
+        if chunk.choices:
+            d = chunk.choices[0].delta
+            text.append(d.content or "")
+            if field(getattr(d, "audio", None), "data"):
+                pcm.append(np.frombuffer(base64.b64decode(field(d.audio, "data")), dtype="<i2"))
+    assert bad == 3 and "".join(text) == ref.text and np.array_equal(np.concatenate(pcm), pcm16(ref.audio))
+
+
+def test_reasoning_content_from_a_thinking_template(tiny_checkpoint, tmp_path):
+    """A checkpoint whose chat template opens a <think> span (as Thinking checkpoints' do): the span comes back as
+    reasoning_content, apart from content, equal to Runtime.generate's ``reasoning``; streamed the same."""
+    import os
+
+    ckpt = tmp_path / "thinking"
+    ckpt.mkdir()
+    for name in os.listdir(tiny_checkpoint):
+        if name != "chat_template.jinja":
+            os.symlink(os.path.join(tiny_checkpoint, name), ckpt / name)
+    with open(os.path.join(tiny_checkpoint, "chat_template.jinja")) as f:
+        template = f.read()
+    tail = "{{ '<|im_start|>assistant\n' }}{% endif %}"
+    assert template.endswith(tail)
+    (ckpt / "chat_template.jinja").write_text(template[:-len(tail)]
+                                              + "{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}")
+    msgs = [{"role": "user", "content": "Hello, how are you?"}]
+    with omni_rt.Runtime(str(ckpt), device="cpu") as thinking:
+        ref = thinking.generate(msgs, return_audio=False,
+                                thinker=omni_rt.SamplingParams(temperature=0.0, max_new_tokens=10))
+        assert ref.reasoning
+        with live_server(create_app(thinking, model_name="thinking")) as url:
+            c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+            r = c.chat.completions.create(model="thinking", messages=msgs, temperature=0, max_tokens=10)
+            assert r.choices[0].message.reasoning_content == ref.reasoning
+            assert r.choices[0].message.content == ref.text
+            chunks = list(c.chat.completions.create(model="thinking", messages=msgs, temperature=0, max_tokens=10,
+                                                    stream=True))
+            assert "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks
+                           if ch.choices) == ref.reasoning

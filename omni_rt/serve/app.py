@@ -143,10 +143,13 @@ def _finish_reason(metrics: dict) -> str:
 
 def create_app(load: Callable[[], Any], model_name: str = "omni_rt", max_inflight: int = 32,
                api_key: str | None = None, limits: Limits | None = None, talker_max_new_tokens: int | None = None,
-               realtime_options: dict | None = None, load_in_background: bool = True) -> FastAPI:
+               realtime_options: dict | None = None, load_in_background: bool = True,
+               replica_name: str | None = None) -> FastAPI:
     """The app. ``load`` builds the Runtime (called once, in a thread, at startup: /health is 503 until it is
-    done); a Runtime instance may be passed instead (then it is used as is and closed on shutdown)."""
-    state = ServerState(load if callable(load) else (lambda: load), model_name, max_inflight, api_key,
+    done, or before the app starts with ``load_in_background=False``); a Runtime instance may be passed instead (then it
+    is used as is and left open on shutdown). ``replica_name`` is sent back in an ``x-omni-rt-replica`` header."""
+    owned = callable(load)   # a Runtime handed in is the caller's to close
+    state = ServerState(load if owned else (lambda: load), model_name, max_inflight, api_key,
                         limits or Limits(), talker_max_new_tokens, realtime_options)
 
     async def lifespan(app):
@@ -159,11 +162,18 @@ def create_app(load: Callable[[], Any], model_name: str = "omni_rt", max_infligh
             await loop.run_in_executor(None, state.loaded.wait)
         yield
         state.loaded.wait(timeout=600)
-        if state.rt is not None:
+        if state.rt is not None and owned:
             state.rt.close()
 
     app = FastAPI(title="omni_rt", lifespan=lifespan)
     app.state.omni = state
+
+    if replica_name is not None:   # which replica answered (Ray Serve: several processes behind one proxy)
+        @app.middleware("http")
+        async def _replica_header(request, call_next):
+            response = await call_next(request)
+            response.headers["x-omni-rt-replica"] = replica_name
+            return response
 
     @app.exception_handler(ApiError)
     async def _api_error(request, exc: ApiError):
