@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .validate import check_int, check_int_list, check_real
+from .validate import check_bool, check_int, check_int_list, check_real
 
 # Seeds are 63-bit: the sampler keeps them in int64 tensors.
 SEED_LIMIT = 1 << 63
@@ -97,12 +97,24 @@ class SamplingParams:
 
 @dataclasses.dataclass
 class Prompt:
-    """A pre-tokenized prompt: token ids exactly as the HF processor makes them (each audio's <|audio_pad|> run
-    already expanded to its token count) and the audios in order of appearance (float32 mono 16 kHz arrays,
-    or paths)."""
+    """A pre-tokenized prompt: token ids exactly as the HF processor makes them and the media in order of
+    appearance.
+
+    Each audio's <|audio_pad|> run, image's <|image_pad|> run and video's <|video_pad|> run is already expanded to
+    its token count (``grid_t·grid_h·grid_w // 4`` for vision); with ``use_audio_in_video`` each video's block is
+    ``<|vision_start|><|audio_start|>`` + its video and audio pads interleaved by time as Qwen3OmniMoeProcessor does
+    + ``<|audio_end|><|vision_end|>``, and that video's audio is in ``audios`` at its place in order of appearance.
+
+    audios: float32 mono 16 kHz arrays or paths. images: uint8 (H, W, 3) arrays, PIL images or paths. videos:
+    uint8 (T, H, W, 3) arrays of frames already sampled, with ``video_fps`` (one per video; default 2.0 each).
+    """
 
     token_ids: Sequence[int]
     audios: Sequence[Any] = ()
+    images: Sequence[Any] = ()
+    videos: Sequence[Any] = ()
+    video_fps: Sequence[float] | None = None
+    use_audio_in_video: bool = False
 
     def __post_init__(self):
         self.token_ids = check_int_list("Prompt.token_ids", self.token_ids, 0)
@@ -114,6 +126,22 @@ class Prompt:
         self.audios = list(self.audios)
         for i, a in enumerate(self.audios):
             check_media(f"Prompt.audios[{i}]", a)
+        for name in ("images", "videos"):
+            items = getattr(self, name)
+            if isinstance(items, (str, os.PathLike, np.ndarray)) or not isinstance(items, (list, tuple)):
+                raise TypeError(f"Prompt.{name} must be a list, got {type(items).__name__}")
+            setattr(self, name, list(items))
+            for i, item in enumerate(getattr(self, name)):
+                if isinstance(item, (str, os.PathLike)) and not os.path.exists(os.fspath(item)):
+                    raise FileNotFoundError(f"Prompt.{name}[{i}]: file not found: {os.fspath(item)!r}")
+        if self.video_fps is not None and (isinstance(self.video_fps, (str, bytes))
+                                           or not isinstance(self.video_fps, (list, tuple, np.ndarray))):
+            raise TypeError(f"Prompt.video_fps must be a list of numbers or None, got {type(self.video_fps).__name__}")
+        fps = [2.0] * len(self.videos) if self.video_fps is None else list(self.video_fps)
+        if len(fps) != len(self.videos):
+            raise ValueError(f"Prompt.video_fps has {len(fps)} values for {len(self.videos)} videos")
+        self.video_fps = [check_real(f"Prompt.video_fps[{i}]", f, 0.0, lo_open=True) for i, f in enumerate(fps)]
+        self.use_audio_in_video = check_bool("Prompt.use_audio_in_video", self.use_audio_in_video)
 
 
 def check_media(name: str, value: Any) -> None:

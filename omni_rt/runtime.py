@@ -26,10 +26,11 @@ from .engine.requests import EngineRequest
 from .engine.text_output import TextOutput
 from .models.omni import OmniModel, load_model
 from .profiling import TorchProfiler
-from .request import GenerationOutput, Prompt, SamplingParams, check_media, new_request_id
+from .request import GenerationOutput, Prompt, SamplingParams, new_request_id
+from .prompting import PreparedPrompt, PromptBuilder
 from .streams import AsyncRequestStream, RequestStream
+from .tokenizer import IncrementalDetokenizer, OmniTokenizer, TokenizerMissing
 from .validate import check_bool, check_int, check_real, check_str
-from .tokenizer import IncrementalDetokenizer, OmniTokenizer, TokenizerMissing, expand_audio_pads, split_messages
 
 
 # Largest accepted batch (each slot holds decoder state: a larger value is a typo, not a plan).
@@ -131,6 +132,7 @@ class Runtime:
         # Image/video preprocessing settings: the checkpoint's preprocessor_config.json, else the released ones.
         self.vision_preprocess = (vision_mod.VisionPreprocessConfig.from_checkpoint(self.path, self.cfg.thinker.vision)
                                   if self.cfg.thinker.vision is not None else None)
+        self._prompts = PromptBuilder(self.cfg, self.tokenizer, self.vision_preprocess)
         tc = self.cfg.thinker.text
         if max_model_len is not None and max_model_len > tc.max_position_embeddings:
             raise ValueError(f"max_model_len must be an integer in [1, {tc.max_position_embeddings}] (the "
@@ -291,9 +293,12 @@ class Runtime:
 
     def generate(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                  thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
-                 request_id: str | None = None) -> GenerationOutput:
-        """Run one request to completion; returns text, token ids, codes, audio and metrics."""
-        req = self._submit(prompt, speaker, return_audio, thinker, talker, request_id)
+                 request_id: str | None = None, use_audio_in_video: bool | None = None) -> GenerationOutput:
+        """Run one request to completion; returns text, token ids, codes, audio and metrics.
+
+        use_audio_in_video: a video file's own audio track is heard too, interleaved by time (chat messages;
+        a Prompt carries its own flag)."""
+        req = self._submit(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
         text, ids, audio, reasoning = [], [], [], []
         last = None
         with RequestStream(self.engine, req) as chunks:
@@ -316,32 +321,34 @@ class Runtime:
 
     def stream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
-               request_id: str | None = None) -> RequestStream:
+               request_id: str | None = None, use_audio_in_video: bool | None = None) -> RequestStream:
         """Submit now and return an iterator of chunks (text deltas, audio, finished) as they are produced.
 
         Arguments are validated by this call. Closing the stream, or dropping it before the last chunk
         (leaving the loop early), aborts the request."""
         return RequestStream(self.engine, self._submit(prompt, speaker, return_audio, thinker, talker,
-                                                         request_id))
+                                                         request_id, use_audio_in_video))
 
     def astream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                 thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
-                request_id: str | None = None) -> AsyncRequestStream:
+                request_id: str | None = None, use_audio_in_video: bool | None = None) -> AsyncRequestStream:
         """Async ``stream`` (``async for chunk in rt.astream(...)``); cancelling the consuming task, closing the
         stream or dropping it aborts the request. No executor thread waits on the engine."""
         return AsyncRequestStream(self.engine, self._submit(prompt, speaker, return_audio, thinker, talker,
-                                                              request_id))
+                                                              request_id, use_audio_in_video))
 
     # ------------------------------------------------------------------------------------------ internals
-    def _submit(self, prompt, speaker, return_audio, thinker, talker, request_id) -> EngineRequest:
+    def _submit(self, prompt, speaker, return_audio, thinker, talker, request_id,
+                use_audio_in_video: bool | None = None) -> EngineRequest:
         t_call = time.perf_counter()
         self._check_open()
-        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id)
+        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
         req.t_submit = t_call  # metrics count from the call (audio loading and tokenizing included)
         self.engine.submit(req)
         return req
 
-    def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id) -> EngineRequest:
+    def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id,
+                      use_audio_in_video: bool | None = None) -> EngineRequest:
         """Validate every argument (TypeError/ValueError/FileNotFoundError naming it) and build the request:
         nothing invalid reaches the engine thread."""
         if return_audio is None:
@@ -365,7 +372,8 @@ class Runtime:
         if return_audio:
             talker_p = (talker or SamplingParams()).resolved("talker").for_vocab(self.cfg.talker.text.vocab_size,
                                                                                 "talker")
-        ids, audios = self._resolve_prompt(prompt)
+        prepared = self._resolve_prompt(prompt, use_audio_in_video)
+        ids, audios = prepared.ids, prepared.audios
         self._check_prompt(ids, audios, return_audio)
         stop = thinker_p.stop_token_ids if thinker_p.stop_token_ids is not None else [self.cfg.im_end_token_id]
         return EngineRequest(
@@ -373,7 +381,8 @@ class Runtime:
             speaker_id=speaker_id, thinker_stop_ids=frozenset(int(t) for t in stop),
             thinker_seed=thinker_p.seed if thinker_p.seed is not None else random.getrandbits(63),
             talker_seed=(talker_p.seed if talker_p and talker_p.seed is not None else random.getrandbits(63)),
-            detok=IncrementalDetokenizer(self.tokenizer), text_out=self._text_output(ids, thinker_p))
+            detok=IncrementalDetokenizer(self.tokenizer), text_out=self._text_output(ids, thinker_p),
+            vision=prepared.vision)
 
     def _text_output(self, prompt_ids: list[int], params: SamplingParams) -> TextOutput:
         """Text side of a request: stop strings and, when the tokenizer has think tags, the reasoning span (on
@@ -407,31 +416,14 @@ class Runtime:
                 raise ValueError("a speech reply needs a prompt with an '<|im_start|>assistant' turn to answer "
                                  "(or call with return_audio=False)")
 
-    def _load_audio(self, a: Any, name: str = "audio") -> np.ndarray:
-        wav = audio_mod.load(a, sr=audio_mod.SAMPLE_RATE) if not isinstance(a, (str, os.PathLike)) else \
-            audio_mod.load(a)
-        if wav.size < audio_mod.MIN_LOG_MEL_SAMPLES:
-            raise ValueError(f"{name} has {wav.size} samples at 16 kHz; at least MIN_LOG_MEL_SAMPLES = "
-                             f"{audio_mod.MIN_LOG_MEL_SAMPLES} (about 12.6 ms) are needed")
-        return wav
-
-    def _resolve_prompt(self, prompt: Prompt | list[dict]) -> tuple[list[int], list[np.ndarray]]:
+    def _resolve_prompt(self, prompt: Prompt | list[dict], use_audio_in_video: bool | None = None
+                        ) -> PreparedPrompt:
+        if use_audio_in_video is not None and not isinstance(use_audio_in_video, (bool, np.bool_)):
+            raise TypeError(f"use_audio_in_video must be True, False or None, got {use_audio_in_video!r}")
         if isinstance(prompt, Prompt):
-            prompt.__post_init__()  # fields may have been assigned since construction
-            return list(prompt.token_ids), [self._load_audio(a, f"Prompt.audios[{i}]")
-                                            for i, a in enumerate(prompt.audios)]
+            return self._prompts.from_prompt(prompt, use_audio_in_video)
         if isinstance(prompt, list):
-            if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer files (tokenizer.json, or vocab.json + "
-                                 "merges.txt): pass an omni_rt.Prompt with token ids instead of chat messages")
-            messages, raw_audios = split_messages(prompt)
-            for i, a in enumerate(raw_audios):
-                check_media(f"audio {i} of the messages", a)
-            audios = [self._load_audio(a, f"audio {i} of the messages") for i, a in enumerate(raw_audios)]
-            n_window = self.cfg.thinker.audio.n_window
-            counts = [audio_mod.num_audio_tokens(audio_mod.num_frames(a.size), n_window) for a in audios]
-            ids = self.tokenizer.encode(self.tokenizer.render(messages))
-            return expand_audio_pads(ids, self.cfg.thinker.audio_token_id, counts), audios
+            return self._prompts.from_messages(prompt, use_audio_in_video)
         raise TypeError(f"prompt must be an omni_rt.Prompt or a list of chat messages, got {type(prompt).__name__}")
 
 
