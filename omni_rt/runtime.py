@@ -27,7 +27,7 @@ from .engine.text_output import TextOutput
 from .models.omni import OmniModel, load_model
 from .profiling import TorchProfiler
 from .request import GenerationOutput, Prompt, SamplingParams, new_request_id
-from .prompting import PreparedPrompt, PromptBuilder
+from .prompting import PreparedPrompt, PromptBuilder, load_audio
 from .streams import AsyncRequestStream, RequestStream
 from .tokenizer import IncrementalDetokenizer, OmniTokenizer, TokenizerMissing
 from .validate import check_bool, check_int, check_real, check_str
@@ -245,8 +245,7 @@ class Runtime:
     def encode_audio(self, wav_16k: np.ndarray | str | os.PathLike) -> torch.Tensor:
         """The AuT encoder output for one audio: (n_tokens, output_dim)."""
         self._check_open()
-        check_media("wav_16k", wav_16k)
-        wav = self._load_audio(wav_16k, "wav_16k")
+        wav = load_audio(wav_16k, "wav_16k")
         mel = audio_mod.log_mel(wav, device=self.device, n_mels=self.cfg.thinker.audio.num_mel_bins)
         with torch.inference_mode():
             return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
