@@ -204,6 +204,7 @@ class Runtime:
         self._finalizer.detach()
         self.engine.shutdown()
         self._final_stats = self._stats()   # stats() keeps answering (from this snapshot) after close
+        self._final_memory = self.model.weight_memory()
         if self._profiler:
             self._profiler.stop()
             self._profiler = None
@@ -253,7 +254,9 @@ class Runtime:
     def memory(self) -> dict[str, int]:
         """Weight bytes per component as loaded (actual dtypes: FP8 codes and scales where kept): thinker,
         audio_tower, vision (when the checkpoint has one), talker, code_predictor, code2wav (absent without a
-        talker), and total."""
+        talker), and total. After ``close()`` (which frees them): the figures the runtime had."""
+        if self._closed:
+            return dict(self._final_memory)
         return self.model.weight_memory()
 
     def encode_image(self, image: Any, deepstack: bool = False
