@@ -170,7 +170,9 @@ class TalkerTextFeed:
         """→ (embeds (n_user + 9, H), positions (3, n_user + 9)); call when ``prefill_ready()``."""
         if not self.prefill_ready():
             raise RuntimeError("the talker prefill needs the thinker's first token")
-        text = torch.stack([self.assistant_proj[0], self.assistant_proj[1], self.assistant_proj[2],
+        # A[0..2] through _a_token_proj: a prompt ending in '<|im_start|>assistant' without its newline has
+        # p = 2, and then A[2] is the first generated token, exactly as in the reference's assistant segment.
+        text = torch.stack([self._a_token_proj(0), self._a_token_proj(1), self._a_token_proj(2),
                             self.tts_pad, self.tts_pad, self.tts_pad, self.tts_pad, self.tts_bos,
                             self._a_token_proj(3)])
         embeds = torch.cat((self.user_embeds, text + self.codec_prefix))
