@@ -15,7 +15,8 @@ import torch
 from omni_rt.engine.kv_cache import KVCachePool
 from omni_rt.engine.model_runner import DecoderRunner
 from omni_rt.engine.text_generation import generate_text
-from omni_rt.models.omni import build_synthetic_model, load_model
+from omni_rt.models.omni import load_model
+from omni_rt.testing import build_synthetic_model
 from omni_rt.request import SamplingParams
 from omni_rt.testing import make_checkpoint
 

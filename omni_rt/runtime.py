@@ -17,8 +17,9 @@ import torch
 
 from . import audio as audio_mod
 from .config import OmniConfig
+from .engine.config import EngineConfig
 from .engine.engine import Engine
-from .engine.requests import EngineRequest
+from .engine.sequence import Request, Sequence
 from .models.omni import OmniModel, load_model
 from .profiling import TorchProfiler
 from .request import GenerationOutput, Prompt, SamplingParams, StreamChunk, new_request_id
@@ -64,14 +65,16 @@ class Runtime:
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        if first_chunk_frames < 1:
-            raise ValueError(f"first_chunk_frames must be >= 1, got {first_chunk_frames}")
+        if not isinstance(cuda_graphs, bool):
+            raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.first_chunk_frames = first_chunk_frames
+        # validated early (before loading weights) with the values known now; completed below
+        EngineConfig(max_batch_size=max_batch_size, max_prefill_tokens=max_prefill_tokens,
+                     kv_block_size=kv_block_size, first_chunk_frames=first_chunk_frames,
+                     gpu_memory_utilization=gpu_memory_utilization,
+                     **({"max_model_len": max_model_len} if max_model_len is not None else {}),
+                     **({"kv_cache_tokens": kv_cache_tokens} if kv_cache_tokens is not None else {}))
         self.path = None
         if isinstance(model, OmniModel):
             self.model = model
@@ -91,14 +94,11 @@ class Runtime:
         self.max_model_len = max_model_len or min(tc.max_position_embeddings, 32768)
         if kv_cache_tokens is None:
             kv_cache_tokens = self._plan_kv_tokens(max_batch_size, gpu_memory_utilization, kv_block_size)
-        speech_factory = None
-        if self.model.has_talker:
-            from .engine.speech_stage import SpeechStage
-
-            speech_factory = lambda engine: SpeechStage(engine, first_chunk_frames=first_chunk_frames)  # noqa: E731
-        self.engine = Engine(self.model, self.device, self.dtype, max_batch_size, kv_cache_tokens, kv_block_size,
-                             max_prefill_tokens, self.max_model_len, speech_factory=speech_factory,
-                             cuda_graphs=self.cuda_graphs)
+        self.engine_config = EngineConfig(
+            max_batch_size=max_batch_size, max_model_len=self.max_model_len, max_prefill_tokens=max_prefill_tokens,
+            kv_block_size=kv_block_size, kv_cache_tokens=kv_cache_tokens, first_chunk_frames=first_chunk_frames,
+            cuda_graphs=self.cuda_graphs, gpu_memory_utilization=gpu_memory_utilization)
+        self.engine = Engine(self.model, self.engine_config, self.device, self.dtype)
         self._profiler = TorchProfiler(profile_dir) if profile_dir else None
         if self._profiler:
             self._profiler.start()
@@ -116,7 +116,7 @@ class Runtime:
             return max(block_size, min(max_batch_size * self.max_model_len, 262144, budget // per_token))
         free, _ = torch.cuda.mem_get_info(self.device)
         # The talker's pools and activations come out of the same memory: keep a share for them.
-        share = 0.8 if self.model.has_talker else 1.0
+        share = EngineConfig.talker_memory_share if self.model.has_talker else 1.0
         blocks = plan_num_blocks(int(free * share), tc.num_hidden_layers, block_size, tc.num_key_value_heads,
                                  tc.head_dim, self.dtype, fraction)
         return blocks * block_size
@@ -146,6 +146,11 @@ class Runtime:
         with torch.inference_mode():
             return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
 
+    def stats(self) -> dict:
+        """The engine's accounting (cheap, thread-safe): kv_free_blocks, kv_total_blocks, talker_kv_free_blocks,
+        talker_kv_total_blocks, speech_slots_free, speech_slots_total, running, waiting, fault (None or str)."""
+        return self.engine.stats()
+
     def stage_times(self, reset: bool = False) -> dict[str, float]:
         """Engine wall time per stage in ms, summed since the start (or the last reset)."""
         snap = self.engine.timer.snapshot()
@@ -163,7 +168,7 @@ class Runtime:
         """Run one request to completion; returns text, token ids, codes, audio and metrics."""
         text, ids, audio = [], [], []
         last = None
-        req_holder: list[EngineRequest] = []
+        req_holder: list[Request] = []
         for chunk in self._stream(prompt, speaker, return_audio, thinker, talker, request_id, req_holder):
             text.append(chunk.text_delta)
             ids.extend(chunk.token_ids)
@@ -174,8 +179,7 @@ class Runtime:
         codes = None
         wav = None
         if req.speaking:
-            codes = (np.concatenate(req.codes, axis=1) if req.codes else
-                     np.zeros((self.cfg.talker.num_code_groups, 0), dtype=np.int64))
+            codes = req.all_codes(self.cfg.talker.num_code_groups)
             wav = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
         return GenerationOutput(request_id=req.request_id, text="".join(text), token_ids=ids, codes=codes,
                                 audio=wav, metrics=last.metrics or {}, finish_reason=req.finish_reason or "stop")
@@ -215,7 +219,7 @@ class Runtime:
         self.engine.submit(req)
         return self._drain(req)
 
-    def _drain(self, req: EngineRequest) -> Iterator[StreamChunk]:
+    def _drain(self, req: Request) -> Iterator[StreamChunk]:
         done = False
         try:
             while not done:
@@ -226,7 +230,7 @@ class Runtime:
             if not done:  # the caller left the loop early (or the generator was closed): cancel
                 self.engine.abort(req.request_id)
 
-    def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id) -> EngineRequest:
+    def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id) -> Request:
         if return_audio is None:
             return_audio = self.has_talker
         if return_audio and not self.has_talker:
@@ -241,12 +245,14 @@ class Runtime:
         elif not isinstance(request_id, str) or not request_id:
             raise ValueError("request_id must be a non-empty string")
         stop = thinker_p.stop_token_ids if thinker_p.stop_token_ids is not None else [self.cfg.im_end_token_id]
-        return EngineRequest(
-            request_id=request_id, prompt=ids, audios=audios, thinker_params=thinker_p, talker_params=talker_p,
-            speaker_id=speaker_id, thinker_stop_ids=frozenset(int(t) for t in stop),
-            thinker_seed=thinker_p.seed if thinker_p.seed is not None else random.getrandbits(63),
-            talker_seed=(talker_p.seed if talker_p and talker_p.seed is not None else random.getrandbits(63)),
-            detok=IncrementalDetokenizer(self.tokenizer))
+        thinker_seq = Sequence(-1, thinker_p, stop, _seed(thinker_p), prompt_ids=ids)
+        talker_seq = None
+        if talker_p is not None:
+            talker_stop = (talker_p.stop_token_ids if talker_p.stop_token_ids is not None
+                           else [self.cfg.talker.codec_eos_token_id])
+            talker_seq = Sequence(-1, talker_p, talker_stop, _seed(talker_p))
+        return Request(request_id=request_id, thinker=thinker_seq, audios=audios, talker=talker_seq,
+                       speaker_id=speaker_id, detok=IncrementalDetokenizer(self.tokenizer))
 
     def _load_audio(self, a: Any) -> np.ndarray:
         if isinstance(a, np.ndarray):
@@ -266,6 +272,10 @@ class Runtime:
             ids = self.tokenizer.encode(self.tokenizer.render(messages))
             return expand_audio_pads(ids, self.cfg.thinker.audio_token_id, counts), audios
         raise ValueError(f"prompt must be an omni_rt.Prompt or a list of chat messages, got {type(prompt).__name__}")
+
+
+def _seed(p: SamplingParams) -> int:
+    return p.seed if p.seed is not None else random.getrandbits(63)
 
 
 def _check_chunk(chunk: StreamChunk) -> bool:

@@ -7,7 +7,7 @@ import torch
 
 import omni_rt
 from omni_rt.bench import question_prompt, spoken_question
-from omni_rt.models.omni import build_synthetic_model
+from omni_rt.testing import build_synthetic_model
 
 
 @pytest.fixture(scope="module")

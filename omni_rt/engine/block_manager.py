@@ -231,6 +231,24 @@ class PyBlockManager:
         freed.reverse()
         return freed
 
+    def truncate(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Shrink seq_id to its first num_tokens tokens (undo of appends); frees the blocks past them
+        last-to-first, leaves an empty last step; returns the freed blocks in table order."""
+        s = self._get(seq_id)
+        if not 0 <= num_tokens <= s.num_tokens:
+            raise ValueError(f"truncate: num_tokens must be in [0, {s.num_tokens}], got {num_tokens}")
+        keep = self.blocks_for_tokens(num_tokens)
+        freed = []
+        while len(s.blocks) > keep:
+            b = s.blocks.pop()
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free.append(b)
+                freed.append(b)
+        freed.reverse()
+        s.num_tokens, s.last_start, s.last_count = num_tokens, num_tokens, 0
+        return freed
+
     # -- queries ---------------------------------------------------------------------------------------
     def block_table(self, seq_id: int) -> list[int]:
         return list(self._get(seq_id).blocks)

@@ -31,7 +31,7 @@ from ..models.code_predictor import FrameSampling, FrameWorkspace
 from ..models.code2wav import Code2WavState
 from ..models.layers import AttentionMetadata
 from .kv_cache import KVCachePool
-from .sampler import SamplingTensors, sample
+from ..sampling import SamplingTensors, sample
 
 logger = logging.getLogger(__name__)
 
@@ -201,11 +201,10 @@ class GraphRunner:
 class ThinkerDecodeStep:
     """The thinker's per-token step over named tensors: embed → decoder over the paged KV → lm_head → sample.
 
-    Inputs (B = batch): input_ids (B,) int64; positions (3, B) int64; slot_mapping (B,) int64;
+    Inputs (B = batch): input_ids (B,) int64; positions (3, B) float32; slot_mapping (B,) int64;
     block_tables (B, max_blocks) int32; context_lens (B,) int32; temperature, top_p, repetition_penalty (B,)
     float32; top_k, seeds, steps (B,) int64; seen (B, vocab) bool (ids seen so far, for the repetition
-    penalty; all False leaves the scores untouched). Outputs: next_ids (B,) int64, embeds (B, H) (the input
-    tokens' embeddings, which the talker consumes), and tap (B, H) when ``tap_layer`` is set.
+    penalty; all False leaves the scores untouched). Outputs: next_ids (B,) int64 and tap (B, H) when ``tap_layer`` is set.
     """
 
     def __init__(self, thinker, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], tap_layer: int | None = None):
@@ -221,7 +220,7 @@ class ThinkerDecodeStep:
         st = SamplingTensors(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
                              repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"])
         next_ids = sample(self.thinker.logits(hidden), st, b["seen"])
-        return {"next_ids": next_ids, "embeds": embeds, "tap": tap}
+        return {"next_ids": next_ids, "tap": tap}
 
 
 class ThinkerDecodeGraphs:
@@ -242,7 +241,7 @@ class ThinkerDecodeGraphs:
         with torch.inference_mode():
             inputs = {
                 "input_ids": torch.zeros(B, dtype=i64, device=device),
-                "positions": torch.zeros(3, B, dtype=i64, device=device),
+                "positions": torch.zeros(3, B, dtype=f32, device=device),
                 "slot_mapping": torch.full((B,), -1, dtype=i64, device=device),
                 "block_tables": torch.full((B, max_blocks), -1, dtype=i32, device=device),
                 "context_lens": torch.zeros(B, dtype=i32, device=device),
@@ -274,7 +273,7 @@ class ThinkerDecodeGraphs:
         input_ids[i] is the last token of seq_ids[i], at text position positions[i]; params:
         SamplingParams-like objects; steps: tokens generated so far (the sampler's counter); seen_ids: per row,
         the prompt + output ids when some row has a repetition penalty, else None. Returns next_ids (n,) int64,
-        embeds (n, H) (and tap (n, H) with a tap layer): views valid until the next call.
+        (and tap (n, H) with a tap layer): views valid until the next call.
         """
         values = self.inputs_for(seq_ids, input_ids, positions, params, steps, seeds, seen_ids)
         return self.runner.run(len(seq_ids), values)
@@ -288,7 +287,7 @@ class ThinkerDecodeGraphs:
         n = len(ids)
         slots = self.pool.append_token(ids)
         f32, i64 = torch.float32, torch.int64
-        pos = torch.tensor(list(positions), dtype=i64)
+        pos = torch.tensor(list(positions), dtype=f32)
         values: dict[str, InputValue | None] = {
             "input_ids": torch.tensor(list(input_ids), dtype=i64),
             "positions": pos.expand(3, n),

@@ -55,19 +55,3 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     if progress:
         progress(f"loaded {path} in {time.perf_counter() - start:.2f} s")
     return model
-
-
-def build_synthetic_model(config, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
-                          with_talker: bool = True) -> OmniModel:
-    """Random weights of a named/dict config built directly on ``device`` (no files): for full-size benchmarks,
-    where writing ~70 GB of bf16 to disk would be slow and bulky."""
-    from ..testing.checkpoint import random_state_dict
-    from ..testing.configs import resolve_config
-
-    cfg = config if isinstance(config, OmniConfig) else OmniConfig.from_dict(resolve_config(config))
-    with torch.device("meta"):
-        model = OmniModel(cfg, with_talker=with_talker)
-    wanted = ("thinker.",) + (("talker.", "code2wav.") if model.has_talker else ())
-    weights = ((n, t) for n, t in random_state_dict(cfg, seed, dtype, device) if n.startswith(wanted))
-    assign_parameters(model, weights, strict=True)
-    return model.eval()

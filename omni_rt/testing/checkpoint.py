@@ -168,3 +168,21 @@ def random_state_dict(config: str | dict | OmniConfig, seed: int = 0, dtype: tor
 
 
 __all__ = ["make_checkpoint", "random_state_dict", "random_tensor", "is_vision"]
+
+
+def build_synthetic_model(config, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
+                          with_talker: bool = True) -> OmniModel:
+    """Random weights of a named/dict config built directly on ``device`` (no files): for full-size benchmarks,
+    where writing ~70 GB of bf16 to disk would be slow and bulky."""
+    from ..config import OmniConfig
+    from ..loader import assign_parameters
+    from ..models.omni import OmniModel
+    from .configs import resolve_config
+
+    cfg = config if isinstance(config, OmniConfig) else OmniConfig.from_dict(resolve_config(config))
+    with torch.device("meta"):
+        model = OmniModel(cfg, with_talker=with_talker)
+    wanted = ("thinker.",) + (("talker.", "code2wav.") if model.has_talker else ())
+    weights = ((n, t) for n, t in random_state_dict(cfg, seed, dtype, device) if n.startswith(wanted))
+    assign_parameters(model, weights, strict=True)
+    return model.eval()
