@@ -171,10 +171,68 @@ class DecoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionEncoderConfig:
+    """The ViT with 2x2 patch merger and deepstack taps (thinker_config.vision_config)."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    in_channels: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    out_hidden_size: int
+    num_position_embeddings: int
+    deepstack_visual_indexes: tuple[int, ...]
+    hidden_act: str
+    rope_theta: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @property
+    def merged_size(self) -> int:
+        return self.hidden_size * self.spatial_merge_size ** 2
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> "VisionEncoderConfig":
+        rope = r.data.get("rope_parameters")
+        theta = r.sub("rope_parameters").get("rope_theta", float, 10000.0, positive=True) \
+            if isinstance(rope, Mapping) else 10000.0  # transformers' axial-rope default
+        c = cls(
+            depth=r.get("depth", positive=True), hidden_size=r.get("hidden_size", positive=True),
+            intermediate_size=r.get("intermediate_size", positive=True),
+            num_heads=r.get("num_heads", positive=True), in_channels=r.get("in_channels", int, 3, positive=True),
+            patch_size=r.get("patch_size", positive=True),
+            temporal_patch_size=r.get("temporal_patch_size", int, 2, positive=True),
+            spatial_merge_size=r.get("spatial_merge_size", int, 2, positive=True),
+            out_hidden_size=r.get("out_hidden_size", positive=True),
+            num_position_embeddings=r.get("num_position_embeddings", positive=True),
+            deepstack_visual_indexes=r.int_list("deepstack_visual_indexes", ()),
+            hidden_act=r.get("hidden_act", str, "gelu_pytorch_tanh"), rope_theta=theta,
+        )
+        r.check(c.hidden_size % c.num_heads == 0 and c.head_dim % 4 == 0, "num_heads",
+                "must divide hidden_size into heads whose size is a multiple of 4 (2-D rotary)")
+        side = int(c.num_position_embeddings ** 0.5)
+        r.check(side * side == c.num_position_embeddings, "num_position_embeddings", "must be a square")
+        r.check(all(0 <= i < c.depth for i in c.deepstack_visual_indexes), "deepstack_visual_indexes",
+                f"must be layer indices in [0, {c.depth})")
+        r.check(c.hidden_act in ("gelu_pytorch_tanh", "gelu"), "hidden_act",
+                f"must be 'gelu_pytorch_tanh' or 'gelu', got {c.hidden_act!r}")
+        return c
+
+
+@dataclasses.dataclass(frozen=True)
 class ThinkerConfig:
     audio: AudioEncoderConfig
     text: DecoderConfig
-    vision: Mapping[str, Any] | None  # kept raw: the vision tower is not implemented yet
+    vision: VisionEncoderConfig | None  # None: a checkpoint without a vision tower (images are refused)
     audio_token_id: int
     audio_start_token_id: int
     audio_end_token_id: int
@@ -190,7 +248,8 @@ class ThinkerConfig:
             audio=AudioEncoderConfig.from_json(r.sub("audio_config")),
             text=DecoderConfig.from_json(r.sub("text_config"), experts_key="num_experts",
                                          shared_expert_required=False),
-            vision=r.get("vision_config", dict, None),
+            vision=(VisionEncoderConfig.from_json(r.sub("vision_config"))
+                    if isinstance(r.data.get("vision_config"), Mapping) else None),
             audio_token_id=r.get("audio_token_id", nonneg=True),
             audio_start_token_id=r.get("audio_start_token_id", nonneg=True),
             audio_end_token_id=r.get("audio_end_token_id", int, top.get("audio_end_token_id", int, 151670)),

@@ -7,7 +7,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any
 
 from .config import OmniConfig
 
@@ -78,15 +78,13 @@ def _audio_tower(out: dict, a) -> None:
     out[f"{p}.proj2.bias"] = (a.output_dim,)
 
 
-def _vision_tower(out: dict, v: Mapping[str, Any]) -> None:
-    """Vision weights are written and validated, though the vision tower is not run yet."""
+def _vision_tower(out: dict, v) -> None:
     p = "thinker.visual"
-    h, inter, merge = v["hidden_size"], v["intermediate_size"], v["spatial_merge_size"]
-    patch, tpatch = v["patch_size"], v["temporal_patch_size"]
-    out[f"{p}.patch_embed.proj.weight"] = (h, v.get("in_channels", 3), tpatch, patch, patch)
+    h, inter = v.hidden_size, v.intermediate_size
+    out[f"{p}.patch_embed.proj.weight"] = (h, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     out[f"{p}.patch_embed.proj.bias"] = (h,)
-    out[f"{p}.pos_embed.weight"] = (v["num_position_embeddings"], h)
-    for i in range(v["depth"]):
+    out[f"{p}.pos_embed.weight"] = (v.num_position_embeddings, h)
+    for i in range(v.depth):
         q = f"{p}.blocks.{i}"
         out[f"{q}.attn.qkv.weight"] = (3 * h, h)
         out[f"{q}.attn.qkv.bias"] = (3 * h,)
@@ -99,15 +97,16 @@ def _vision_tower(out: dict, v: Mapping[str, Any]) -> None:
         for norm in ("norm1", "norm2"):
             out[f"{q}.{norm}.weight"] = (h,)
             out[f"{q}.{norm}.bias"] = (h,)
-    merged = h * merge * merge
-    mergers = [("merger", h)] + [(f"merger_list.{j}", merged) for j in range(len(v["deepstack_visual_indexes"]))]
+    merged = v.merged_size
+    # The final merger normalises before the 2x2 shuffle (width h); the deepstack mergers after it (4h).
+    mergers = [("merger", h)] + [(f"merger_list.{j}", merged) for j in range(len(v.deepstack_visual_indexes))]
     for name, norm_dim in mergers:
         out[f"{p}.{name}.ln_q.weight"] = (norm_dim,)
         out[f"{p}.{name}.ln_q.bias"] = (norm_dim,)
         out[f"{p}.{name}.mlp.0.weight"] = (merged, merged)
         out[f"{p}.{name}.mlp.0.bias"] = (merged,)
-        out[f"{p}.{name}.mlp.2.weight"] = (v["out_hidden_size"], merged)
-        out[f"{p}.{name}.mlp.2.bias"] = (v["out_hidden_size"],)
+        out[f"{p}.{name}.mlp.2.weight"] = (v.out_hidden_size, merged)
+        out[f"{p}.{name}.mlp.2.bias"] = (v.out_hidden_size,)
 
 
 def _talker(out: dict, t, thinker_hidden: int) -> None:
@@ -215,11 +214,6 @@ def checkpoint_layout(cfg: OmniConfig) -> dict[str, Shape]:
     return out
 
 
-def is_vision(name: str) -> bool:
-    """Vision tensors are validated but not loaded (the vision tower is not implemented)."""
-    return name.startswith("thinker.visual.")
-
-
 _EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -234,13 +228,11 @@ def model_layout(cfg: OmniConfig) -> dict[str, Shape]:
 
     Names equal the on-disk ones, except that per-expert weights are stacked as transformers does in memory:
     ``...mlp.experts.gate_up_proj`` (E, 2I, H) with the gate half first, and ``...mlp.experts.down_proj``
-    (E, H, I). Vision tensors are left out (not implemented).
+    (E, H, I).
     """
     out: dict[str, Shape] = {}
     experts: dict[str, list] = {}
     for name, shape in checkpoint_layout(cfg).items():
-        if is_vision(name):
-            continue
         parsed = parse_expert_name(name)
         if parsed is None:
             out[name] = shape

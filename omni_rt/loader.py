@@ -17,7 +17,7 @@ from torch import nn
 
 from .config import OmniConfig
 from .errors import CheckpointError
-from .layout import checkpoint_layout, is_vision, model_layout, parse_expert_name
+from .layout import checkpoint_layout, model_layout, parse_expert_name
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -94,8 +94,6 @@ def iter_weights(path: str | os.PathLike, cfg: OmniConfig, dtype: torch.dtype, d
     for i, (file, names) in enumerate(sorted(by_file.items())):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in names:
-                if is_vision(name):
-                    continue
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != expected[name]:
                     raise CheckpointError(f"tensor '{name}' in {os.path.basename(file)} has shape {shape}, "

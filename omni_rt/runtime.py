@@ -16,10 +16,12 @@ import numpy as np
 import torch
 
 from . import audio as audio_mod
+from . import vision as vision_mod
 from .config import OmniConfig
 from .engine.config import EngineConfig
 from .engine.engine import Engine
 from .engine.sequence import Request, Sequence
+from .engine.text_output import TextOutput
 from .models.omni import OmniModel, load_model
 from .profiling import TorchProfiler
 from .request import GenerationOutput, Prompt, SamplingParams, StreamChunk, new_request_id
@@ -90,6 +92,9 @@ class Runtime:
                 self.tokenizer = OmniTokenizer(self.path)
             except TokenizerMissing:
                 self.tokenizer = None
+        # Image/video preprocessing settings: the checkpoint's preprocessor_config.json, else the released ones.
+        self.vision_preprocess = (vision_mod.VisionPreprocessConfig.from_checkpoint(self.path, self.cfg.thinker.vision)
+                                  if self.cfg.thinker.vision is not None else None)
         tc = self.cfg.thinker.text
         self.max_model_len = max_model_len or min(tc.max_position_embeddings, 32768)
         if kv_cache_tokens is None:
@@ -126,6 +131,11 @@ class Runtime:
     def has_talker(self) -> bool:
         return self.model.has_talker
 
+    @property
+    def speakers(self) -> list[str]:
+        """This checkpoint's voices, lower case ([] without a talker)."""
+        return sorted(k.lower() for k in self.cfg.talker.speaker_id) if self.has_talker else []
+
     def close(self) -> None:
         """Stop the engine thread (requests in flight are not finished)."""
         self.engine.shutdown()
@@ -151,6 +161,24 @@ class Runtime:
         talker_kv_total_blocks, speech_slots_free, speech_slots_total, running, waiting, fault (None or str)."""
         return self.engine.stats()
 
+    def encode_image(self, image: Any, deepstack: bool = False
+                     ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+        """The vision encoder output for one image (path, PIL image or uint8 (H, W, 3) array):
+        (n_tokens, out_hidden_size); with ``deepstack=True`` also the deepstack features, one
+        (n_tokens, out_hidden_size) per tap layer."""
+        visual = self._require_vision("encode_image")
+        pixel_values, grid = vision_mod.preprocess_images([image], self.vision_preprocess)
+        with torch.inference_mode():
+            out, taps = visual(pixel_values.to(self.device, self.dtype), grid, deepstack=deepstack)
+        return (out, taps) if deepstack else out
+
+    def _require_vision(self, what: str):
+        visual = self.model.thinker.visual
+        if visual is None:
+            raise ValueError(f"{what}: this checkpoint has no vision tower (thinker_config.vision_config is "
+                             f"absent), so it cannot take images or video")
+        return visual
+
     def stage_times(self, reset: bool = False) -> dict[str, float]:
         """Engine wall time per stage in ms, summed since the start (or the last reset)."""
         snap = self.engine.timer.snapshot()
@@ -166,11 +194,12 @@ class Runtime:
                  thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
                  request_id: str | None = None) -> GenerationOutput:
         """Run one request to completion; returns text, token ids, codes, audio and metrics."""
-        text, ids, audio = [], [], []
+        text, ids, audio, reasoning = [], [], [], []
         last = None
         req_holder: list[Request] = []
         for chunk in self._stream(prompt, speaker, return_audio, thinker, talker, request_id, req_holder):
             text.append(chunk.text_delta)
+            reasoning.append(chunk.reasoning_delta)
             ids.extend(chunk.token_ids)
             if chunk.audio.size:
                 audio.append(chunk.audio)
@@ -182,7 +211,8 @@ class Runtime:
             codes = req.all_codes(self.cfg.talker.num_code_groups)
             wav = np.concatenate(audio) if audio else np.zeros(0, dtype=np.float32)
         return GenerationOutput(request_id=req.request_id, text="".join(text), token_ids=ids, codes=codes,
-                                audio=wav, metrics=last.metrics or {}, finish_reason=req.finish_reason or "stop")
+                                audio=wav, metrics=last.metrics or {}, finish_reason=req.finish_reason or "stop",
+                                reasoning="".join(reasoning))
 
     def stream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
@@ -252,7 +282,19 @@ class Runtime:
                            else [self.cfg.talker.codec_eos_token_id])
             talker_seq = Sequence(-1, talker_p, talker_stop, _seed(talker_p))
         return Request(request_id=request_id, thinker=thinker_seq, audios=audios, talker=talker_seq,
-                       speaker_id=speaker_id, detok=IncrementalDetokenizer(self.tokenizer))
+                       speaker_id=speaker_id, detok=IncrementalDetokenizer(self.tokenizer),
+                       text_out=self._text_output(ids, thinker_p))
+
+    def _text_output(self, prompt_ids: list[int], params: SamplingParams) -> TextOutput:
+        """Text side of a request: stop strings and, when the tokenizer has think tags, the reasoning span (on
+        from the start when the prompt itself opens it, as Thinking templates may)."""
+        think = None
+        if self.tokenizer is not None:
+            ids = [self.tokenizer.tok.token_to_id(t) for t in ("<think>", "</think>")]
+            if None not in ids:
+                think = (ids[0], ids[1])
+        opened = think is not None and think[0] in prompt_ids[-2:]
+        return TextOutput(self.tokenizer, params.stop, think, in_reasoning=opened)
 
     def _load_audio(self, a: Any) -> np.ndarray:
         if isinstance(a, np.ndarray):

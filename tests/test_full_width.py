@@ -32,4 +32,4 @@ def test_released_layout_end_to_end(rt):
     audio = [c.audio for c in chunks if c.audio.size]
     assert audio[0].size == 1365
     assert np.array_equal(np.concatenate(audio), out.audio)
-    assert rt.engine.pool.num_free_blocks() == rt.engine.pool.num_blocks
+    assert rt.stats()["kv_free_blocks"] == rt.stats()["kv_total_blocks"]

@@ -38,6 +38,7 @@ from .config import EngineConfig
 from .scheduler import Scheduler
 from .sequence import Request
 from .stages import Stages, readback
+from .text_output import TextStep
 
 _TALKER_SEQ_BASE = 1 << 40  # talker KV sequence ids live apart from the thinker's
 
@@ -354,17 +355,23 @@ class Engine:
                 self.sched.free_seq("talker", r.talker)
 
     def _push_token(self, req: Request, token: int) -> None:
-        """Commit one thinker token: stop/length rule, the talker's recipe, the text delta."""
+        """Commit one thinker token: stop/length rule and stop strings, the talker's recipe, the text delta."""
         seq = req.thinker
         first = not seq.output
         seq.push(token)
+        if req.text_out is None:   # plain detokenizing: every id is settled at once
+            step = TextStep(text=req.detok.push([token]), release=[token], finished=seq.finished)
+        else:
+            step = req.text_out.push(token, final=seq.finished)
+            if step.stopped and seq.finish_reason is None:
+                seq.finish_reason = "stop"   # a stop string: the thinker ends here
         now = time.perf_counter()
         if first:
             req.t_first_token = now
         if seq.finished:
             req.t_thinker_done = now
             self.sched.free_seq("thinker", seq)
-        if req.speaking and not req.talker.finished:
+        if req.speaking and not req.talker.finished and (step.release or step.finished):
             if req.feed is None:
                 taps = torch.cat(req.taps) if req.taps else None
                 if taps is None or taps.shape[0] != seq.prompt_len:
@@ -373,12 +380,12 @@ class Engine:
                 req.feed = TalkerTextFeed(self.model, seq.prompt_ids, seq.embeds, taps, req.speaker_id,
                                           seq.stop_ids, seq.params.max_new_tokens)
                 req.taps, seq.embeds = [], None
-            req.feed.push([token], seq.finished)
+            req.feed.push(step.release, step.finished)
             if not req.talker.started and req.feed.silent:
                 req.talker.finish_reason = "silent"  # a one-token answer: nothing for the talker to voice
                 self.sched.free_seq("talker", req.talker)
-        delta = req.detok.push([token])
-        req.out.put(StreamChunk(req.request_id, text_delta=delta, token_ids=[token]))
+        req.out.put(StreamChunk(req.request_id, text_delta=step.text, token_ids=[token],
+                                reasoning_delta=step.reasoning))
 
     def _emit_audio(self, req: Request, pcm: np.ndarray) -> None:
         if pcm.size:
@@ -400,7 +407,7 @@ class Engine:
     def _retire(self) -> None:
         for req in list(self.sched.running):
             if req.done:
-                tail = req.detok.push([], final=True)
+                tail = req.detok.push([], final=True) if req.text_out is None else ""
                 self._release(req)
                 req.out.put(StreamChunk(req.request_id, text_delta=tail, finished=True, metrics=req.metrics()))
 

@@ -91,6 +91,7 @@ class Request:
     thinker: Sequence
     audios: list
     detok: Any
+    text_out: Any = None                                        # text_output.TextOutput (None: plain detok)
     talker: Sequence | None = None
     speaker_id: int | None = None
     feed: Any = None
@@ -137,6 +138,8 @@ class Request:
         n, frames = len(self.output), self.vocoded
         return {
             "first_packet_ms": ms(self.t_first_audio),
+            "prompt_tokens": self.thinker.prompt_len,
+            "finish_reason": self.finish_reason,
             "thinker_ttft_ms": ms(self.t_first_token),
             "thinker_tokens": n,
             "thinker_tokens_per_s": (n - 1) / decode_s if n > 1 else None,

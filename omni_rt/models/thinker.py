@@ -14,6 +14,7 @@ from ..config import DecoderConfig, ThinkerConfig
 from .audio_encoder import AudioEncoder
 from .layers import Attention, AttentionMetadata, DenseMLP, RMSNorm, Rotary
 from .moe import SparseMoE
+from .vision_encoder import VisionEncoder
 
 
 class DecoderLayer(nn.Module):
@@ -70,6 +71,8 @@ class Thinker(nn.Module):
         self.model = Decoder(cfg.text)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.audio_tower = AudioEncoder(cfg.audio)
+        # None for checkpoints without a vision tower (e.g. the Captioner): vision inputs are refused.
+        self.visual = VisionEncoder(cfg.vision) if cfg.vision is not None else None
 
     def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (tokens,) → (tokens, hidden), audio features replacing <|audio_pad|> embeddings in order.

@@ -16,7 +16,7 @@ from typing import Callable, Iterator
 import torch
 
 from ..config import OmniConfig
-from ..layout import checkpoint_layout, is_vision, model_layout
+from ..layout import checkpoint_layout, model_layout
 from .configs import resolve_config
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -40,6 +40,8 @@ def _init_rule(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
     is_norm = "norm" in name or "ln_" in name
     if is_norm and len(shape) == 1:
         return "ones", 0.1
+    if name.endswith("patch_embed.proj.weight"):
+        return "normal", 1.0 / math.sqrt(math.prod(shape[1:]))  # a conv over 3·2·16·16 inputs, not a table
     if "embed" in name or "embedding" in name:
         return "normal", 1.0
     if len(shape) >= 2:
@@ -116,6 +118,9 @@ def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = 
 
         write_tiny_tokenizer(path, cfg.thinker.text.vocab_size)
 
+    if cfg.thinker.vision is not None:
+        _write_preprocessor_config(path, cfg.thinker.vision)
+
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = _shards(layout, itemsize, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
@@ -135,6 +140,17 @@ def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = 
         with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return path
+
+
+def _write_preprocessor_config(path: str, v) -> None:
+    """The released checkpoint's preprocessor_config.json, with this config's patch geometry."""
+    pre = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3OmniMoeProcessor",
+           "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+           "do_convert_rgb": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+           "min_pixels": 3136, "max_pixels": 12845056, "patch_size": v.patch_size,
+           "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size}
+    with open(os.path.join(path, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+        json.dump(pre, f, indent=2)
 
 
 def random_state_dict(config: str | dict | OmniConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
@@ -167,7 +183,7 @@ def random_state_dict(config: str | dict | OmniConfig, seed: int = 0, dtype: tor
         yield name, t
 
 
-__all__ = ["make_checkpoint", "random_state_dict", "random_tensor", "is_vision"]
+__all__ = ["make_checkpoint", "random_state_dict", "random_tensor"]
 
 
 def build_synthetic_model(config, dtype: torch.dtype, device: str | torch.device, seed: int = 0,

@@ -62,10 +62,13 @@ def _scaled(hidden: int, heads: int, kv: int, head_dim: int, layers: int, expert
         "d_model": audio_d, "encoder_attention_heads": audio_heads, "encoder_layers": audio_layers,
         "encoder_ffn_dim": audio_ffn, "downsample_hidden_size": down_hidden, "output_dim": hidden,
         "n_window": 50, "n_window_infer": n_window_infer})
+    # A tiny ViT with the released patch geometry (patch 16, temporal 2, merge 2), so preprocessing is the
+    # released one; an 8x8 learned position grid (interpolated to every image's grid) and two deepstack taps,
+    # added after thinker layers 0 and 1.
     th["vision_config"].update({
-        "depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": hidden,
-        "deepstack_visual_indexes": [0], "num_position_embeddings": 64, "patch_size": 4,
-        "spatial_patch_size": 4, "image_size": 32})
+        "depth": 3, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": hidden,
+        "deepstack_visual_indexes": [0, 2], "num_position_embeddings": 64, "patch_size": 16,
+        "spatial_patch_size": 16, "image_size": 128})
     th["text_config"].update({
         "vocab_size": vocab, "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
         "head_dim": head_dim, "num_hidden_layers": layers, "num_experts": experts, "num_experts_per_tok": topk,
