@@ -150,10 +150,10 @@ def test_host_error_in_one_requests_stage_fails_only_it(rt, monkeypatch):
     engine = rt.engine
     original = engine._push_token
 
-    def flaky(req, tokens, finished):
+    def flaky(req, token):
         if req.request_id == "victim":
             raise RuntimeError("feed construction failed for this request")
-        return original(req, tokens, finished)
+        return original(req, token)
 
     monkeypatch.setattr(engine, "_push_token", flaky)
     g = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=5)
