@@ -405,6 +405,48 @@ class Code2WavConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizationConfig:
+    """``config.json`` ``quantization_config`` of a block-FP8 checkpoint (Qwen's FP8 release format).
+
+    Only what the kernels run is accepted: ``quant_method`` "fp8", ``fmt`` "e4m3", ``activation_scheme``
+    "dynamic" (activation scales are computed at run time, none are stored) and ``weight_block_size``
+    [128, 128]. ``modules_to_not_convert`` lists module names (``thinker.lm_head``) kept in the compute dtype.
+    """
+
+    quant_method: str = "fp8"
+    fmt: str = "e4m3"
+    activation_scheme: str = "dynamic"
+    weight_block_size: tuple[int, int] = (128, 128)
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    def keeps(self, module: str) -> bool:
+        """Whether ``module`` is listed as not converted (names match as given or as a dotted suffix,
+        since some files list ``model.layers.0.mlp.gate`` for ``thinker.model.layers.0.mlp.gate``)."""
+        return any(module == m or module.endswith("." + m) for m in self.modules_to_not_convert)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"quant_method": self.quant_method, "fmt": self.fmt, "activation_scheme": self.activation_scheme,
+                "weight_block_size": list(self.weight_block_size),
+                "modules_to_not_convert": list(self.modules_to_not_convert)}
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> "QuantizationConfig":
+        method = r.get("quant_method", str)
+        r.check(method == "fp8", "quant_method", f"must be 'fp8' (block-FP8), got {method!r}")
+        fmt = r.get("fmt", str, "e4m3")
+        r.check(fmt == "e4m3", "fmt", f"must be 'e4m3' (float8_e4m3fn weights), got {fmt!r}")
+        scheme = r.get("activation_scheme", str, "dynamic")
+        r.check(scheme == "dynamic", "activation_scheme",
+                f"must be 'dynamic' (no stored activation scales are supported), got {scheme!r}")
+        block = r.int_list("weight_block_size")
+        r.check(block == (128, 128), "weight_block_size", f"must be [128, 128] (the kernels' block), got "
+                f"{list(block)}")
+        skip = r.get("modules_to_not_convert", (list, tuple), ())
+        r.check(all(isinstance(m, str) for m in skip), "modules_to_not_convert", "must be a list of strings")
+        return cls(method, fmt, scheme, block, tuple(skip))
+
+
+@dataclasses.dataclass(frozen=True)
 class OmniConfig:
     """A whole Qwen3-Omni checkpoint. ``talker``/``code2wav`` are None for text-only checkpoints."""
 
@@ -420,6 +462,7 @@ class OmniConfig:
     system_token_id: int
     user_token_id: int
     assistant_token_id: int
+    quantization: QuantizationConfig | None = None
     raw: Mapping[str, Any] = dataclasses.field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -449,6 +492,8 @@ class OmniConfig:
             system_token_id=top.get("system_token_id", int, 8948),
             user_token_id=top.get("user_token_id", int, 872),
             assistant_token_id=top.get("assistant_token_id", int, 77091),
+            quantization=(QuantizationConfig.from_json(top.sub("quantization_config"))
+                          if data.get("quantization_config") is not None else None),
             raw=dict(data),
         )
         if talker is not None:

@@ -55,6 +55,10 @@ class Runtime:
         first_chunk_frames: talker frames decoded before the first audio packet is sent (default 1).
         profile_dir: record a torch.profiler trace of the engine into this folder (see omni_rt.profiling).
         progress: called with a line of text per checkpoint shard read (load progress for large checkpoints).
+        quantization: None (weights as stored: an FP8 checkpoint is recognised from its config.json) or "fp8"
+            (quantize the thinker's and talker's decoder projections to block FP8 while loading). FP8 weights
+            stay FP8 in device memory on GPUs with FP8 hardware (sm_89/sm_90, decided at load); on CPU and
+            sm_80 they are dequantized to ``dtype`` at load.
     """
 
     def __init__(self, model: str | os.PathLike | OmniModel, device: str | torch.device | None = None,
@@ -62,13 +66,15 @@ class Runtime:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  kv_cache_tokens: int | None = None, kv_block_size: int = 16, max_prefill_tokens: int = 4096,
                  first_chunk_frames: int = 1, profile_dir: str | os.PathLike | None = None,
-                 progress: Callable[[str], None] | None = None):
+                 progress: Callable[[str], None] | None = None, quantization: str | None = None):
         self.device = _default_device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
         if not isinstance(cuda_graphs, bool):
             raise TypeError(f"cuda_graphs must be a bool, got {type(cuda_graphs).__name__}")
+        if quantization not in (None, "fp8"):
+            raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.first_chunk_frames = first_chunk_frames
         # validated early (before loading weights) with the values known now; completed below
@@ -84,7 +90,8 @@ class Runtime:
             self.path = os.fspath(model)
             if not os.path.isdir(self.path):
                 raise FileNotFoundError(f"checkpoint directory not found: {self.path}")
-            self.model = load_model(self.path, self.dtype, self.device, progress=progress)
+            self.model = load_model(self.path, self.dtype, self.device, progress=progress,
+                                    quantization=quantization)
         self.cfg: OmniConfig = self.model.cfg
         self.tokenizer = None
         if self.path is not None:
@@ -110,7 +117,7 @@ class Runtime:
         self.engine.start()
 
     def _plan_kv_tokens(self, max_batch_size: int, fraction: float, block_size: int) -> int:
-        from .engine.kv_cache import kv_block_bytes, plan_num_blocks
+        from .engine.kv_cache import kv_block_bytes
 
         tc = self.cfg.thinker.text
         if self.device.type != "cuda":
@@ -119,12 +126,9 @@ class Runtime:
             ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
             budget = min(ram // 4, 4 << 30)
             return max(block_size, min(max_batch_size * self.max_model_len, 262144, budget // per_token))
+        # Measured after the weights are resident: FP8 weights leave the memory they save to the KV pages.
         free, _ = torch.cuda.mem_get_info(self.device)
-        # The talker's pools and activations come out of the same memory: keep a share for them.
-        share = EngineConfig.talker_memory_share if self.model.has_talker else 1.0
-        blocks = plan_num_blocks(int(free * share), tc.num_hidden_layers, block_size, tc.num_key_value_heads,
-                                 tc.head_dim, self.dtype, fraction)
-        return blocks * block_size
+        return plan_kv_tokens(self.cfg, free, self.dtype, self.model.has_talker, fraction, block_size)
 
     # ------------------------------------------------------------------------------------------- API
     @property
@@ -160,6 +164,12 @@ class Runtime:
         """The engine's accounting (cheap, thread-safe): kv_free_blocks, kv_total_blocks, talker_kv_free_blocks,
         talker_kv_total_blocks, speech_slots_free, speech_slots_total, running, waiting, fault (None or str)."""
         return self.engine.stats()
+
+    def memory(self) -> dict[str, int]:
+        """Weight bytes per component as loaded (actual dtypes: FP8 codes and scales where kept): thinker,
+        audio_tower, vision (when the checkpoint has one), talker, code_predictor, code2wav (absent without a
+        talker), and total."""
+        return self.model.weight_memory()
 
     def encode_image(self, image: Any, deepstack: bool = False
                      ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
@@ -318,6 +328,19 @@ class Runtime:
 
 def _seed(p: SamplingParams) -> int:
     return p.seed if p.seed is not None else random.getrandbits(63)
+
+
+def plan_kv_tokens(cfg: OmniConfig, free_bytes: int, dtype: torch.dtype, has_talker: bool, fraction: float,
+                   block_size: int) -> int:
+    """Thinker KV capacity in tokens for ``free_bytes`` of device memory left after the weights."""
+    from .engine.kv_cache import plan_num_blocks
+
+    tc = cfg.thinker.text
+    # The talker's pools and activations come out of the same memory: keep a share for them.
+    share = EngineConfig.talker_memory_share if has_talker else 1.0
+    blocks = plan_num_blocks(int(free_bytes * share), tc.num_hidden_layers, block_size, tc.num_key_value_heads,
+                             tc.head_dim, dtype, fraction)
+    return blocks * block_size
 
 
 def _check_chunk(chunk: StreamChunk) -> bool:

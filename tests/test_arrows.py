@@ -19,7 +19,7 @@ FORBIDDEN = {
     "feeder": {"engine", "runtime", "testing"},   # config, loader, sampling, request, errors, audio, ...
     "testing": {"runtime"},                       # synthetic checkpoints build models, never a runtime
 }
-FEEDERS = {"config", "loader", "sampling", "request", "errors", "audio", "tokenizer", "layout", "profiling", "_ext",
+FEEDERS = {"config", "loader", "sampling", "request", "errors", "audio", "tokenizer", "layout", "profiling", "_ext", "quant",
            "vision"}
 
 

@@ -22,7 +22,7 @@ from omni_rt.bench import spoken_question  # noqa: E402
 from omni_rt.serve.app import create_app  # noqa: E402
 from omni_rt.serve.protocol import Limits  # noqa: E402
 
-from _live_server import live_server  # noqa: E402
+from omni_rt.serve.live import live_server  # noqa: E402
 
 TALKER_STEPS = 8
 TOKENS = 6
@@ -295,7 +295,7 @@ def test_health_is_503_while_loading():
 
     import uvicorn
 
-    from _live_server import free_port
+    from omni_rt.serve.live import free_port
 
     app = create_app(slow_load, model_name="x")
     port = free_port()
@@ -332,7 +332,7 @@ def test_cli_serves_the_synthetic_checkpoint(tmp_path):
     import subprocess
     import sys
 
-    from _live_server import free_port
+    from omni_rt.serve.live import free_port
 
     port = free_port()
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -362,3 +362,73 @@ def test_cli_serves_the_synthetic_checkpoint(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=60)
+
+
+def test_device_fault_makes_health_503(tiny_checkpoint):
+    with omni_rt.Runtime(tiny_checkpoint, device="cpu") as broken:
+        with live_server(create_app(broken, model_name="tiny")) as url:
+            def explode(*a, **k):
+                raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+            broken.engine.runner.decode = explode   # test-only injection of a device fault
+            body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT)
+            assert r.status_code == 503 and r.json()["error"]["code"] == "device_fault"
+            h = httpx.get(f"{url}/health", timeout=10)
+            assert h.status_code == 503 and h.json()["status"] == "fault" and "illegal memory" in h.json()["stats"]["fault"]
+            r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT)
+            assert r.status_code == 503
+
+
+def test_bad_requests_do_not_disturb_a_running_stream(client, rt, server):
+    ref = expected(rt, voice="ethan")
+    stream = client.chat.completions.create(model="tiny", messages=question_messages(), modalities=["text", "audio"],
+                                            audio={"voice": "ethan", "format": "pcm16"}, temperature=0,
+                                            max_tokens=TOKENS, stream=True)
+    text, pcm, bad = [], [], 0
+    for chunk in stream:
+        if bad < 3:   # bad requests land while this one streams
+            bad_bodies = [{"messages": [{"role": "user", "content": [{"type": "input_audio",
+                                                                        "input_audio": {"data": "AAAA", "format": "mp3"}}]}]},
+                          {"messages": [{"role": "tool", "content": "x"}]}, {"stop": 5, "messages": []}]
+            r = httpx.post(f"{server}/v1/chat/completions", json=bad_bodies[bad], timeout=TIMEOUT)
+            assert r.status_code == 400, r.text
+            bad += 1
+        if chunk.choices:
+            d = chunk.choices[0].delta
+            text.append(d.content or "")
+            if field(getattr(d, "audio", None), "data"):
+                pcm.append(np.frombuffer(base64.b64decode(field(d.audio, "data")), dtype="<i2"))
+    assert bad == 3 and "".join(text) == ref.text and np.array_equal(np.concatenate(pcm), pcm16(ref.audio))
+
+
+def test_reasoning_content_from_a_thinking_template(tiny_checkpoint, tmp_path):
+    """A checkpoint whose chat template opens a <think> span (as Thinking checkpoints' do): the span comes back as
+    reasoning_content, apart from content, equal to Runtime.generate's ``reasoning``; streamed the same."""
+    import os
+
+    ckpt = tmp_path / "thinking"
+    ckpt.mkdir()
+    for name in os.listdir(tiny_checkpoint):
+        if name != "chat_template.jinja":
+            os.symlink(os.path.join(tiny_checkpoint, name), ckpt / name)
+    with open(os.path.join(tiny_checkpoint, "chat_template.jinja")) as f:
+        template = f.read()
+    tail = "{{ '<|im_start|>assistant\n' }}{% endif %}"
+    assert template.endswith(tail)
+    (ckpt / "chat_template.jinja").write_text(template[:-len(tail)]
+                                              + "{{ '<|im_start|>assistant\n<think>\n' }}{% endif %}")
+    msgs = [{"role": "user", "content": "Hello, how are you?"}]
+    with omni_rt.Runtime(str(ckpt), device="cpu") as thinking:
+        ref = thinking.generate(msgs, return_audio=False,
+                                thinker=omni_rt.SamplingParams(temperature=0.0, max_new_tokens=10))
+        assert ref.reasoning
+        with live_server(create_app(thinking, model_name="thinking")) as url:
+            c = openai.OpenAI(base_url=f"{url}/v1", api_key="x", timeout=TIMEOUT, max_retries=0)
+            r = c.chat.completions.create(model="thinking", messages=msgs, temperature=0, max_tokens=10)
+            assert r.choices[0].message.reasoning_content == ref.reasoning
+            assert r.choices[0].message.content == ref.text
+            chunks = list(c.chat.completions.create(model="thinking", messages=msgs, temperature=0, max_tokens=10,
+                                                    stream=True))
+            assert "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks
+                           if ch.choices) == ref.reasoning

@@ -17,7 +17,7 @@ import omni_rt  # noqa: E402
 from omni_rt.serve.protocol import Limits  # noqa: E402
 from omni_rt.serve.ray_serve import build_app  # noqa: E402
 
-from _live_server import free_port  # noqa: E402
+from omni_rt.serve.live import free_port  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TIME_CAP_S = 240

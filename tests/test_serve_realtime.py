@@ -20,7 +20,7 @@ pytest.importorskip("silero_vad")
 import omni_rt  # noqa: E402
 from omni_rt.serve.app import create_app  # noqa: E402
 
-from _live_server import live_server  # noqa: E402
+from omni_rt.serve.live import live_server  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TIMEOUT = 120

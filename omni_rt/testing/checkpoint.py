@@ -16,7 +16,9 @@ from typing import Callable, Iterator
 import torch
 
 from ..config import OmniConfig
-from ..layout import checkpoint_layout, model_layout
+from ..config import QuantizationConfig
+from ..layout import checkpoint_layout, is_scale, model_layout
+from ..quant import is_fp8_eligible, module_name, quantize_blockwise, scale_name
 from .configs import resolve_config
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -88,7 +90,8 @@ def _shards(layout: dict[str, tuple[int, ...]], itemsize: int, max_shard_bytes: 
 
 def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = "tiny", seed: int = 0,
                     dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 << 30,
-                    progress: Callable[[str], None] | None = None, with_tokenizer: bool | None = None) -> str:
+                    progress: Callable[[str], None] | None = None, with_tokenizer: bool | None = None,
+                    quantization: str | None = None) -> str:
     """Write a random-weight checkpoint that transformers' ``from_pretrained`` loads with no missing keys.
 
     config: "tiny" | "small" | "full-1layer" | "full" | a config dict | a path to config.json.
@@ -96,16 +99,29 @@ def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = 
     sharded, ``model.safetensors.index.json``. Returns the directory. Memory use is bounded by one shard.
     with_tokenizer (default: when the thinker vocab is the remapped 512-token space of tiny/small) also writes a
     small byte-level BPE tokenizer and chat template (``omni_rt.testing.tokenizer``).
+    quantization="fp8" writes Qwen's block-FP8 format: ``quantization_config`` in config.json, FP8-eligible
+    weights (``omni_rt.quant.is_fp8_eligible``) as float8_e4m3fn codes with fp32 ``*.weight_scale_inv`` grids —
+    the quantization of exactly the ``dtype`` tensors the unquantized checkpoint of the same seed holds — and
+    every other matrix listed in ``modules_to_not_convert``.
     """
     from safetensors.torch import save_file
 
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
     cfg_dict = resolve_config(config)
     cfg_dict["dtype"] = _DTYPE_NAMES[dtype]
     cfg_dict.setdefault("thinker_config", {})["dtype"] = _DTYPE_NAMES[dtype]
+    cfg_dict.pop("quantization_config", None)
+    if quantization == "fp8":
+        plain = checkpoint_layout(OmniConfig.from_dict(cfg_dict))
+        keep = [module_name(n) for n, shape in plain.items()
+                if n.endswith(".weight") and len(shape) == 2 and not is_fp8_eligible(n)]
+        cfg_dict["quantization_config"] = QuantizationConfig(modules_to_not_convert=tuple(keep)).to_json()
     cfg = OmniConfig.from_dict(cfg_dict)
-    layout = checkpoint_layout(cfg)
+    full_layout = checkpoint_layout(cfg)
+    layout = {n: s for n, s in full_layout.items() if not is_scale(n)}
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
@@ -129,10 +145,15 @@ def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = 
     total = 0
     start = time.perf_counter()
     for file, shard in zip(names, shards):
-        tensors = {n: random_tensor(n, layout[n], seed, dtype) for n in shard}
+        tensors = {}
+        for n in shard:
+            t = random_tensor(n, layout[n], seed, dtype)
+            if scale_name(n) in full_layout:
+                t, tensors[scale_name(n)] = quantize_blockwise(t)
+            tensors[n] = t
         save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
-        total += sum(t.numel() * itemsize for t in tensors.values())
-        weight_map.update({n: file for n in shard})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({n: file for n in tensors})
         del tensors
         if progress:
             progress(f"wrote {file} ({total / 1e9:.2f} GB, {time.perf_counter() - start:.1f} s)")
@@ -187,18 +208,38 @@ __all__ = ["make_checkpoint", "random_state_dict", "random_tensor"]
 
 
 def build_synthetic_model(config, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
-                          with_talker: bool = True) -> OmniModel:
+                          with_talker: bool = True, fp8: bool = False) -> OmniModel:
     """Random weights of a named/dict config built directly on ``device`` (no files): for full-size benchmarks,
-    where writing ~70 GB of bf16 to disk would be slow and bulky."""
-    from ..config import OmniConfig
+    where writing ~70 GB of bf16 to disk would be slow and bulky. ``fp8``: eligible weights quantized to
+    block FP8 as they are drawn, and kept FP8."""
     from ..loader import assign_parameters
     from ..models.omni import OmniModel
     from .configs import resolve_config
 
     cfg = config if isinstance(config, OmniConfig) else OmniConfig.from_dict(resolve_config(config))
     with torch.device("meta"):
-        model = OmniModel(cfg, with_talker=with_talker)
+        model = OmniModel(cfg, with_talker=with_talker, fp8=fp8)
     wanted = ("thinker.",) + (("talker.", "code2wav.") if model.has_talker else ())
     weights = ((n, t) for n, t in random_state_dict(cfg, seed, dtype, device) if n.startswith(wanted))
+    if fp8:
+        weights = _quantized(weights, set(dict(model.named_parameters())))
     assign_parameters(model, weights, strict=True)
     return model.eval()
+
+
+def _quantized(weights, params: set[str]):
+    """(name, tensor) stream → FP8 codes + scales for every parameter that has a ``*_scale_inv`` slot."""
+    from ..quant import quantize_blockwise, quantize_parts, scale_name
+
+    for name, t in weights:
+        if scale_name(name) not in params:
+            yield name, t
+            continue
+        if name.endswith("gate_up_proj"):
+            half = t.shape[-2] // 2
+            q, s = quantize_parts(t, (half, half))
+        else:
+            q, s = quantize_blockwise(t)
+        del t
+        yield name, q
+        yield scale_name(name), s

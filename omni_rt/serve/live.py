@@ -1,4 +1,5 @@
-"""A live ``omni-rt serve`` app (uvicorn in a thread) on 127.0.0.1 at a free port, for the serving tests."""
+"""Run the app in a background thread of this process (uvicorn), e.g. to embed the server in a Python program, or
+for tests and benchmarks against a live server on 127.0.0.1 at a free port."""
 from __future__ import annotations
 
 import contextlib
@@ -14,18 +15,18 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def live_server(app, timeout: float = 120.0):
-    """Run ``app`` with uvicorn on 127.0.0.1:<free port> until the block ends; yields the base URL once /health
-    answers 200 (the model loaded)."""
+def live_server(app, timeout: float = 120.0, host: str = "127.0.0.1", port: int | None = None):
+    """Run ``app`` with uvicorn on host:port (default 127.0.0.1 and a free port) until the block ends; yields the
+    base URL once /health answers 200 (the model loaded)."""
     import httpx
     import uvicorn
 
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+    port = port or free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning",
                                            lifespan="on"))
     thread = threading.Thread(target=server.run, name="test-uvicorn", daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"http://{host}:{port}"
     deadline = time.monotonic() + timeout
     try:
         while True:
