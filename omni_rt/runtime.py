@@ -377,6 +377,8 @@ class Runtime:
         prepared = self._resolve_prompt(prompt, use_audio_in_video)
         ids, audios = prepared.ids, prepared.audios
         self._check_prompt(ids, audios, return_audio)
+        if prepared.vision:
+            self._check_vision_fits(prepared, thinker_p.max_new_tokens)
         stop = thinker_p.stop_token_ids if thinker_p.stop_token_ids is not None else [self.cfg.im_end_token_id]
         return EngineRequest(
             request_id=request_id, prompt=ids, audios=audios, thinker_params=thinker_p, talker_params=talker_p,
@@ -396,6 +398,27 @@ class Runtime:
                 think = (ids[0], ids[1])
         opened = think is not None and think[0] in prompt_ids[-2:]
         return TextOutput(self.tokenizer, params.stop, think, in_reasoning=opened)
+
+    def _check_vision_fits(self, prepared: PreparedPrompt, max_new_tokens: int) -> None:
+        """Images and video make long prompts: name what made this one too long for max_model_len. The longest
+        video accepted is the one whose tokens (grid_t·grid_h·grid_w/4 per video) plus the rest of the prompt and
+        max_new_tokens fit max_model_len (README, "Images and video")."""
+        total = len(prepared.ids) + max_new_tokens
+        if total <= self.max_model_len:
+            return
+        merge = self.cfg.thinker.vision.spatial_merge_size
+        counts = {"image": 0, "video": 0}
+        parts = []
+        for v in prepared.vision:
+            t, h, w = v.item.grid
+            label = f"{v.item.kind} {counts[v.item.kind]}"
+            counts[v.item.kind] += 1
+            extra = f", {t * self.vision_preprocess.temporal_patch_size} frames" if v.item.kind == "video" else ""
+            parts.append(f"{label}: {v.item.tokens(merge)} tokens ({h * self.vision_preprocess.patch_size}×"
+                         f"{w * self.vision_preprocess.patch_size}{extra})")
+        raise ValueError(f"the prompt is {len(prepared.ids)} tokens ({'; '.join(parts)}) + max_new_tokens "
+                         f"{max_new_tokens} = {total}, over max_model_len {self.max_model_len}: pass fewer frames "
+                         f"or smaller frames, or raise max_model_len")
 
     def _check_prompt(self, ids: list[int], audios: list[np.ndarray], speaking: bool) -> None:
         """What the engine would otherwise find out on its own thread: ids in the vocabulary, one audio token
