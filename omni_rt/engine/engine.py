@@ -70,25 +70,34 @@ class Engine:
         self._thread: threading.Thread | None = None
         self.timer = StageTimer()
         self.warmup_s = 0.0
-        self._stats = self._snapshot()
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> None:
         self._thread = threading.Thread(target=self._loop, name="omni_rt-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the engine thread; every request in flight or queued ends with a RuntimeError. Idempotent.
+
+        wait: join the thread (never when called from the engine thread itself, e.g. by a finalizer)."""
         with self._lock:
             self._stop = True
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        thread = self._thread
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=60)
+
+    @property
+    def closed(self) -> bool:
+        return self._stop
 
     def submit(self, req: Request) -> None:
         if self.fault is not None:
             raise DeviceFault(f"the runtime hit a device fault and must be recreated: {self.fault}")
         self.sched.check_fits(req)
         with self._lock:
+            if self._stop:  # checked under the lock the loop drains under: no request can slip past the drain
+                raise RuntimeError("the runtime is closed: create a new omni_rt.Runtime")
             if req.request_id in self.requests:
                 raise ValueError(f"request id {req.request_id!r} is already in flight")
             n = next(self._ids)
@@ -97,8 +106,7 @@ class Engine:
                 req.talker.seq_id = _TALKER_SEQ_BASE + n
             self.requests[req.request_id] = req
             self.sched.waiting.append(req)
-            self._stats = self._snapshot()
-            self._lock.notify_all()
+                self._lock.notify_all()
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request; its resources are released by the engine thread at its next step."""
@@ -111,9 +119,9 @@ class Engine:
             return True
 
     def stats(self) -> dict:
-        """The engine's accounting as of the last step (a copy; cheap and thread-safe)."""
+        """The engine's accounting (cheap and thread-safe: a few counters read under the engine's lock)."""
         with self._lock:
-            return dict(self._stats)
+            return self._snapshot()
 
     def _snapshot(self) -> dict:
         th, tk = self.stages.thinker_pool, self.stages.talker_pool
@@ -138,10 +146,18 @@ class Engine:
             except BaseException as e:  # a device fault: sticky, fails everything in flight
                 self._fail_all(e)
         closed = RuntimeError("the runtime was closed before this request finished")
-        for req in list(self.sched.running) + list(self.sched.waiting):
-            req.out.put(StreamChunk(req.request_id, finished=True, error=closed))
+        with self._lock:
+            running, waiting = list(self.sched.running), list(self.sched.waiting)
+            self.sched.waiting.clear()
+            self.requests.clear()
+        for req in running:  # return their KV blocks and speech slots, so the final stats show them free
+            try:
+                self._release(req)
+            except Exception:  # noqa: BLE001 - a faulted engine's bookkeeping may be gone; the streams still end
+                pass
         self.sched.running.clear()
-        self.sched.waiting.clear()
+        for req in running + waiting:
+            req.out.put(StreamChunk(req.request_id, finished=True, error=closed))
 
     @torch.inference_mode()
     def step(self) -> None:
@@ -155,7 +171,7 @@ class Engine:
                 self._transaction(self._prefill_phase, [r for r, _ in plan], dict((id(r), n) for r, n in plan))
         for r in self.sched.running:
             if r.talker is not None and r.talker.embeds is None and self.sched.talker_prompt_ready(r):
-                self._guard(r, lambda r=r: r.talker.set_prompt(*r.feed.prefill()))
+                self._guard(r, lambda r=r: self._set_talker_prompt(r))
         talker_plan = self.sched.talker_prefill(budget) if self.stages.talker_pool is not None else []
         speech = self.sched.talker_decode() if self.stages.talker_pool is not None else []
         flush = self.sched.flush() if self.stages.talker_pool is not None else []
@@ -167,8 +183,11 @@ class Engine:
                                   (dict((id(r), n) for r, n in talker_plan), {id(r) for r in speech},
                                    {id(r) for r in flush}, {id(r) for r in decode}))
         self._retire()
-        with self._lock:
-            self._stats = self._snapshot()
+
+    @staticmethod
+    def _set_talker_prompt(r: Request) -> None:
+        r.talker.set_prompt(*r.feed.prefill())
+        r.talker.rope_delta = r.feed.rope_delta   # TM-RoPE talker prompts (images/video in the user turns)
 
     # ------------------------------------------------------------------------------------- transactions
     def _transaction(self, phase, reqs: list[Request], plan) -> None:
@@ -214,14 +233,24 @@ class Engine:
 
     # -------------------------------------------------------------------------------------------- phases
     def _prepare(self, req: Request) -> None:
-        """Encode the request's audios and embed its prompt (host-checked, per request)."""
-        ids = req.thinker.prompt_ids
+        """Encode the request's audios, images and videos and embed its prompt (host-checked, per request)."""
+        seq, th = req.thinker, self.model.cfg.thinker
+        ids = seq.prompt_ids
         if max(ids) >= self.vocab:
             raise ValueError(f"token id {max(ids)} is outside the vocabulary ({self.vocab})")
         with self.timer("audio_encode"):
-            audio = self.stages.audio_encode(req)
-        embeds = self.model.thinker.embed(to_device(ids, torch.long, self.device), audio)
-        req.thinker.set_prompt(embeds, text_positions(0, len(ids), self.device))
+            audio, counts = self.stages.audio_encode(req)
+        ids_t = to_device(ids, torch.long, self.device)
+        image = video = None
+        if req.vision:
+            with self.timer("vision_encode"):
+                positions, seq.rope_delta, image, video, req.deepstack = self.stages.vision_encode(req, ids_t, counts)
+        else:
+            if any(t in (th.image_token_id, th.video_token_id) for t in ids):
+                raise ValueError("the prompt has <|image_pad|> / <|video_pad|> tokens but no image or video was "
+                                 "given")
+            positions = text_positions(0, len(ids), self.device)
+        seq.set_prompt(self.model.thinker.embed(ids_t, audio, image, video), positions)
 
     def _prefill_phase(self, reqs: list[Request], counts: dict):
         n = [counts[id(r)] for r in reqs]
@@ -237,6 +266,7 @@ class Engine:
                     r.taps.append(t)
                 if r.thinker.prefilled == r.thinker.prompt_len:
                     done.append(r)
+                    r.deepstack = None
                     if not r.speaking:
                         r.thinker.embeds = None
             for r, tok in zip(done, host.get("ids", [])):
@@ -378,7 +408,8 @@ class Engine:
                     raise RuntimeError("the thinker's accept-layer hidden states were not captured for every "
                                        "prompt position")
                 req.feed = TalkerTextFeed(self.model, seq.prompt_ids, seq.embeds, taps, req.speaker_id,
-                                          seq.stop_ids, seq.params.max_new_tokens)
+                                          seq.stop_ids, seq.params.max_new_tokens,
+                                          vision=[v.item for v in req.vision])
                 req.taps, seq.embeds = [], None
             req.feed.push(step.release, step.finished)
             if not req.talker.started and req.feed.silent:
@@ -443,4 +474,3 @@ class Engine:
         with self._lock:
             self.requests.clear()
             self._stop = True
-            self._stats = self._snapshot()

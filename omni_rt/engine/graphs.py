@@ -241,7 +241,7 @@ class ThinkerDecodeGraphs:
         with torch.inference_mode():
             inputs = {
                 "input_ids": torch.zeros(B, dtype=i64, device=device),
-                "positions": torch.zeros(3, B, dtype=f32, device=device),
+                "positions": torch.zeros(3, B, dtype=torch.float32, device=device),
                 "slot_mapping": torch.full((B,), -1, dtype=i64, device=device),
                 "block_tables": torch.full((B, max_blocks), -1, dtype=i32, device=device),
                 "context_lens": torch.zeros(B, dtype=i32, device=device),
@@ -287,7 +287,7 @@ class ThinkerDecodeGraphs:
         n = len(ids)
         slots = self.pool.append_token(ids)
         f32, i64 = torch.float32, torch.int64
-        pos = torch.tensor(list(positions), dtype=f32)
+        pos = torch.tensor(list(positions), dtype=torch.float32)  # TM-RoPE positions are fractional
         values: dict[str, InputValue | None] = {
             "input_ids": torch.tensor(list(input_ids), dtype=i64),
             "positions": pos.expand(3, n),

@@ -19,6 +19,19 @@ import torch
 from ..request import SamplingParams, StreamChunk
 
 
+class OutputChannel(queue.Queue):
+    """A request's chunk queue. ``waker`` (if set) is called after every put, on the putting thread, so an
+    event loop can await chunks without parking an executor thread on ``get()`` (see omni_rt.streams)."""
+
+    waker = None
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        waker = self.waker
+        if waker is not None:
+            waker()
+
+
 class Sequence:
     """One decoder stream.
 
@@ -100,7 +113,9 @@ class Request:
     held: list = dataclasses.field(default_factory=list)        # (G,) int64 host frames not yet vocoded
     codes: list = dataclasses.field(default_factory=list)       # (G, n) int64 host frames vocoded
     vocoded: int = 0
-    out: "queue.Queue[StreamChunk]" = dataclasses.field(default_factory=queue.Queue)
+    out: OutputChannel = dataclasses.field(default_factory=OutputChannel)
+    vision: list = dataclasses.field(default_factory=list)       # prompting.VisionInput, in order of appearance
+    deepstack: Any = None   # (visual mask (prompt_len,), [features (n_visual, H)] per tap) while prefilling
     cancelled: bool = False
     error: BaseException | None = None
     t_submit: float = dataclasses.field(default_factory=time.perf_counter)

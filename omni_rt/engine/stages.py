@@ -20,6 +20,7 @@ import torch
 from .. import audio as audio_mod
 from ..sampling import SamplingTensors, sample, to_device
 from ..models.code_predictor import FrameSampling
+from ..models.mrope import multimodal_positions
 from .config import EngineConfig
 from .graphs import ThinkerDecodeGraphs, code2wav_graphs, code_predictor_graphs, state_from, state_names
 from .kv_cache import KVCachePool
@@ -109,22 +110,36 @@ class Stages:
         return report
 
     # --------------------------------------------------------------------------------------- thinker
-    def audio_encode(self, req: Request) -> torch.Tensor | None:
-        """The request's audios → AuT features (n_audio_tokens, H), checked against its <|audio_pad|> run."""
+    def audio_encode(self, req: Request) -> tuple[torch.Tensor | None, list[int]]:
+        """The request's audios → (AuT features (n_audio_tokens, H), tokens per audio), checked against its
+        <|audio_pad|> run."""
         thinker = self.model.thinker
-        pad = self.model.cfg.thinker.audio_token_id
-        pads = sum(1 for t in req.thinker.prompt_ids if t == pad)
+        th = self.model.cfg.thinker
+        pads = sum(1 for t in req.thinker.prompt_ids if t == th.audio_token_id)
         if not req.audios:
             if pads:
                 raise ValueError("the prompt has <|audio_pad|> tokens but no audio was given")
-            return None
-        mels = [audio_mod.log_mel(a, device=self.device) for a in req.audios]
+            return None, []
+        mels = [audio_mod.log_mel(a, device=self.device, n_mels=th.audio.num_mel_bins) for a in req.audios]
         lens = [m.shape[1] for m in mels]
-        counts = [thinker.audio_tower.num_audio_tokens(n) for n in lens]
+        counts = [int(thinker.audio_tower.num_audio_tokens(n)) for n in lens]
         if pads != sum(counts):
             raise ValueError(f"the prompt has {pads} <|audio_pad|> tokens but its audios give {sum(counts)} "
                              f"({counts}); expand each audio's pad run to its token count")
-        return thinker.audio_tower(torch.cat(mels, dim=1).to(self.dtype), lens)
+        return thinker.audio_tower(torch.cat(mels, dim=1).to(self.dtype), lens), counts
+
+    def vision_encode(self, req: Request, ids: torch.Tensor, audio_counts: list[int]):
+        """The request's images/videos → (TM-RoPE positions (3, n), rope delta, image features, video features,
+        deepstack (mask, per-tap features) or None); every pad run is checked against its medium first."""
+        thinker, th = self.model.thinker, self.model.cfg.thinker
+        if thinker.visual is None:
+            raise ValueError("this checkpoint has no vision tower, so it cannot take images or video")
+        positions, delta = multimodal_positions(req.thinker.prompt_ids, th, th.vision.spatial_merge_size,
+                                                audio_counts, [v.item for v in req.vision])
+        feats, taps = thinker.visual.encode([(v.pixel_values, v.item.grid) for v in req.vision], self.dtype)
+        image, video, deepstack = _scatter_vision(ids, [v.item.kind for v in req.vision], feats, taps,
+                                                  th.image_token_id, th.video_token_id)
+        return positions.to(self.device), delta, image, video, deepstack
 
     def sample_thinker(self, hidden: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """hidden (B, H) → next ids (B,) on the device (penalties over prompt + output when asked)."""
@@ -144,8 +159,10 @@ class Stages:
         requests whose prompt this completes, per-request taps)."""
         seqs = [r.thinker for r in reqs]
         chunks = [s.chunk(n) for s, n in zip(seqs, counts)]
+        deepstack = [_deepstack_slice(r.deepstack, r.thinker.prefilled, n) for r, n in zip(reqs, counts)]
         hidden, taps = self.thinker_runner.prefill([s.seq_id for s in seqs], [c[0] for c in chunks],
-                                                   [c[1] for c in chunks], tap_layer)
+                                                   [c[1] for c in chunks], tap_layer,
+                                                   deepstack if any(d is not None for d in deepstack) else None)
         done = [i for i, (s, n) in enumerate(zip(seqs, counts)) if s.prefilled + n == s.prompt_len]
         ids = None
         if done:
@@ -226,3 +243,42 @@ class Stages:
         else:
             audio, state = self.model.code2wav.step_padded(codes, state)
         return audio.float(), state
+
+
+def _deepstack_slice(deepstack, start: int, n: int):
+    """A request's deepstack (mask over its prompt, features over its visual tokens) for prompt tokens
+    [start, start + n): a prefill chunk may begin or end inside an image."""
+    if deepstack is None:
+        return None
+    mask, feats = deepstack
+    before = int(mask[:start].sum())
+    inside = mask[start: start + n]
+    count = int(inside.sum())
+    if count == 0:
+        return None
+    return inside, [f[before: before + count] for f in feats]
+
+
+def _scatter_vision(ids: torch.Tensor, kinds: list[str], feats: list[torch.Tensor], taps: list[list[torch.Tensor]],
+                    image_id: int, video_id: int):
+    """Image and video features in pad order, and the deepstack features joined in *position* order (images and
+    videos interleaved as they appear, as the reference's joint masks do, modeling ≈ 2025-2039)."""
+    img = [f for f, k in zip(feats, kinds) if k == "image"]
+    vid = [f for f, k in zip(feats, kinds) if k == "video"]
+    image_embeds = torch.cat(img) if img else None
+    video_embeds = torch.cat(vid) if vid else None
+    is_img, is_vid = ids == image_id, ids == video_id
+    mask = is_img | is_vid
+    joint_img = is_img[mask]
+    joint = []
+    for j in range(len(taps[0]) if taps else 0):
+        ti = [t[j] for t, k in zip(taps, kinds) if k == "image"]
+        tv = [t[j] for t, k in zip(taps, kinds) if k == "video"]
+        ref = (ti or tv)[0]
+        out = ref.new_zeros(int(mask.sum()), ref.shape[-1])
+        if ti:
+            out[joint_img] = torch.cat(ti)
+        if tv:
+            out[~joint_img] = torch.cat(tv)
+        joint.append(out)
+    return image_embeds, video_embeds, ((mask, joint) if joint else None)
