@@ -106,7 +106,7 @@ class Engine:
                 req.talker.seq_id = _TALKER_SEQ_BASE + n
             self.requests[req.request_id] = req
             self.sched.waiting.append(req)
-                self._lock.notify_all()
+            self._lock.notify_all()
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request; its resources are released by the engine thread at its next step."""
