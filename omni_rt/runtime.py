@@ -74,6 +74,9 @@ class Runtime:
             (quantize the thinker's and talker's decoder projections to block FP8 while loading). FP8 weights
             stay FP8 in device memory on GPUs with FP8 hardware (sm_89/sm_90, decided at load); on CPU and
             sm_80 they are dequantized to ``dtype`` at load.
+        fp8_activations: with FP8 weights kept on the device, prefill GEMMs of the dense projections (≥ 64
+            tokens) also quantize activations per token and 128 columns (w8a8 on FP8 tensor cores); decode stays
+            weight-only. Off by default.
     """
 
     def __init__(self, model: str | os.PathLike | OmniModel, device: str | torch.device | None = None,
@@ -81,7 +84,8 @@ class Runtime:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  kv_cache_tokens: int | None = None, kv_block_size: int = 16, max_prefill_tokens: int = 4096,
                  first_chunk_frames: int = 1, profile_dir: str | os.PathLike | None = None,
-                 progress: Callable[[str], None] | None = None, quantization: str | None = None):
+                 progress: Callable[[str], None] | None = None, quantization: str | None = None,
+                 fp8_activations: bool = False):
         if not isinstance(model, (str, os.PathLike, OmniModel)):
             raise TypeError(f"model must be a checkpoint directory (str or os.PathLike) or an OmniModel, got "
                             f"{type(model).__name__}")
@@ -121,7 +125,7 @@ class Runtime:
             if not os.path.isdir(self.path):
                 raise FileNotFoundError(f"checkpoint directory not found: {self.path}")
             self.model = load_model(self.path, self.dtype, self.device, progress=progress,
-                                    quantization=quantization)
+                                    quantization=quantization, fp8_activations_from=64 if fp8_activations else None)
         self.cfg: OmniConfig = self.model.cfg
         self.tokenizer = None
         if self.path is not None:
