@@ -154,6 +154,8 @@ class Runtime:
                              cuda_graphs=self.cuda_graphs)
         self._has_talker = self.model.has_talker
         self._closed = False
+        self._final_stats: dict | None = None
+        self._final_memory: dict | None = None
         self._close_lock = threading.Lock()
         self._profiler = TorchProfiler(profile_dir) if profile_dir else None
         if self._profiler:
@@ -191,12 +193,15 @@ class Runtime:
     def closed(self) -> bool:
         return self._closed
 
-    def _check_open(self) -> None:
-        if self._closed:
+    def _live(self) -> Engine:
+        """The engine, for a call on an open runtime; RuntimeError at once after close() (or a device fault).
+        Callers keep the returned engine: ``self.engine`` becomes None when close() frees it."""
+        engine = self.engine
+        if self._closed or engine is None:
             raise RuntimeError("this omni_rt.Runtime is closed: create a new one")
-        fault = self.engine.fault
-        if fault is not None:
-            raise DeviceFault(f"the runtime hit a device fault and must be recreated: {fault}")
+        if engine.fault is not None:
+            raise DeviceFault(f"the runtime hit a device fault and must be recreated: {engine.fault}")
+        return engine
 
     def close(self) -> None:
         """End every request in flight or queued (with a RuntimeError), stop and join the engine thread and free
@@ -207,7 +212,7 @@ class Runtime:
             self._closed = True
         self._finalizer.detach()
         self.engine.shutdown()
-        self._final_stats = self._stats()   # stats() keeps answering (from this snapshot) after close
+        self._final_stats = self._stats(self.engine)   # stats() keeps answering (from this snapshot) after close
         self._final_memory = self.model.weight_memory()
         if self._profiler:
             self._profiler.stop()
@@ -219,7 +224,7 @@ class Runtime:
             torch.cuda.empty_cache()
 
     def __enter__(self) -> "Runtime":
-        self._check_open()
+        self._live()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -229,12 +234,13 @@ class Runtime:
         """Cheap, thread-safe counters (api.md): KV blocks and speech slots free/total, requests running and
         waiting, and ``fault`` (None, or what killed the runtime). After ``close()`` it returns the counters as
         the runtime left them (every request ended, every block and slot returned); it never raises."""
-        if self._closed:
+        engine = self.engine
+        if engine is None or self._final_stats is not None:
             return dict(self._final_stats)
-        return self._stats()
+        return self._stats(engine)
 
-    def _stats(self) -> dict:
-        e = self.engine
+    @staticmethod
+    def _stats(e: Engine) -> dict:
         sp = e.speech
         fault = e.fault
         return {
@@ -249,26 +255,26 @@ class Runtime:
 
     def encode_audio(self, wav_16k: np.ndarray | str | os.PathLike) -> torch.Tensor:
         """The AuT encoder output for one audio: (n_tokens, output_dim)."""
-        self._check_open()
+        model = self._live().model
         wav = load_audio(wav_16k, "wav_16k")
         mel = audio_mod.log_mel(wav, device=self.device, n_mels=self.cfg.thinker.audio.num_mel_bins)
         with torch.inference_mode():
-            return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
+            return model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
 
     def memory(self) -> dict[str, int]:
         """Weight bytes per component as loaded (actual dtypes: FP8 codes and scales where kept): thinker,
         audio_tower, vision (when the checkpoint has one), talker, code_predictor, code2wav (absent without a
         talker), and total. After ``close()`` (which frees them): the figures the runtime had."""
-        if self._closed:
+        engine = self.engine
+        if engine is None:
             return dict(self._final_memory)
-        return self.model.weight_memory()
+        return engine.model.weight_memory()
 
     def encode_image(self, image: Any, deepstack: bool = False
                      ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """The vision encoder output for one image (path, PIL image or uint8 (H, W, 3) array):
         (n_tokens, out_hidden_size); with ``deepstack=True`` also the deepstack features, one
         (n_tokens, out_hidden_size) per tap layer."""
-        self._check_open()
         visual = self._require_vision("encode_image")
         pixel_values, grid = vision_mod.preprocess_images([image], self.vision_preprocess)
         with torch.inference_mode():
@@ -276,7 +282,7 @@ class Runtime:
         return (out, taps) if deepstack else out
 
     def _require_vision(self, what: str):
-        visual = self.model.thinker.visual
+        visual = self._live().model.thinker.visual
         if visual is None:
             raise ValueError(f"{what}: this checkpoint has no vision tower (thinker_config.vision_config is "
                              f"absent), so it cannot take images or video")
@@ -284,18 +290,17 @@ class Runtime:
 
     def stage_times(self, reset: bool = False) -> dict[str, float]:
         """Engine wall time per stage in ms, summed since the start (or the last reset)."""
-        self._check_open()
-        snap = self.engine.timer.snapshot()
+        engine = self._live()
+        snap = engine.timer.snapshot()
         if reset:
-            self.engine.timer.reset()
+            engine.timer.reset()
         return snap
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request in flight; its KV blocks and decoder state are freed at the engine's next step.
         Returns False when no request with this id is in flight."""
         check_str("request_id", request_id)
-        self._check_open()
-        return self.engine.abort(request_id)
+        return self._live().abort(request_id)
 
     def generate(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                  thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
@@ -304,10 +309,12 @@ class Runtime:
 
         use_audio_in_video: a video file's own audio track is heard too, interleaved by time (chat messages;
         a Prompt carries its own flag)."""
-        req = self._submit(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
+        chunks = self._submit(RequestStream, prompt, speaker, return_audio, thinker, talker, request_id,
+                              use_audio_in_video)
+        req = chunks.request
         text, ids, audio, reasoning = [], [], [], []
         last = None
-        with RequestStream(self.engine, req) as chunks:
+        with chunks:
             for chunk in chunks:
                 text.append(chunk.text_delta)
                 reasoning.append(chunk.reasoning_delta)
@@ -332,26 +339,29 @@ class Runtime:
 
         Arguments are validated by this call. Closing the stream, or dropping it before the last chunk
         (leaving the loop early), aborts the request."""
-        return RequestStream(self.engine, self._submit(prompt, speaker, return_audio, thinker, talker,
-                                                         request_id, use_audio_in_video))
+        return self._submit(RequestStream, prompt, speaker, return_audio, thinker, talker, request_id,
+                            use_audio_in_video)
 
     def astream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                 thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
                 request_id: str | None = None, use_audio_in_video: bool | None = None) -> AsyncRequestStream:
         """Async ``stream`` (``async for chunk in rt.astream(...)``); cancelling the consuming task, closing the
         stream or dropping it aborts the request. No executor thread waits on the engine."""
-        return AsyncRequestStream(self.engine, self._submit(prompt, speaker, return_audio, thinker, talker,
-                                                              request_id, use_audio_in_video))
+        return self._submit(AsyncRequestStream, prompt, speaker, return_audio, thinker, talker, request_id,
+                            use_audio_in_video)
 
     # ------------------------------------------------------------------------------------------ internals
-    def _submit(self, prompt, speaker, return_audio, thinker, talker, request_id,
-                use_audio_in_video: bool | None = None) -> EngineRequest:
+    def _submit(self, handle, prompt, speaker, return_audio, thinker, talker, request_id,
+                use_audio_in_video: bool | None = None):
+        """Validate, build and submit a request; returns ``handle(engine, request)`` (a stream that owns it)."""
         t_call = time.perf_counter()
-        self._check_open()
+        engine = self._live()
         req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
         req.t_submit = t_call  # metrics count from the call (audio loading and tokenizing included)
-        self.engine.submit(req)
-        return req
+        engine.submit(req)
+        # The handle exists only once the request is in: a refused submit (say, a request id already in
+        # flight) must never leave a handle whose finalizer would abort someone else's request.
+        return handle(engine, req)
 
     def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id,
                       use_audio_in_video: bool | None = None) -> EngineRequest:
