@@ -144,6 +144,8 @@ class Runtime:
         self.max_model_len = max_model_len or min(tc.max_position_embeddings, 32768)
         if kv_cache_tokens is None:
             kv_cache_tokens = self._plan_kv_tokens(max_batch_size, gpu_memory_utilization, kv_block_size)
+        else:
+            self._check_kv_fits(kv_cache_tokens, kv_block_size)
         speech_factory = None
         if self.model.has_talker:
             from .engine.speech_stage import SpeechStage
@@ -164,6 +166,22 @@ class Runtime:
         # A runtime dropped without close() (or alive at interpreter exit) still stops its engine thread: the
         # thread holds only the engine, never the runtime, and this finalizer stops it.
         self._finalizer = weakref.finalize(self, _stop_unclosed, self.engine, self._profiler)
+
+    def _check_kv_fits(self, kv_tokens: int, block_size: int) -> None:
+        """Refuse a KV size that the device's whole memory could not hold, before trying to allocate it."""
+        from .engine.kv_cache import kv_block_bytes
+
+        blocks = -(-kv_tokens // block_size)
+        pools = [self.cfg.thinker.text] + ([self.cfg.talker.text] if self.model.has_talker else [])
+        need = sum(blocks * kv_block_bytes(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim,
+                                           self.dtype) for c in pools)
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > total:
+            raise ValueError(f"kv_cache_tokens={kv_tokens} needs {need / 2 ** 30:.1f} GiB of KV cache, more than "
+                             f"the {self.device.type} device's {total / 2 ** 30:.1f} GiB of memory")
 
     def _plan_kv_tokens(self, max_batch_size: int, fraction: float, block_size: int) -> int:
         from .engine.kv_cache import kv_block_bytes
