@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import importlib
 
-from .errors import CheckpointError, ConfigError, DeviceFault
+from .errors import CancelledRequest, CheckpointError, ConfigError, DeviceFault
 
 __version__ = "0.1.0"
 
@@ -22,7 +22,7 @@ _LAZY = {
     "testing": ("omni_rt.testing", None),
 }
 
-__all__ = ["CheckpointError", "ConfigError", "DeviceFault", "__version__", *_LAZY]
+__all__ = ["CancelledRequest", "CheckpointError", "ConfigError", "DeviceFault", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -22,7 +22,8 @@ from . import vision as vision_mod
 from .config import OmniConfig
 from .errors import DeviceFault
 from .engine.engine import Engine
-from .engine.requests import EngineRequest
+from .engine.config import EngineConfig
+from .engine.sequence import Request, Sequence
 from .engine.text_output import TextOutput
 from .models.omni import OmniModel, load_model
 from .profiling import TorchProfiler
@@ -146,14 +147,12 @@ class Runtime:
             kv_cache_tokens = self._plan_kv_tokens(max_batch_size, gpu_memory_utilization, kv_block_size)
         else:
             self._check_kv_fits(kv_cache_tokens, kv_block_size)
-        speech_factory = None
-        if self.model.has_talker:
-            from .engine.speech_stage import SpeechStage
-
-            speech_factory = lambda engine: SpeechStage(engine, first_chunk_frames=first_chunk_frames)  # noqa: E731
-        self.engine = Engine(self.model, self.device, self.dtype, max_batch_size, kv_cache_tokens, kv_block_size,
-                             max_prefill_tokens, self.max_model_len, speech_factory=speech_factory,
-                             cuda_graphs=self.cuda_graphs)
+        self.engine_config = EngineConfig(
+            max_batch_size=max_batch_size, max_model_len=self.max_model_len, max_prefill_tokens=max_prefill_tokens,
+            kv_block_size=kv_block_size, kv_cache_tokens=kv_cache_tokens, first_chunk_frames=first_chunk_frames,
+            cuda_graphs=self.cuda_graphs, gpu_memory_utilization=gpu_memory_utilization)
+        self.engine = Engine(self.model, self.engine_config, self.device, self.dtype)
+        self.warmup_s = self.engine.warmup_s   # graph capture + warm-up of every batch bucket at start-up
         self._has_talker = self.model.has_talker
         self._closed = False
         self._final_stats: dict | None = None
@@ -259,17 +258,7 @@ class Runtime:
 
     @staticmethod
     def _stats(e: Engine) -> dict:
-        sp = e.speech
-        fault = e.fault
-        return {
-            "kv_free_blocks": e.pool.num_free_blocks(), "kv_total_blocks": e.pool.num_blocks,
-            "talker_kv_free_blocks": sp.pool.num_free_blocks() if sp is not None else 0,
-            "talker_kv_total_blocks": sp.pool.num_blocks if sp is not None else 0,
-            "speech_slots_free": len(sp.slots) if sp is not None else 0,
-            "speech_slots_total": e.max_batch_size if sp is not None else 0,
-            "running": len(e.running), "waiting": len(e.waiting),
-            "fault": None if fault is None else f"{type(fault).__name__}: {fault}",
-        }
+        return e.stats()
 
     def encode_audio(self, wav_16k: np.ndarray | str | os.PathLike) -> torch.Tensor:
         """The AuT encoder output for one audio: (n_tokens, output_dim)."""
@@ -382,7 +371,7 @@ class Runtime:
         return handle(engine, req)
 
     def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id,
-                      use_audio_in_video: bool | None = None) -> EngineRequest:
+                      use_audio_in_video: bool | None = None) -> Request:
         """Validate every argument (TypeError/ValueError/FileNotFoundError naming it) and build the request:
         nothing invalid reaches the engine thread."""
         if return_audio is None:
@@ -412,13 +401,15 @@ class Runtime:
         if prepared.vision:
             self._check_vision_fits(prepared, thinker_p.max_new_tokens)
         stop = thinker_p.stop_token_ids if thinker_p.stop_token_ids is not None else [self.cfg.im_end_token_id]
-        return EngineRequest(
-            request_id=request_id, prompt=ids, audios=audios, thinker_params=thinker_p, talker_params=talker_p,
-            speaker_id=speaker_id, thinker_stop_ids=frozenset(int(t) for t in stop),
-            thinker_seed=thinker_p.seed if thinker_p.seed is not None else random.getrandbits(63),
-            talker_seed=(talker_p.seed if talker_p and talker_p.seed is not None else random.getrandbits(63)),
-            detok=IncrementalDetokenizer(self.tokenizer), text_out=self._text_output(ids, thinker_p),
-            vision=prepared.vision)
+        thinker_seq = Sequence(-1, thinker_p, stop, _seed(thinker_p), prompt_ids=ids)
+        talker_seq = None
+        if talker_p is not None:
+            talker_stop = (talker_p.stop_token_ids if talker_p.stop_token_ids is not None
+                           else [self.cfg.talker.codec_eos_token_id])
+            talker_seq = Sequence(-1, talker_p, talker_stop, _seed(talker_p))
+        return Request(request_id=request_id, thinker=thinker_seq, audios=audios, talker=talker_seq,
+                       speaker_id=speaker_id, detok=IncrementalDetokenizer(self.tokenizer),
+                       text_out=self._text_output(ids, thinker_p), vision=prepared.vision)
 
     def _text_output(self, prompt_ids: list[int], params: SamplingParams) -> TextOutput:
         """Text side of a request: stop strings and, when the tokenizer has think tags, the reasoning span (on
@@ -500,7 +491,11 @@ def plan_kv_tokens(cfg: OmniConfig, free_bytes: int, dtype: torch.dtype, has_tal
 
     tc = cfg.thinker.text
     # The talker's pools and activations come out of the same memory: keep a share for them.
-    share = 0.8 if has_talker else 1.0
+    share = EngineConfig.talker_memory_share if has_talker else 1.0
     blocks = plan_num_blocks(int(free_bytes * share), tc.num_hidden_layers, block_size, tc.num_key_value_heads,
                              tc.head_dim, dtype, fraction)
     return blocks * block_size
+
+
+def _seed(p: SamplingParams) -> int:
+    return p.seed if p.seed is not None else random.getrandbits(63)

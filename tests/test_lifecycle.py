@@ -72,7 +72,7 @@ def test_context_manager_and_every_call_after_close_raises_at_once(text_ckpt):
 
 def test_close_fails_in_flight_and_queued_requests_and_frees_memory(text_ckpt):
     rt = omni_rt.Runtime(text_ckpt, device="cpu", max_batch_size=1)
-    kv = weakref.ref(rt.engine.pool.kv)
+    kv = weakref.ref(rt.engine.stages.thinker_pool.kv)
     engine = weakref.ref(rt.engine)
     running = rt.stream(prompt(1, 2), thinker=LONG)
     next(running)                                     # admitted and decoding
@@ -94,7 +94,7 @@ def test_close_fails_in_flight_and_queued_requests_and_frees_memory(text_ckpt):
 
     t = threading.Thread(target=run_async)
     t.start()
-    wait_until(lambda: len(rt.engine.waiting) == 2, "two requests queued")
+    wait_until(lambda: rt.stats()["waiting"] == 2, "two requests queued")
     rt.close()
     for s in (running, queued):
         with pytest.raises(RuntimeError, match="closed before this request finished"):
