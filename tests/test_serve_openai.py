@@ -441,3 +441,22 @@ def test_reasoning_content_from_a_thinking_template(tiny_checkpoint, tmp_path):
                                                     stream=True))
             assert "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks
                            if ch.choices) == ref.reasoning
+
+
+def test_image_url_data_url_and_local_path(client, rt, tmp_path):
+    """image_url parts: a base64 data: URL (decoded by the server) and a local file path give the reply the Runtime
+    gives for the same pixels; network URLs are refused (tested above)."""
+    from PIL import Image
+
+    img = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "img.png"
+    Image.fromarray(img).save(path)
+    ref = rt.generate([{"role": "user", "content": [{"type": "image", "image": img},
+                                                    {"type": "text", "text": "What is this?"}]}],
+                      return_audio=False, thinker=omni_rt.SamplingParams(temperature=0.0, max_new_tokens=4))
+    data_url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    for url in (data_url, str(path)):
+        r = client.chat.completions.create(model="tiny", temperature=0, max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is this?"}]}])
+        assert r.choices[0].message.content == ref.text
