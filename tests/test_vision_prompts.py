@@ -192,13 +192,13 @@ def test_audio_in_video_layout_breaking_the_rule_is_refused(rt, tiny_config):
 
 
 @pytest.mark.parametrize("part, match", [
-    ({"type": "image", "image": "/no/such/file.png"}, "image 0: file not found"),
+    ({"type": "image", "image": "/no/such/file.png"}, "image 0: file not found"),   # FileNotFoundError (issue 12)
     ({"type": "image", "image": np.zeros((0, 4, 3), np.uint8)}, "image 0: zero-size"),
     ({"type": "image", "image": 3.5}, "image 0: not an image"),
     ({"type": "video", "video": np.zeros((0, 8, 8, 3), np.uint8)}, "video 0: the video has no frames"),
 ])
 def test_bad_vision_inputs_fail_that_request_only(rt, part, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(FileNotFoundError if "not found" in match else ValueError, match=match):
         rt.generate(_user(part), thinker=GREEDY, return_audio=False)
     # the runtime keeps serving
     assert rt.generate(_user({"type": "text", "text": "Hi"}), thinker=GREEDY, return_audio=False).token_ids

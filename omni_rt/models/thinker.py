@@ -64,10 +64,11 @@ class Decoder(nn.Module):
         tap = x if tap_layer == 0 else None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_caches[i], meta)
-            if deepstack is not None and i < len(deepstack[1]):
-                x = x.index_put((deepstack[0],), deepstack[1][i].to(x.dtype), accumulate=True)
+            # transformers records hidden_states[k] at the layer's output, before the deepstack addition.
             if tap_layer == i + 1:
                 tap = x
+            if deepstack is not None and i < len(deepstack[1]):
+                x = x.index_put((deepstack[0],), deepstack[1][i].to(x.dtype), accumulate=True)
         return self.norm(x), tap
 
 
