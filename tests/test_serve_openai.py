@@ -460,3 +460,23 @@ def test_image_url_data_url_and_local_path(client, rt, tmp_path):
             {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
                                          {"type": "text", "text": "What is this?"}]}])
         assert r.choices[0].message.content == ref.text
+
+
+def test_first_audio_delta_leaves_before_the_reply_is_done(client, rt):
+    """SSE order: the first audio delta comes while the thinker is still producing text (after the first talker
+    frame), not after the reply."""
+    n_tokens = 40
+    ref = expected(rt, voice="ethan", max_new_tokens=n_tokens)
+    assert len(ref.token_ids) == n_tokens       # the thinker runs long (no early <|im_end|>) on this prompt
+    order = []
+    for chunk in client.chat.completions.create(model="tiny", messages=question_messages(),
+                                                modalities=["text", "audio"], audio={"voice": "ethan", "format": "pcm16"},
+                                                temperature=0, max_tokens=n_tokens, stream=True):
+        if chunk.choices:
+            d = chunk.choices[0].delta
+            if d.content:
+                order.append("text")
+            if field(getattr(d, "audio", None), "data"):
+                order.append("audio")
+    first_audio = order.index("audio")
+    assert order[first_audio + 1:].count("text") >= order.count("text") // 2 > 0, order
