@@ -126,6 +126,7 @@ def test_full_spoken_turn_with_server_vad(short_url, rt):
         assert audio and all(base64.b64decode(e["delta"]) for e in audio)
         assert types.index("response.output_audio.delta") > types.index("response.created")
         assert done["response"]["output"][0]["content"][0]["transcript"] == transcript
+        assert 1 <= done["response"]["usage"]["output_tokens"] <= 8
         # the conversation is kept: a text turn on top of the spoken one answers in the same session
         c.send("conversation.item.create", item={"type": "message", "role": "user",
                                                  "content": [{"type": "input_text", "text": "Thank you."}]})
