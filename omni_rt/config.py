@@ -104,6 +104,14 @@ class AudioEncoderConfig:
         r.check(c.d_model % c.encoder_attention_heads == 0, "d_model", "must be divisible by encoder_attention_heads")
         # Window boundaries are whole conv chunks: n_window_infer must be a multiple of the chunk (2*n_window).
         r.check(c.n_window_infer % (2 * c.n_window) == 0, "n_window_infer", "must be a multiple of 2*n_window")
+        # What the AuT module needs (checked here so a bad config fails at load with the field's name):
+        r.check(c.activation_function == "gelu", "activation_function", f"must be 'gelu', got {c.activation_function!r}")
+        r.check(c.d_model % 2 == 0, "d_model", "must be even (sinusoidal positions)")
+        tokens = 2 * c.n_window
+        for _ in range(3):  # three stride-2 convs; the reference hard-codes 13 tokens per full chunk
+            tokens = (tokens - 1) // 2 + 1
+        r.check(tokens == 13, "n_window", f"must give 13 tokens per 2*n_window-frame chunk like the released "
+                f"model (n_window 50), got {c.n_window} -> {tokens}")
         return c
 
 

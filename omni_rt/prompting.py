@@ -49,8 +49,8 @@ def load_audio(a: Any, name: str = "audio") -> np.ndarray:
     return wav
 
 
-def audio_tokens(wav: np.ndarray) -> int:
-    return audio_mod.num_audio_tokens(audio_mod.num_frames(wav.size))
+def audio_tokens(wav: np.ndarray, n_window: int = 50) -> int:
+    return int(audio_mod.num_audio_tokens(audio_mod.num_frames(wav.size), n_window))
 
 
 class PromptBuilder:
@@ -89,7 +89,7 @@ class PromptBuilder:
         ids = list(prompt.token_ids)
         prompt.__post_init__()  # fields may have been assigned since construction
         audios = [load_audio(a, f"Prompt.audios[{i}]") for i, a in enumerate(prompt.audios)]
-        counts = [audio_tokens(a) for a in audios]
+        counts = [audio_tokens(a, self.cfg.thinker.audio.n_window) for a in audios]
         th = self.cfg.thinker
         vision: list[VisionInput] = []
         n_img = n_vid = n_aud = 0
@@ -146,7 +146,8 @@ class PromptBuilder:
             if kind == "audio":
                 wav = load_audio(part["audio"], f"audio {len(audios)} of the messages")
                 audios.append(wav)
-                replacements.append((th.audio_token_id, [th.audio_token_id] * audio_tokens(wav)))
+                n = audio_tokens(wav, self.cfg.thinker.audio.n_window)
+                replacements.append((th.audio_token_id, [th.audio_token_id] * n))
             elif kind == "image":
                 v = self.image(part["image"], f"image {n_img}")
                 n_img += 1
@@ -168,7 +169,7 @@ class PromptBuilder:
                                          f"track; frames given as an array have none")
                     wav = vision_mod.load_video_audio(src, label)
                     audios.append(wav)
-                    track = audio_tokens(wav)
+                    track = audio_tokens(wav, self.cfg.thinker.audio.n_window)
                 v = self.video(frames, fps, label, track)
                 vision.append(v)
                 replacements.append((th.video_token_id, expand_vision_pads(v.item, th, self.merge)))

@@ -15,7 +15,7 @@ from torch import nn
 from ..config import OmniConfig
 from ..errors import CheckpointError
 from ..loader import assign_parameters, iter_weights
-from ..quant import fp8_supported, quantize_blockwise, quantize_parts, scale_name
+from ..quant import fp8_supported
 from .thinker import Thinker
 
 
@@ -94,13 +94,15 @@ def keeps_fp8(cfg: OmniConfig, device: str | torch.device, quantize: bool) -> bo
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                with_talker: bool = True, cfg: OmniConfig | None = None,
                progress: Callable[[str], None] | None = None, quantization: str | None = None,
-               keep_fp8: bool | None = None) -> OmniModel:
+               keep_fp8: bool | None = None, fp8_activations_from: int | None = None) -> OmniModel:
     """Load a HF-layout Qwen3-Omni checkpoint directory into an ``OmniModel`` on ``device`` in ``dtype``.
 
     quantization: None (weights as stored; an FP8 checkpoint is recognised from its config) or "fp8"
     (quantize a bf16/fp32 checkpoint's eligible weights to block FP8 while streaming it in).
     keep_fp8: keep FP8 weights FP8 in memory (default: when the device has FP8 hardware, ``keeps_fp8``);
     otherwise they are dequantized to ``dtype`` at load.
+    fp8_activations_from: with FP8 weights kept, dense projections quantize their activations too (w8a8, per
+    token and 128 columns) for inputs of at least this many tokens (prefill); None: weight-only everywhere.
     """
     if quantization not in (None, "fp8"):
         raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
@@ -120,41 +122,12 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     if leftover:
         raise CheckpointError(f"parameters never loaded: {leftover[:3]}")
     model.eval()
+    if fp8_activations_from is not None:
+        from .layers import FP8Linear
+
+        for m in model.modules():
+            if isinstance(m, FP8Linear):
+                m.act_fp8_min_tokens = fp8_activations_from
     if progress:
         progress(f"loaded {path} in {time.perf_counter() - start:.2f} s")
     return model
-
-
-def build_synthetic_model(config, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
-                          with_talker: bool = True, fp8: bool = False) -> OmniModel:
-    """Random weights of a named/dict config built directly on ``device`` (no files): for full-size benchmarks,
-    where writing ~70 GB of bf16 to disk would be slow and bulky. ``fp8``: eligible weights quantized to
-    block FP8 as they are drawn, and kept FP8."""
-    from ..testing.checkpoint import random_state_dict
-    from ..testing.configs import resolve_config
-
-    cfg = config if isinstance(config, OmniConfig) else OmniConfig.from_dict(resolve_config(config))
-    with torch.device("meta"):
-        model = OmniModel(cfg, with_talker=with_talker, fp8=fp8)
-    wanted = ("thinker.",) + (("talker.", "code2wav.") if model.has_talker else ())
-    weights = ((n, t) for n, t in random_state_dict(cfg, seed, dtype, device) if n.startswith(wanted))
-    if fp8:
-        weights = _quantized(weights, set(dict(model.named_parameters())))
-    assign_parameters(model, weights, strict=True)
-    return model.eval()
-
-
-def _quantized(weights, params: set[str]):
-    """(name, tensor) stream → FP8 codes + scales for every parameter that has a ``*_scale_inv`` slot."""
-    for name, t in weights:
-        if scale_name(name) not in params:
-            yield name, t
-            continue
-        if name.endswith("gate_up_proj"):
-            half = t.shape[-2] // 2
-            q, s = quantize_parts(t, (half, half))
-        else:
-            q, s = quantize_blockwise(t)
-        del t
-        yield name, q
-        yield scale_name(name), s
