@@ -32,7 +32,7 @@ import torch
 from .. import audio as audio_mod
 from ..errors import DeviceFault
 from ..models.omni import OmniModel
-from ..profiling import StageTimer
+from ..profiling import StageTimer, census_stage
 from ..request import StreamChunk
 from .graphs import ThinkerDecodeGraphs
 from .kv_cache import KVCachePool
@@ -210,7 +210,7 @@ class Engine:
             if pads != sum(counts):
                 raise ValueError(f"the prompt has {pads} <|audio_pad|> tokens but its audios give {sum(counts)} "
                                  f"({counts}); expand each audio's pad run to its token count")
-            with self.timer("audio_encode"):
+            with self.timer("audio_encode"), census_stage("audio_encode"):
                 audio_embeds = thinker.audio_tower(torch.cat(mels, dim=1).to(self.dtype), lens)
         elif any(t == self.cfg.thinker.audio_token_id for t in req.prompt):
             raise ValueError("the prompt has <|audio_pad|> tokens but no audio was given")
@@ -239,20 +239,19 @@ class Engine:
             batch.append(r)
             chunks.append(r.embeds[r.prefilled: r.prefilled + n])
             positions.append(r.positions[:, r.prefilled: r.prefilled + n])
-        hidden, taps = self.runner.prefill([r.seq_id for r in batch], chunks, positions, self._tap(batch))
-        finished = []
-        for r, h, tap, c in zip(batch, hidden, taps, chunks):
+        with census_stage("thinker_prefill"):
+            hidden, taps = self.runner.prefill([r.seq_id for r in batch], chunks, positions, self._tap(batch))
+            finished = [j for j, (r, c) in enumerate(zip(batch, chunks)) if r.prefilled + c.shape[0] == len(r.prompt)]
+            tokens = (self._sample_device(self.model.thinker.logits(torch.stack([hidden[j][-1] for j in finished])),
+                                          [batch[j] for j in finished]) if finished else None)
+        for r, tap, c in zip(batch, taps, chunks):
             r.prefilled += c.shape[0]
             if r.speaking and tap is not None:
                 r.prompt_taps.append(tap)
-            if r.prefilled == len(r.prompt):
-                finished.append((r, h[-1]))
         if finished:
-            reqs = [r for r, _ in finished]
-            tokens = self._sample(torch.stack([h for _, h in finished]), reqs)
-            for r, tok in zip(reqs, tokens):
-                r.phase = Phase.DECODE
-                self._push_token(r, tok)
+            for j, tok in zip(finished, tokens.tolist()):   # the step's read-back
+                batch[j].phase = Phase.DECODE
+                self._push_token(batch[j], tok)
 
     def _decode_step(self) -> None:
         active = [r for r in self.running if r.phase == Phase.DECODE and not r.thinker_finished
@@ -271,13 +270,15 @@ class Engine:
             return
         ids = torch.tensor([r.output[-1] for r in active], device=self.device)
         pos = torch.tensor([len(r.prompt) + len(r.output) - 1 for r in active], device=self.device)
-        embeds = self.model.thinker.embed(ids)
-        hidden, _ = self.runner.decode([r.seq_id for r in active], embeds, pos.expand(3, -1))
-        for r, tok in zip(active, self._sample(hidden, active)):
+        with census_stage("thinker_decode"):
+            embeds = self.model.thinker.embed(ids)
+            hidden, _ = self.runner.decode([r.seq_id for r in active], embeds, pos.expand(3, -1))
+            tokens = self._sample_device(self.model.thinker.logits(hidden), active)
+        for r, tok in zip(active, tokens.tolist()):
             self._push_token(r, tok)
 
-    def _sample(self, hidden: torch.Tensor, reqs: list[EngineRequest]) -> list[int]:
-        logits = self.model.thinker.logits(hidden)
+    def _sample_device(self, logits: torch.Tensor, reqs: list[EngineRequest]) -> torch.Tensor:
+        """logits (B, vocab) -> next ids (B,) on the device (no read-back)."""
         params = [r.thinker_params for r in reqs]
         st = SamplingTensors.build(params, [len(r.output) for r in reqs], [r.thinker_seed for r in reqs],
                                    self.device)
@@ -286,7 +287,7 @@ class Engine:
             seen = torch.zeros(len(reqs), logits.shape[-1], dtype=torch.bool, device=self.device)
             for i, r in enumerate(reqs):
                 seen[i, torch.tensor(r.prompt + r.output, device=self.device)] = True
-        return sample(logits, st, seen).tolist()
+        return sample(logits, st, seen)
 
     def _push_token(self, req: EngineRequest, token: int) -> None:
         req.push_token(token)

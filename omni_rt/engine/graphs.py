@@ -30,6 +30,7 @@ import torch
 from ..models.code_predictor import FrameSampling, FrameWorkspace
 from ..models.code2wav import Code2WavState
 from ..models.layers import AttentionMetadata
+from ..profiling import census_graphed, census_stage
 from .kv_cache import KVCachePool
 from .sampler import SamplingTensors, sample
 
@@ -91,6 +92,7 @@ class GraphRunner:
         if len(devices) != 1:
             raise ValueError(f"all static inputs must be on one device, got {sorted(map(str, devices))}")
         self.device = devices.pop()
+        self.graphs_requested = bool(use_graphs)  # on CUDA this step replays as graphs (the census costs it so)
         self.use_graphs = bool(use_graphs) and self.device.type == "cuda"
         self.name = name
         self.output_batch_dims = dict(output_batch_dims or {})
@@ -177,7 +179,8 @@ class GraphRunner:
         self.fill(view, n, values)
         graph = self.graphs.get(bs)
         if graph is None:
-            out = self.fn(view)
+            with census_graphed(self.graphs_requested):
+                out = self.fn(view)
             return {k: self._rows(k, v, n) for k, v in out.items() if v is not None}
         graph.replay()
         self.replays += 1
@@ -214,6 +217,10 @@ class ThinkerDecodeStep:
         self.tap_layer = tap_layer
 
     def __call__(self, b: dict) -> dict:
+        with census_stage("thinker_decode"):
+            return self._step(b)
+
+    def _step(self, b: dict) -> dict:
         embeds = self.thinker.embed(b["input_ids"])
         meta = AttentionMetadata(slot_mapping=b["slot_mapping"], block_tables=b["block_tables"],
                                  context_lens=b["context_lens"])

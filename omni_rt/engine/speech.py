@@ -34,6 +34,7 @@ from typing import Sequence
 
 import torch
 
+from ..profiling import census_stage
 from ..request import SamplingParams
 from .kv_cache import KVCachePool
 from .model_runner import DecoderRunner, text_positions
@@ -250,14 +251,19 @@ def new_talker_request(seq_id: int, feed: TalkerTextFeed, params: SamplingParams
 
 def _sample_code0(talker, hidden: torch.Tensor, reqs: Sequence[TalkerRequest]) -> list[int]:
     """hidden: (B, H) post-norm → code 0 per request, with the talker's penalty/suppression/sampling."""
+    return _sample_code0_device(talker, hidden, reqs).tolist()
+
+
+def _sample_code0_device(talker, hidden: torch.Tensor, reqs: Sequence[TalkerRequest]) -> torch.Tensor:
+    """As ``_sample_code0`` without the read-back: code 0 per request (B,) int64 on the device."""
     logits = talker.logits(hidden)
     st = SamplingTensors.build([r.params for r in reqs], [len(r.code0) for r in reqs], [r.seed for r in reqs],
                                hidden.device)
     seen = torch.stack([r.seen for r in reqs])
     ids = sample(logits, st, seen, talker.suppress_mask(hidden.device))
-    for r, i in zip(reqs, ids):
-        r.seen[i] = True
-    return ids.tolist()
+    for j, r in enumerate(reqs):
+        r.seen.index_fill_(0, ids[j:j + 1], True)   # a 1-element index: no host read (a 0-d one would be)
+    return ids
 
 
 def _accept(reqs: Sequence[TalkerRequest], hidden: torch.Tensor, ids: list[int]) -> None:
@@ -324,6 +330,11 @@ def code_predictor_step(model, reqs: Sequence[TalkerRequest], workspace=None, fr
     reqs = [r for r in reqs if r.needs_frame()]
     if not reqs:
         return
+    with census_stage("code_predictor_frame"):
+        _code_predictor_device(model, reqs, workspace, frame_graph)
+
+
+def _code_predictor_device(model, reqs: Sequence[TalkerRequest], workspace, frame_graph) -> None:
     talker = model.talker
     past = torch.stack([r.last_hidden for r in reqs])
     code0 = torch.tensor([r.code0[-1] for r in reqs], device=past.device)
@@ -349,6 +360,20 @@ def code_predictor_step(model, reqs: Sequence[TalkerRequest], workspace=None, fr
 def talker_decode_step(model, runner: DecoderRunner, reqs: Sequence[TalkerRequest]) -> list[TalkerRequest]:
     """One talker step for every request whose frame is done and whose trailing-text entry is known; the
     others wait. Returns the requests that stepped."""
+    with census_stage("talker_decode"):
+        ready, hidden, ids = _talker_decode_device(model, runner, reqs)
+    if not ready:
+        return []
+    ids = ids.tolist()   # the step's read-back (stop rule)
+    for r in ready:
+        r.pending = None
+    _accept(ready, hidden, ids)
+    _free_finished(runner, ready)
+    return ready
+
+
+def _talker_decode_device(model, runner: DecoderRunner, reqs: Sequence[TalkerRequest]):
+    """The device part of ``talker_decode_step``: (ready requests, post-norm hidden (B, H), code 0 (B,))."""
     ready, embeds = [], []
     for r in reqs:
         if r.finished or r.pending is None:
@@ -359,16 +384,11 @@ def talker_decode_step(model, runner: DecoderRunner, reqs: Sequence[TalkerReques
         ready.append(r)
         embeds.append(r.pending + e)
     if not ready:
-        return []
+        return [], None, None
     device = embeds[0].device
     pos = torch.tensor([r.feed.prefill_len + r.step for r in ready], device=device)
     hidden, _ = runner.decode([r.seq_id for r in ready], torch.stack(embeds), pos.expand(3, -1))
-    ids = _sample_code0(model.talker, hidden, ready)
-    for r in ready:
-        r.pending = None
-    _accept(ready, hidden, ids)
-    _free_finished(runner, ready)
-    return ready
+    return ready, hidden, _sample_code0_device(model.talker, hidden, ready)
 
 
 @dataclasses.dataclass

@@ -19,6 +19,7 @@ import warnings
 import numpy as np
 import torch
 
+from ..profiling import census_stage
 from .kv_cache import KVCachePool
 from .model_runner import DecoderRunner
 from .graphs import code2wav_graphs, code_predictor_graphs, state_from, state_names
@@ -44,6 +45,23 @@ def _capture_or_none(build):
         warnings.warn(f"CUDA-graph capture failed ({e!r}); running that step eagerly", RuntimeWarning,
                       stacklevel=2)
         return None
+
+
+def code2wav_step(c2w, pool_state, graph, codes: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """One streaming Code2Wav step for the streams in slots ``idx`` of ``pool_state`` (a ``Code2WavState`` pool,
+    updated in place): codes (B, G, n) -> audio (B, n·samples_per_frame) on the device. One-frame steps replay
+    ``graph`` (a ``code2wav_graphs`` runner) when given."""
+    n = codes.shape[-1]
+    with census_stage("code2wav_step"):
+        state = pool_state.select(idx)
+        if n == 1 and graph is not None:
+            res = graph.run(codes.shape[0], {"codes": codes, **_state_inputs(state)})
+            # outputs are views of static buffers: scatter_ copies the state out before the next replay
+            audio, state = res["audio"], state_from(res, len(state.conv), len(state.tail), prefix="new_")
+        else:
+            audio, state = c2w.step_padded(codes, state)
+        pool_state.scatter_(idx, state)
+        return audio.float()
 
 
 @dataclasses.dataclass
@@ -193,7 +211,8 @@ class SpeechStage:
             batch.append(sp)
             chunks.append(embeds[sp.prefilled: sp.prefilled + n])
             positions.append(pos[:, sp.prefilled: sp.prefilled + n])
-        hidden, _ = self.runner.prefill([sp.talker.seq_id for sp in batch], chunks, positions)
+        with census_stage("talker_prefill"):
+            hidden, _ = self.runner.prefill([sp.talker.seq_id for sp in batch], chunks, positions)
         done, last = [], []
         for sp, h, c in zip(batch, hidden, chunks):
             sp.prefilled += c.shape[0]
@@ -202,7 +221,8 @@ class SpeechStage:
                 last.append(h[-1])
                 sp.prefill = None
         if done:
-            talker_first_code(self.model, self.runner, [sp.talker for sp in done], torch.stack(last))
+            with census_stage("talker_prefill"):
+                talker_first_code(self.model, self.runner, [sp.talker for sp in done], torch.stack(last))
 
     def _vocode(self, speakers) -> list[tuple[EngineRequest, np.ndarray]]:
         """Stream every new frame through Code2Wav, batching requests with the same number of new frames."""
@@ -221,14 +241,7 @@ class SpeechStage:
                 codes = torch.stack([torch.stack(sp.talker.frames[sp.vocoded: sp.vocoded + n], dim=1)
                                      for _, sp in members])            # (B, G, n)
                 idx = torch.tensor([sp.slot for _, sp in members], device=self.device)
-                state = self.c2w_state.select(idx)
-                if n == 1 and self.c2w_graph is not None:
-                    res = self.c2w_graph.run(len(members), {"codes": codes, **_state_inputs(state)})
-                    # outputs are views of static buffers: scatter_ copies the state out before the next replay
-                    audio, state = res["audio"], state_from(res, len(state.conv), len(state.tail), prefix="new_")
-                else:
-                    audio, state = self.c2w.step_padded(codes, state)
-                self.c2w_state.scatter_(idx, state)
+                audio = code2wav_step(self.c2w, self.c2w_state, self.c2w_graph, codes, idx)
                 audio = audio.float().cpu().numpy()
                 codes_np = codes.cpu().numpy()
             for j, (r, sp) in enumerate(members):

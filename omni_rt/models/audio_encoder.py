@@ -94,13 +94,14 @@ class _Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=True)
         self.out_proj = nn.Linear(d_model, d_model, bias=True)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """x: (tokens, d_model); cu_seqlens: (windows + 1,) int32 on x's device. Returns (tokens, d_model)."""
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
+        """x: (tokens, d_model); cu_seqlens: (windows + 1,) int32 on x's device; max_seqlen: the longest window
+        (host int, known from the pass plan: no device read). Returns (tokens, d_model)."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.heads, self.head_dim)
         k = self.k_proj(x).view(n, self.heads, self.head_dim)
         v = self.v_proj(x).view(n, self.heads, self.head_dim)
-        o = block_window_attention(q, k, v, cu_seqlens, scale=self.head_dim ** -0.5)
+        o = block_window_attention(q, k, v, cu_seqlens, scale=self.head_dim ** -0.5, max_seqlen=max_seqlen)
         return self.out_proj(o.reshape(n, self.heads * self.head_dim))
 
 
@@ -114,9 +115,9 @@ class _EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
         """x: (tokens, d_model) -> (tokens, d_model), pre-norm attention + pre-norm GELU MLP."""
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens)
+        x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens, max_seqlen)
         x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
         if x.dtype == torch.float16:
             # As the reference: keep fp16 activations finite so the next LayerNorm does not see inf.
@@ -284,8 +285,9 @@ class AudioEncoder(nn.Module):
         dtype = self.conv2d1.weight.dtype
         h = self._embed(self._padded_chunks(audios, p, dtype), p.chunk_tokens)
         cu = torch.tensor((0, *p.window_tokens), dtype=torch.int32).cumsum(0, dtype=torch.int32).to(h.device)
+        longest = max(p.window_tokens, default=0)
         for layer in self.layers:
-            h = layer(h, cu)
+            h = layer(h, cu, longest)
         return self.proj2(F.gelu(self.proj1(self.ln_post(h))))
 
     def forward(self, features: torch.Tensor, feature_lens: torch.Tensor | Sequence[int]) -> torch.Tensor:
