@@ -1,39 +1,44 @@
 # The two commands the README leads with:
 #   make demo   install what is needed, then stream a spoken reply from the synthetic checkpoint to reply.wav
 #   make test   install what is needed (incl. the transformers oracle), then run the whole CPU suite
-PYTHON ?= python3
+# Which Python: scripts/env.sh decides (an active virtualenv or conda env, else the project's .venv, created by
+# the install step; OMNI_RT_PYTHON=/path/python forces one). Every step below uses that same interpreter.
+PY = $(shell bash scripts/env.sh --python)
 REPORT ?= benchmarks/results/latest
-TRITON36_VENV ?= .venv-triton36
 
-.PHONY: demo test install install-test unit compile-check-36 bench gpu-check gpu-check-dry
+.PHONY: demo test install install-test unit compile-check-36 bench gpu-check gpu-check-dry env serve
 
 install:
-	PYTHON=$(PYTHON) bash scripts/install.sh
+	bash scripts/install.sh
 
 install-test:
-	PYTHON=$(PYTHON) bash scripts/install.sh test
+	bash scripts/install.sh test
+
+env:
+	bash scripts/env.sh --print
 
 demo: install
-	$(PYTHON) -m omni_rt demo
+	$(PY) -m omni_rt demo
 
-# Unit + oracle tests, the kernel compile check under triton 3.9 (installed) and 3.6 (the GPU machines'
-# version, in a venv that shares everything else), and the benchmarks once each as a smoke test.
+# Unit + oracle tests, the kernel compile check under triton 3.9 (installed) and 3.6 (the GPU machines' version,
+# same Python and torch), and the benchmarks once each as a smoke test.
 test: install-test
-	$(PYTHON) -m pytest -q tests
+	$(PY) -m pytest -q tests
 	$(MAKE) compile-check-36
-	OMNI_RT_LOADER_BENCH_CONFIG=tiny $(PYTHON) -m pytest -q benchmarks --benchmark-disable -p no:cacheprovider
-	bash scripts/gpu_check.sh --dry-run
+	OMNI_RT_LOADER_BENCH_CONFIG=tiny $(PY) -m pytest -q benchmarks --benchmark-disable -p no:cacheprovider
+	PYTHON=$(PY) bash scripts/gpu_check.sh --dry-run
 
 unit:
-	$(PYTHON) -m pytest -q tests
+	$(PY) -m pytest -q tests
 
 compile-check-36:
-	test -x $(TRITON36_VENV)/bin/python || $(PYTHON) -m venv --system-site-packages $(TRITON36_VENV)
-	$(TRITON36_VENV)/bin/python -m pip install -q --disable-pip-version-check "triton==3.6.0"
-	$(TRITON36_VENV)/bin/python -m pytest -q tests/test_kernel_compile.py -p no:cacheprovider
+	bash scripts/triton36.sh
+
+serve: install
+	$(PY) -m omni_rt serve --synthetic tiny
 
 bench:
-	$(PYTHON) -m pytest benchmarks --benchmark-only --benchmark-json=$(REPORT)/bench.json
+	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(REPORT)/bench.json
 
 # One command for a lent GPU machine (offline; keeps its own torch/triton): see scripts/gpu_check.sh.
 gpu-check:

@@ -15,6 +15,12 @@ import os
 
 from setuptools import setup
 
+AUDIO = ["soundfile", "scipy"]
+SERVE = ["fastapi>=0.110", "uvicorn>=0.29", "websockets>=12"] + AUDIO
+VISION = ["pillow"]            # image files and PIL images (uint8 arrays need nothing)
+VIDEO = ["pillow", "av"]       # video files and their audio tracks (PyAV)
+RAY = ["ray[serve]>=2.30"]
+
 ext_modules = []
 cmdclass = {}
 if os.environ.get("OMNI_RT_SKIP_BUILD", "0") not in ("1", "true", "TRUE", "yes"):
@@ -41,6 +47,7 @@ setup(
         "omni_rt.models",
         "omni_rt.engine",
         "omni_rt.testing",
+        "omni_rt.serve",
         "omni_rt.kernels",
         "omni_rt.kernels.configs",
     ],
@@ -51,9 +58,16 @@ setup(
     # torch is deliberately NOT pinned here with a range: a loose range would pull a multi-GB CUDA build onto
     # a CPU machine.  The Makefile installs torch==2.13.0 (CPU wheel on disk) only when no torch is present.
     install_requires=["numpy", "safetensors", "tokenizers", "jinja2"],
+    # Optional extras (pip install -e ".[serve]"); none of them pulls torch.  silero-vad (the Realtime server VAD) is
+    # installed by scripts/install.sh with --no-deps: its own extras pin a torchaudio that would replace torch.
     extras_require={
-        "audio": ["soundfile", "scipy"],
-        "test": ["pytest", "pytest-benchmark", "transformers==5.23.0", "soundfile", "scipy"],
+        "audio": AUDIO,
+        "serve": SERVE,
+        "vision": VISION,
+        "video": VIDEO,
+        "ray": RAY,
+        "test": ["pytest", "pytest-benchmark", "hypothesis", "transformers==5.23.0", "openai>=1.40", "httpx"]
+        + AUDIO + SERVE + VIDEO + RAY,
     },
     ext_modules=ext_modules,
     cmdclass=cmdclass,

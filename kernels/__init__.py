@@ -74,7 +74,8 @@ class KernelSpec:
     """One launch configuration a kernel ships with, for the ahead-of-time compile check.
 
     ``signature`` maps every non-constexpr argument to its Triton type string (``"*fp16"``, ``"i32"``,
-    ``"fp32"``); ``constexprs`` maps constexpr argument names to values.
+    ``"fp32"``); ``constexprs`` maps constexpr argument names to values. ``archs`` limits the check to some
+    architectures (e.g. ``("sm_90",)`` for FP8 kernels, which sm_80 never runs); None means all.
     """
 
     name: str
@@ -83,3 +84,4 @@ class KernelSpec:
     constexprs: dict
     num_warps: int = 4
     num_stages: int = 2
+    archs: tuple[str, ...] | None = None

@@ -1,4 +1,4 @@
-"""Command line: ``omni-rt demo | run | bench | census`` (also ``python -m omni_rt``)."""
+"""Command line: ``omni-rt demo | run | bench | serve | census`` (also ``python -m omni_rt``)."""
 from __future__ import annotations
 
 import argparse
@@ -150,6 +150,12 @@ def cmd_bench(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    from .serve.server import main as serve_main
+
+    return serve_main(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="omni-rt", description="Qwen3-Omni inference runtime")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -178,6 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--repeats", type=int, default=1)
     b.add_argument("--json", default=None)
     b.set_defaults(fn=cmd_bench)
+    s = sub.add_parser("serve", help="OpenAI-compatible server: chat completions with speech, Realtime (serve extra)")
+    from .serve.server import add_arguments
+
+    add_arguments(s)
+    s.set_defaults(fn=cmd_serve)
     c = sub.add_parser("census", help="kernel-level profiling without a GPU: launches, host syncs, bytes, "
                                       "flops and a modelled time per stage (meta device)")
     c.add_argument("--config", default="full", help="full | small | tiny | path to a config.json or checkpoint")

@@ -171,10 +171,68 @@ class DecoderConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class VisionEncoderConfig:
+    """The ViT with 2x2 patch merger and deepstack taps (thinker_config.vision_config)."""
+
+    depth: int
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    in_channels: int
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int
+    out_hidden_size: int
+    num_position_embeddings: int
+    deepstack_visual_indexes: tuple[int, ...]
+    hidden_act: str
+    rope_theta: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_dim(self) -> int:
+        return self.in_channels * self.temporal_patch_size * self.patch_size * self.patch_size
+
+    @property
+    def merged_size(self) -> int:
+        return self.hidden_size * self.spatial_merge_size ** 2
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> "VisionEncoderConfig":
+        rope = r.data.get("rope_parameters")
+        theta = r.sub("rope_parameters").get("rope_theta", float, 10000.0, positive=True) \
+            if isinstance(rope, Mapping) else 10000.0  # transformers' axial-rope default
+        c = cls(
+            depth=r.get("depth", positive=True), hidden_size=r.get("hidden_size", positive=True),
+            intermediate_size=r.get("intermediate_size", positive=True),
+            num_heads=r.get("num_heads", positive=True), in_channels=r.get("in_channels", int, 3, positive=True),
+            patch_size=r.get("patch_size", positive=True),
+            temporal_patch_size=r.get("temporal_patch_size", int, 2, positive=True),
+            spatial_merge_size=r.get("spatial_merge_size", int, 2, positive=True),
+            out_hidden_size=r.get("out_hidden_size", positive=True),
+            num_position_embeddings=r.get("num_position_embeddings", positive=True),
+            deepstack_visual_indexes=r.int_list("deepstack_visual_indexes", ()),
+            hidden_act=r.get("hidden_act", str, "gelu_pytorch_tanh"), rope_theta=theta,
+        )
+        r.check(c.hidden_size % c.num_heads == 0 and c.head_dim % 4 == 0, "num_heads",
+                "must divide hidden_size into heads whose size is a multiple of 4 (2-D rotary)")
+        side = int(c.num_position_embeddings ** 0.5)
+        r.check(side * side == c.num_position_embeddings, "num_position_embeddings", "must be a square")
+        r.check(all(0 <= i < c.depth for i in c.deepstack_visual_indexes), "deepstack_visual_indexes",
+                f"must be layer indices in [0, {c.depth})")
+        r.check(c.hidden_act in ("gelu_pytorch_tanh", "gelu"), "hidden_act",
+                f"must be 'gelu_pytorch_tanh' or 'gelu', got {c.hidden_act!r}")
+        return c
+
+
+@dataclasses.dataclass(frozen=True)
 class ThinkerConfig:
     audio: AudioEncoderConfig
     text: DecoderConfig
-    vision: Mapping[str, Any] | None  # kept raw: the vision tower is not implemented yet
+    vision: VisionEncoderConfig | None  # None: a checkpoint without a vision tower (images are refused)
     audio_token_id: int
     audio_start_token_id: int
     audio_end_token_id: int
@@ -190,7 +248,8 @@ class ThinkerConfig:
             audio=AudioEncoderConfig.from_json(r.sub("audio_config")),
             text=DecoderConfig.from_json(r.sub("text_config"), experts_key="num_experts",
                                          shared_expert_required=False),
-            vision=r.get("vision_config", dict, None),
+            vision=(VisionEncoderConfig.from_json(r.sub("vision_config"))
+                    if isinstance(r.data.get("vision_config"), Mapping) else None),
             audio_token_id=r.get("audio_token_id", nonneg=True),
             audio_start_token_id=r.get("audio_start_token_id", nonneg=True),
             audio_end_token_id=r.get("audio_end_token_id", int, top.get("audio_end_token_id", int, 151670)),
@@ -346,6 +405,48 @@ class Code2WavConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizationConfig:
+    """``config.json`` ``quantization_config`` of a block-FP8 checkpoint (Qwen's FP8 release format).
+
+    Only what the kernels run is accepted: ``quant_method`` "fp8", ``fmt`` "e4m3", ``activation_scheme``
+    "dynamic" (activation scales are computed at run time, none are stored) and ``weight_block_size``
+    [128, 128]. ``modules_to_not_convert`` lists module names (``thinker.lm_head``) kept in the compute dtype.
+    """
+
+    quant_method: str = "fp8"
+    fmt: str = "e4m3"
+    activation_scheme: str = "dynamic"
+    weight_block_size: tuple[int, int] = (128, 128)
+    modules_to_not_convert: tuple[str, ...] = ()
+
+    def keeps(self, module: str) -> bool:
+        """Whether ``module`` is listed as not converted (names match as given or as a dotted suffix,
+        since some files list ``model.layers.0.mlp.gate`` for ``thinker.model.layers.0.mlp.gate``)."""
+        return any(module == m or module.endswith("." + m) for m in self.modules_to_not_convert)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"quant_method": self.quant_method, "fmt": self.fmt, "activation_scheme": self.activation_scheme,
+                "weight_block_size": list(self.weight_block_size),
+                "modules_to_not_convert": list(self.modules_to_not_convert)}
+
+    @classmethod
+    def from_json(cls, r: _Reader) -> "QuantizationConfig":
+        method = r.get("quant_method", str)
+        r.check(method == "fp8", "quant_method", f"must be 'fp8' (block-FP8), got {method!r}")
+        fmt = r.get("fmt", str, "e4m3")
+        r.check(fmt == "e4m3", "fmt", f"must be 'e4m3' (float8_e4m3fn weights), got {fmt!r}")
+        scheme = r.get("activation_scheme", str, "dynamic")
+        r.check(scheme == "dynamic", "activation_scheme",
+                f"must be 'dynamic' (no stored activation scales are supported), got {scheme!r}")
+        block = r.int_list("weight_block_size")
+        r.check(block == (128, 128), "weight_block_size", f"must be [128, 128] (the kernels' block), got "
+                f"{list(block)}")
+        skip = r.get("modules_to_not_convert", (list, tuple), ())
+        r.check(all(isinstance(m, str) for m in skip), "modules_to_not_convert", "must be a list of strings")
+        return cls(method, fmt, scheme, block, tuple(skip))
+
+
+@dataclasses.dataclass(frozen=True)
 class OmniConfig:
     """A whole Qwen3-Omni checkpoint. ``talker``/``code2wav`` are None for text-only checkpoints."""
 
@@ -361,6 +462,7 @@ class OmniConfig:
     system_token_id: int
     user_token_id: int
     assistant_token_id: int
+    quantization: QuantizationConfig | None = None
     raw: Mapping[str, Any] = dataclasses.field(repr=False, compare=False, default_factory=dict)
 
     @property
@@ -390,6 +492,8 @@ class OmniConfig:
             system_token_id=top.get("system_token_id", int, 8948),
             user_token_id=top.get("user_token_id", int, 872),
             assistant_token_id=top.get("assistant_token_id", int, 77091),
+            quantization=(QuantizationConfig.from_json(top.sub("quantization_config"))
+                          if data.get("quantization_config") is not None else None),
             raw=dict(data),
         )
         if talker is not None:

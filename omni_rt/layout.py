@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Mapping
+from typing import Any
 
 from .config import OmniConfig
+from .quant import BLOCK, SCALE_SUFFIX, is_fp8_eligible, module_name, scale_name, scale_shape
 
 Shape = tuple[int, ...]
 
@@ -78,15 +79,13 @@ def _audio_tower(out: dict, a) -> None:
     out[f"{p}.proj2.bias"] = (a.output_dim,)
 
 
-def _vision_tower(out: dict, v: Mapping[str, Any]) -> None:
-    """Vision weights are written and validated, though the vision tower is not run yet."""
+def _vision_tower(out: dict, v) -> None:
     p = "thinker.visual"
-    h, inter, merge = v["hidden_size"], v["intermediate_size"], v["spatial_merge_size"]
-    patch, tpatch = v["patch_size"], v["temporal_patch_size"]
-    out[f"{p}.patch_embed.proj.weight"] = (h, v.get("in_channels", 3), tpatch, patch, patch)
+    h, inter = v.hidden_size, v.intermediate_size
+    out[f"{p}.patch_embed.proj.weight"] = (h, v.in_channels, v.temporal_patch_size, v.patch_size, v.patch_size)
     out[f"{p}.patch_embed.proj.bias"] = (h,)
-    out[f"{p}.pos_embed.weight"] = (v["num_position_embeddings"], h)
-    for i in range(v["depth"]):
+    out[f"{p}.pos_embed.weight"] = (v.num_position_embeddings, h)
+    for i in range(v.depth):
         q = f"{p}.blocks.{i}"
         out[f"{q}.attn.qkv.weight"] = (3 * h, h)
         out[f"{q}.attn.qkv.bias"] = (3 * h,)
@@ -99,15 +98,16 @@ def _vision_tower(out: dict, v: Mapping[str, Any]) -> None:
         for norm in ("norm1", "norm2"):
             out[f"{q}.{norm}.weight"] = (h,)
             out[f"{q}.{norm}.bias"] = (h,)
-    merged = h * merge * merge
-    mergers = [("merger", h)] + [(f"merger_list.{j}", merged) for j in range(len(v["deepstack_visual_indexes"]))]
+    merged = v.merged_size
+    # The final merger normalises before the 2x2 shuffle (width h); the deepstack mergers after it (4h).
+    mergers = [("merger", h)] + [(f"merger_list.{j}", merged) for j in range(len(v.deepstack_visual_indexes))]
     for name, norm_dim in mergers:
         out[f"{p}.{name}.ln_q.weight"] = (norm_dim,)
         out[f"{p}.{name}.ln_q.bias"] = (norm_dim,)
         out[f"{p}.{name}.mlp.0.weight"] = (merged, merged)
         out[f"{p}.{name}.mlp.0.bias"] = (merged,)
-        out[f"{p}.{name}.mlp.2.weight"] = (v["out_hidden_size"], merged)
-        out[f"{p}.{name}.mlp.2.bias"] = (v["out_hidden_size"],)
+        out[f"{p}.{name}.mlp.2.weight"] = (v.out_hidden_size, merged)
+        out[f"{p}.{name}.mlp.2.bias"] = (v.out_hidden_size,)
 
 
 def _talker(out: dict, t, thinker_hidden: int) -> None:
@@ -200,7 +200,31 @@ def _code2wav(out: dict, c) -> None:
 
 
 def checkpoint_layout(cfg: OmniConfig) -> dict[str, Shape]:
-    """Every tensor name -> shape a checkpoint of ``cfg`` holds on disk (HF names, experts unstacked)."""
+    """Every tensor name -> shape a checkpoint of ``cfg`` holds on disk (HF names, experts unstacked).
+
+    With ``cfg.quantization`` (block FP8) it also lists the ``*.weight_scale_inv`` of every FP8-eligible
+    weight not in ``modules_to_not_convert`` (``fp8_scale_layout``).
+    """
+    out = _weights_layout(cfg)
+    if cfg.quantization is not None:
+        out.update(fp8_scale_layout(cfg, out))
+    return out
+
+
+def fp8_scale_layout(cfg: OmniConfig, weights: dict[str, Shape] | None = None) -> dict[str, Shape]:
+    """Scale tensor name -> grid shape for the weights a block-FP8 checkpoint of ``cfg`` stores in FP8."""
+    q = cfg.quantization
+    block = q.weight_block_size if q is not None else BLOCK
+    weights = weights if weights is not None else _weights_layout(cfg)
+    return {scale_name(n): scale_shape(s, block) for n, s in weights.items()
+            if is_fp8_eligible(n) and not (q is not None and q.keeps(module_name(n)))}
+
+
+def is_scale(name: str) -> bool:
+    return name.endswith(SCALE_SUFFIX)
+
+
+def _weights_layout(cfg: OmniConfig) -> dict[str, Shape]:
     out: dict[str, Shape] = {}
     th = cfg.thinker
     out["thinker.model.embed_tokens.weight"] = (th.text.vocab_size, th.text.hidden_size)
@@ -215,11 +239,6 @@ def checkpoint_layout(cfg: OmniConfig) -> dict[str, Shape]:
     return out
 
 
-def is_vision(name: str) -> bool:
-    """Vision tensors are validated but not loaded (the vision tower is not implemented)."""
-    return name.startswith("thinker.visual.")
-
-
 _EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 
@@ -229,18 +248,20 @@ def parse_expert_name(name: str) -> tuple[str, int, str] | None:
     return (m["prefix"], int(m["e"]), m["proj"]) if m else None
 
 
-def model_layout(cfg: OmniConfig) -> dict[str, Shape]:
+def model_layout(cfg: OmniConfig, fp8: bool = False) -> dict[str, Shape]:
     """Every parameter name -> shape of omni_rt's in-memory model.
 
     Names equal the on-disk ones, except that per-expert weights are stacked as transformers does in memory:
     ``...mlp.experts.gate_up_proj`` (E, 2I, H) with the gate half first, and ``...mlp.experts.down_proj``
-    (E, H, I). Vision tensors are left out (not implemented).
+    (E, H, I). With ``fp8`` (weights kept in FP8 on the device)
+    every FP8-eligible weight has a ``*_scale_inv`` grid next to it; the stacked ``gate_up_proj_scale_inv`` is
+    (E, 2·ceil(I/128), ceil(H/128)): the gate part's grid, then the up part's.
     """
     out: dict[str, Shape] = {}
     experts: dict[str, list] = {}
-    for name, shape in checkpoint_layout(cfg).items():
-        if is_vision(name):
-            continue
+    for name, shape in _weights_layout(cfg).items():
+        if fp8 and is_fp8_eligible(name) and parse_expert_name(name) is None:
+            out[scale_name(name)] = scale_shape(shape)
         parsed = parse_expert_name(name)
         if parsed is None:
             out[name] = shape
@@ -255,4 +276,8 @@ def model_layout(cfg: OmniConfig) -> dict[str, Shape]:
     for prefix, (n, gate_shape, down_shape) in experts.items():
         out[f"{prefix}.gate_up_proj"] = (n, 2 * gate_shape[0], gate_shape[1])
         out[f"{prefix}.down_proj"] = (n, *down_shape)
+        if fp8:
+            g_rows, g_cols = scale_shape(gate_shape)
+            out[scale_name(f"{prefix}.gate_up_proj")] = (n, 2 * g_rows, g_cols)
+            out[scale_name(f"{prefix}.down_proj")] = (n, *scale_shape(down_shape))
     return out

@@ -17,7 +17,9 @@ from torch import nn
 
 from .config import OmniConfig
 from .errors import CheckpointError
-from .layout import checkpoint_layout, is_vision, model_layout, parse_expert_name
+from .layout import checkpoint_layout, is_scale, model_layout, parse_expert_name
+from .quant import (BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise, is_fp8_eligible, quantize_blockwise,
+                    scale_name, scale_shape)
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -64,13 +66,53 @@ def _group_by_file(files: dict[str, str]) -> dict[str, list[str]]:
     return by_file
 
 
+def _read_scales(by_file: dict[str, list[str]], weights: dict[str, tuple[int, ...]],
+                 block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Every ``*.weight_scale_inv`` in the files (tiny: 1/16384 of the weights), checked against its weight.
+
+    Read up front so a weight and its scale may sit in different shards.
+    """
+    from safetensors import safe_open
+
+    scales = {}
+    for file, names in sorted(by_file.items()):
+        wanted = [n for n in names if is_scale(n)]
+        if not wanted:
+            continue
+        with safe_open(file, framework="pt", device="cpu") as f:
+            for name in wanted:
+                weight = name[: -len(SCALE_SUFFIX)]
+                shape = tuple(f.get_slice(name).get_shape())
+                if weight not in weights or len(weights[weight]) != 2:
+                    raise CheckpointError(f"unexpected tensor '{name}' in {os.path.basename(file)}: no 2-D "
+                                          f"weight '{weight}' in this config")
+                want = scale_shape(weights[weight], block)
+                if shape != want:
+                    raise CheckpointError(f"tensor '{name}' in {os.path.basename(file)} has shape {shape}, "
+                                          f"expected {want} (ceil(rows/{block[0]}), ceil(cols/{block[1]})) for "
+                                          f"'{weight}' of shape {weights[weight]}")
+                t = f.get_tensor(name)
+                if not t.dtype.is_floating_point or t.dtype == FP8_DTYPE:
+                    raise CheckpointError(f"tensor '{name}' in {os.path.basename(file)} must be a float32/"
+                                          f"bfloat16/float16 scale grid, got {t.dtype}")
+                scales[name] = t.float()
+    return scales
+
+
 def iter_weights(path: str | os.PathLike, cfg: OmniConfig, dtype: torch.dtype, device: torch.device | str,
                  include: Callable[[str], bool] = lambda name: True,
-                 progress: Callable[[str], None] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+                 progress: Callable[[str], None] | None = None, *, quantize: bool = False,
+                 keep_fp8: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
     """Yield (model parameter name, tensor on ``device`` in ``dtype``), experts stacked.
 
     Checks the whole file set against ``checkpoint_layout(cfg)`` first, so a bad checkpoint fails before
     any weight is read. ``include`` filters by model parameter name (e.g. skip the talker).
+
+    Block-FP8 (``omni_rt.quant``): weights stored in FP8 (with their ``*.weight_scale_inv``) are dequantized to
+    ``dtype`` — unless ``keep_fp8``, which yields FP8-eligible weights as float8_e4m3fn codes plus an fp32
+    ``<param>_scale_inv`` grid (experts: stacked codes and stacked grids, gate grid rows then up grid rows).
+    ``quantize`` quantizes unquantized eligible weights as they are read (each on-disk matrix on its own
+    128×128 grid, before stacking), then keeps or dequantizes them likewise.
     """
     from safetensors import safe_open
 
@@ -80,21 +122,43 @@ def iter_weights(path: str | os.PathLike, cfg: OmniConfig, dtype: torch.dtype, d
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s), e.g. '{missing[0]}'"
                               + (f", '{missing[1]}'" if len(missing) > 1 else ""))
-    unexpected = [n for n in files if n not in expected]
+    # Scales of weights omni_rt does not keep in FP8 are accepted too (they are dequantized at load).
+    unexpected = [n for n in files if n not in expected and not (is_scale(n) and cfg.quantization is not None)]
     if unexpected:
         n = unexpected[0]
         raise CheckpointError(f"unexpected tensor '{n}' in {os.path.basename(files[n])} "
                               f"({len(unexpected)} unexpected in all) for this config")
-    stacked = model_layout(cfg)
+    block = cfg.quantization.weight_block_size if cfg.quantization is not None else BLOCK
+    by_file = _group_by_file(files)
+    scales = _read_scales(by_file, expected, block) if cfg.quantization is not None else {}
+    stacked = model_layout(cfg, fp8=keep_fp8)
     stacks: dict[str, torch.Tensor] = {}
     filled: dict[str, int] = {}
     device = torch.device(device)
     start, nbytes = time.perf_counter(), 0
-    by_file = _group_by_file(files)
+
+    def prepare(name: str, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """On-disk tensor -> (tensor in dtype, None) or (FP8 codes, fp32 scale grid) on device."""
+        scale = scales.get(scale_name(name))
+        if t.dtype == FP8_DTYPE and scale is None:
+            raise CheckpointError(f"tensor '{name}' is {t.dtype} but its scale '{scale_name(name)}' is missing")
+        if scale is not None and t.dtype != FP8_DTYPE:
+            raise CheckpointError(f"tensor '{name}' has a scale '{scale_name(name)}' but is {t.dtype}, "
+                                  f"expected {FP8_DTYPE}")
+        eligible = is_fp8_eligible(name)
+        if scale is None and eligible and (quantize or keep_fp8):
+            t, scale = quantize_blockwise(t.to(device), block)
+        if scale is None:
+            return t.to(device=device, dtype=dtype), None
+        t, scale = t.to(device), scale.to(device)
+        if keep_fp8 and eligible:
+            return t, scale
+        return dequantize_blockwise(t, scale, dtype, block), None
+
     for i, (file, names) in enumerate(sorted(by_file.items())):
         with safe_open(file, framework="pt", device="cpu") as f:
             for name in names:
-                if is_vision(name):
+                if is_scale(name):
                     continue
                 shape = tuple(f.get_slice(name).get_shape())
                 if shape != expected[name]:
@@ -107,24 +171,34 @@ def iter_weights(path: str | os.PathLike, cfg: OmniConfig, dtype: torch.dtype, d
                     continue
                 t = f.get_tensor(name)
                 nbytes += t.numel() * t.element_size()
+                t, scale = prepare(name, t)
                 if parsed is None:
-                    yield name, t.to(device=device, dtype=dtype)
+                    yield name, t
+                    if scale is not None:
+                        yield scale_name(name), scale
                     continue
                 prefix, e, proj = parsed
                 stack = stacks.get(target)
                 if stack is None:
-                    stack = stacks[target] = torch.empty(stacked[target], dtype=dtype, device=device)
+                    stack = stacks[target] = torch.empty(stacked[target], dtype=t.dtype, device=device)
                     filled[target] = 0
-                if proj == "gate_proj":
-                    stack[e, : shape[0]].copy_(t)
-                elif proj == "up_proj":
-                    stack[e, shape[0]:].copy_(t)
-                else:
-                    stack[e].copy_(t)
+                    if scale is not None:
+                        stacks[scale_name(target)] = torch.empty(stacked[scale_name(target)],
+                                                                 dtype=torch.float32, device=device)
+                rows = slice(None) if proj == "down_proj" else (
+                    slice(0, shape[0]) if proj == "gate_proj" else slice(shape[0], None))
+                stack[e, rows].copy_(t)
+                if scale is not None:
+                    g = scale.shape[0]
+                    srows = slice(None) if proj == "down_proj" else (
+                        slice(0, g) if proj == "gate_proj" else slice(g, None))
+                    stacks[scale_name(target)][e, srows].copy_(scale)
                 filled[target] += 1
                 per_stack = stacked[target][0] * (2 if proj != "down_proj" else 1)
                 if filled[target] == per_stack:
                     yield target, stacks.pop(target)
+                    if scale_name(target) in stacks:
+                        yield scale_name(target), stacks.pop(scale_name(target))
         if progress:
             dt = time.perf_counter() - start
             progress(f"read {i + 1}/{len(by_file)} files, {nbytes / 1e9:.2f} GB, {nbytes / 1e9 / max(dt, 1e-9):.2f} GB/s")
@@ -155,6 +229,8 @@ def assign_parameters(module: nn.Module, weights: Iterable[tuple[str, torch.Tens
         expected = tuple(params[local].shape)
         if tuple(tensor.shape) != expected:
             raise CheckpointError(f"weight '{name}' has shape {tuple(tensor.shape)}, parameter expects {expected}")
+        if (params[local].dtype == torch.float8_e4m3fn) != (tensor.dtype == torch.float8_e4m3fn):
+            raise CheckpointError(f"weight '{name}' is {tensor.dtype}, parameter expects {params[local].dtype}")
         owner_name, _, leaf = local.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
@@ -173,7 +249,10 @@ def assign_parameters(module: nn.Module, weights: Iterable[tuple[str, torch.Tens
 
 
 def load_state_dict(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str = "cpu",
-                    cfg: OmniConfig | None = None) -> tuple[OmniConfig, dict[str, torch.Tensor]]:
-    """(config, {model parameter name: tensor}) for a checkpoint directory — for tests and tools."""
+                    cfg: OmniConfig | None = None, **fp8) -> tuple[OmniConfig, dict[str, torch.Tensor]]:
+    """(config, {model parameter name: tensor}) for a checkpoint directory — for tests and tools.
+
+    ``fp8``: ``quantize`` / ``keep_fp8`` as ``iter_weights``.
+    """
     cfg = cfg or OmniConfig.from_file(path)
-    return cfg, dict(iter_weights(path, cfg, dtype, device))
+    return cfg, dict(iter_weights(path, cfg, dtype, device, **fp8))

@@ -21,6 +21,7 @@ class SamplingParams:
 
     temperature 0 = greedy (repetition penalty still applies, as in transformers). stop_token_ids None = the
     stage's own stop id (<|im_end|> for the thinker, codec_eos for the talker). seed None = a random seed.
+    stop (thinker): strings; the reply's text ends before the first one and nothing past it is spoken.
     Talker max_new_tokens counts talker steps: T steps give T - 1 frames.
     """
 
@@ -31,6 +32,7 @@ class SamplingParams:
     max_new_tokens: int | None = None
     stop_token_ids: Sequence[int] | None = None
     seed: int | None = None
+    stop: Sequence[str] | None = None   # strings: the reply ends before the first one (thinker only)
 
     def resolved(self, stage: str) -> "SamplingParams":
         """A copy with every None filled from ``stage``'s defaults, validated."""
@@ -58,6 +60,9 @@ class SamplingParams:
             raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
         if self.stop_token_ids is not None and not all(isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
             raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids}")
+        if self.stop is not None:
+            if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
+                raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
 
 
 @dataclasses.dataclass
@@ -89,6 +94,7 @@ class GenerationOutput:
     sample_rate: int = 24000
     metrics: dict = dataclasses.field(default_factory=dict)
     finish_reason: str = "stop"
+    reasoning: str = ""          # a Thinking checkpoint's <think>…</think> span (not part of ``text``)
 
 
 @dataclasses.dataclass
@@ -100,6 +106,7 @@ class StreamChunk:
     finished: bool = False
     metrics: dict | None = None
     error: BaseException | None = None
+    reasoning_delta: str = ""    # new reasoning text (Thinking checkpoints), apart from text_delta
 
 
 def new_request_id() -> str:

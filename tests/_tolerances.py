@@ -21,6 +21,8 @@ PARITY = {
     "log_mel_abs": 1e-4,
     "code2wav_abs": 1e-5,
     "waveform_abs": 1e-4,
+    "pixel_values_abs": 1e-5,  # vision preprocessing vs Qwen2VLImageProcessor / Qwen2VLVideoProcessor
+    "vision_encoder_rel": 1e-4,
 }
 
 

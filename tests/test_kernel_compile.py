@@ -211,7 +211,8 @@ def run_worker(out_path: str, jobs: int, only: list[str] | None = None) -> None:
             continue
         specs, _ = module_specs(module_name)
         for spec in specs or []:
-            work.extend((module_name, spec.name, arch) for arch in ARCHS)
+            work.extend((module_name, spec.name, arch) for arch in ARCHS
+                        if spec.archs is None or arch in spec.archs)
     results = {}
     if jobs <= 1 or len(work) <= 1:
         results.update(map(_compile_one, work))
@@ -248,6 +249,8 @@ def _cases() -> list:
         else:
             for spec in specs:
                 for arch in ARCHS:
+                    if spec.archs is not None and arch not in spec.archs:
+                        continue
                     cases.append(pytest.param(module_name, spec.name, arch, None,
                                               id=f"{_short(module_name)}-{spec.name}-{arch}"))
     return cases

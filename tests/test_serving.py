@@ -150,10 +150,10 @@ def test_host_error_in_one_requests_stage_fails_only_it(rt, monkeypatch):
     stage = rt.engine.speech
     original = stage.on_token
 
-    def flaky(req, token):
+    def flaky(req, tokens, finished):
         if req.request_id == "victim":
             raise RuntimeError("feed construction failed for this request")
-        return original(req, token)
+        return original(req, tokens, finished)
 
     monkeypatch.setattr(stage, "on_token", flaky)
     g = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=5)

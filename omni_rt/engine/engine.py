@@ -39,6 +39,7 @@ from .kv_cache import KVCachePool
 from .model_runner import DecoderRunner, text_positions
 from .requests import EngineRequest, Phase
 from .sampler import SamplingTensors, sample
+from .text_output import TextStep
 
 
 class Engine:
@@ -291,17 +292,23 @@ class Engine:
 
     def _push_token(self, req: EngineRequest, token: int) -> None:
         req.push_token(token)
+        if req.text_out is None:   # plain detokenizing: every id is settled at once
+            step = TextStep(text=req.detok.push([token]), release=[token], finished=req.thinker_finished)
+        else:
+            step = req.text_out.push(token, final=req.thinker_finished)
+            if step.stopped:
+                req.stop_here("stop")   # a stop string: the thinker ends here
         if req.thinker_finished:
             self.runner.free(req.seq_id)  # the talker only needs the saved embeddings, not the thinker KV
             req.phase = Phase.DONE
-        if self.speech is not None and req.speaking and req.error is None:
+        if self.speech is not None and req.speaking and req.error is None and (step.release or step.finished):
             try:
-                self.speech.on_token(req, token)
+                self.speech.on_token(req, step.release, step.finished)
             except Exception as e:  # this request's own speech setup failed: fail it alone
                 self._fail(req, e)
                 return
-        delta = req.detok.push([token])
-        req.out.put(StreamChunk(req.request_id, text_delta=delta, token_ids=[token]))
+        req.out.put(StreamChunk(req.request_id, text_delta=step.text, token_ids=[token],
+                                reasoning_delta=step.reasoning))
 
     # ------------------------------------------------------------------------------------------ speech
     def _speech_step(self) -> None:
@@ -334,7 +341,7 @@ class Engine:
     def _retire(self) -> None:
         for req in list(self.running):
             if self._request_done(req):
-                tail = req.detok.push([], final=True)
+                tail = req.detok.push([], final=True) if req.text_out is None else ""
                 self._release(req)
                 req.out.put(StreamChunk(req.request_id, text_delta=tail, finished=True, metrics=req.metrics()))
 

@@ -12,6 +12,7 @@ import torch
 
 from ..request import SamplingParams, StreamChunk
 from ..tokenizer import IncrementalDetokenizer
+from .text_output import TextOutput
 
 
 class Phase(enum.Enum):
@@ -33,6 +34,7 @@ class EngineRequest:
     thinker_seed: int
     talker_seed: int
     detok: IncrementalDetokenizer
+    text_out: "TextOutput | None" = None   # text/reasoning deltas and stop strings (None: plain detok)
     out: "queue.Queue[StreamChunk]" = dataclasses.field(default_factory=queue.Queue)
     seq_id: int = -1
     phase: Phase = Phase.WAITING
@@ -66,6 +68,12 @@ class EngineRequest:
     def thinker_finished(self) -> bool:
         return self.finish_reason is not None
 
+    def stop_here(self, reason: str = "stop") -> None:
+        """End the thinker at the token just pushed (a stop string was found in the text)."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.t_thinker_done = time.perf_counter()
+
     def push_token(self, token: int) -> None:
         self.output.append(token)
         if self.t_first_token is None:
@@ -86,6 +94,8 @@ class EngineRequest:
         total = now - self.t_submit
         return {
             "first_packet_ms": ms(self.t_first_audio),
+            "prompt_tokens": len(self.prompt),
+            "finish_reason": self.finish_reason,
             "thinker_ttft_ms": ms(self.t_first_token),
             "thinker_tokens": len(self.output),
             "thinker_tokens_per_s": (len(self.output) - 1) / decode_s if len(self.output) > 1 else None,

@@ -136,8 +136,9 @@ class SpeechStage:
         self.c2w_state.scatter_(torch.tensor([slot], device=self.device), self._fresh)
         self.state[req.request_id] = _Speaker(slot, self.pool.manager.blocks_for_tokens(self._talker_tokens(req)))
 
-    def on_token(self, req: EngineRequest, token: int) -> None:
-        """Called for each thinker token; the first one builds the talker's text feed from the prompt taps."""
+    def on_token(self, req: EngineRequest, tokens: list[int], finished: bool) -> None:
+        """Called with thinker tokens as they settle (in order; ``finished`` with the last one); the first call
+        builds the talker's text feed from the prompt taps."""
         sp = self.state[req.request_id]
         if sp.talker is None:
             taps = torch.cat(req.prompt_taps) if req.prompt_taps else None
@@ -150,7 +151,7 @@ class SpeechStage:
             sp.talker = new_talker_request(_TALKER_SEQ_BASE + req.seq_id, feed, p)
             req.prompt_taps = []   # the feed keeps only the projected user turns
             req.embeds = None
-        sp.talker.feed.push([token], req.thinker_finished)
+        sp.talker.feed.push(tokens, finished)
 
     # ------------------------------------------------------------------------------------------ step
     def active(self, req: EngineRequest) -> bool:

@@ -12,9 +12,38 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..kernels import fp8_linear as _fp8
 from ..kernels import kv_write as _kv_write
 from ..kernels import paged_attention as _paged
 from ..kernels import prefill_attention as _prefill
+
+
+class FP8Linear(nn.Module):
+    """A bias-free linear layer whose weight stays block-FP8 in device memory (sm_89/sm_90).
+
+    weight: (out, in) float8_e4m3fn codes; weight_scale_inv: (ceil(out/128), ceil(in/128)) fp32 (the on-disk
+    names of Qwen's FP8 format). Forward dequantizes inside the GEMM's K loop (``kernels.fp8_linear``).
+    ``act_fp8_min_tokens``: from this many tokens on (prefill), also quantize activations (w8a8); None = never.
+    """
+
+    def __init__(self, in_features: int, out_features: int):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
+                                   requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(torch.empty(-(-out_features // 128), -(-in_features // 128)),
+                                             requires_grad=False)
+        self.act_fp8_min_tokens: int | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x: (..., in) → (..., out) in x's dtype."""
+        w8a8 = self.act_fp8_min_tokens is not None and x.numel() // x.shape[-1] >= self.act_fp8_min_tokens
+        return _fp8.fp8_linear(x, self.weight, self.weight_scale_inv, act_fp8=w8a8)
+
+
+def make_linear(in_features: int, out_features: int, fp8: bool = False) -> nn.Module:
+    """nn.Linear without bias, or FP8Linear when the weights stay FP8 on the device."""
+    return FP8Linear(in_features, out_features) if fp8 else nn.Linear(in_features, out_features, bias=False)
 
 
 class RMSNorm(nn.Module):
@@ -105,14 +134,14 @@ class AttentionMetadata:
 class Attention(nn.Module):
     """GQA self-attention with per-head q/k RMSNorm and rotary, over a paged KV cache."""
 
-    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float):
+    def __init__(self, hidden: int, heads: int, kv_heads: int, head_dim: int, eps: float, fp8: bool = False):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scale = head_dim ** -0.5
-        self.q_proj = nn.Linear(hidden, heads * head_dim, bias=False)
-        self.k_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.v_proj = nn.Linear(hidden, kv_heads * head_dim, bias=False)
-        self.o_proj = nn.Linear(heads * head_dim, hidden, bias=False)
+        self.q_proj = make_linear(hidden, heads * head_dim, fp8)
+        self.k_proj = make_linear(hidden, kv_heads * head_dim, fp8)
+        self.v_proj = make_linear(hidden, kv_heads * head_dim, fp8)
+        self.o_proj = make_linear(heads * head_dim, hidden, fp8)
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
 
@@ -136,13 +165,13 @@ class Attention(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """down(silu(gate(x)) * up(x))."""
+    """down(silu(gate(x)) * up(x)); ``fp8``: block-FP8 weights (FP8Linear)."""
 
-    def __init__(self, hidden: int, intermediate: int):
+    def __init__(self, hidden: int, intermediate: int, fp8: bool = False):
         super().__init__()
-        self.gate_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.up_proj = nn.Linear(hidden, intermediate, bias=False)
-        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.gate_proj = make_linear(hidden, intermediate, fp8)
+        self.up_proj = make_linear(hidden, intermediate, fp8)
+        self.down_proj = make_linear(intermediate, hidden, fp8)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))

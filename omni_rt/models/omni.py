@@ -15,38 +15,106 @@ from torch import nn
 from ..config import OmniConfig
 from ..errors import CheckpointError
 from ..loader import assign_parameters, iter_weights
+from ..quant import fp8_supported, quantize_blockwise, quantize_parts, scale_name
 from .thinker import Thinker
 
 
 class OmniModel(nn.Module):
-    def __init__(self, cfg: OmniConfig, with_talker: bool = True):
+    """``fp8``: thinker and talker decoder projections hold block-FP8 weights (codes + fp32 scale grids)."""
+
+    def __init__(self, cfg: OmniConfig, with_talker: bool = True, fp8: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.thinker = Thinker(cfg.thinker)
+        self.fp8 = fp8
+        self.thinker = Thinker(cfg.thinker, fp8=fp8)
         self.talker = None
         self.code2wav = None
         if with_talker and cfg.has_talker:
             from .code2wav import Code2Wav
             from .talker import Talker
 
-            self.talker = Talker(cfg.talker, cfg.thinker.text.hidden_size)
+            self.talker = Talker(cfg.talker, cfg.thinker.text.hidden_size, fp8=fp8)
             self.code2wav = Code2Wav(cfg.code2wav)
 
     @property
     def has_talker(self) -> bool:
         return self.talker is not None
 
+    def weight_memory(self) -> dict[str, int]:
+        """Bytes of parameters and buffers per component (their actual dtypes), and ``total``.
+
+        Components: thinker (text decoder + embeddings + lm_head), audio_tower, vision, talker (decoder, codec
+        embedding/head, projections), code_predictor, code2wav; absent ones are left out.
+        """
+        parts = {"thinker": self.thinker, "audio_tower": self.thinker.audio_tower}
+        if getattr(self.thinker, "visual", None) is not None:
+            parts["vision"] = self.thinker.visual
+        if self.talker is not None:
+            parts.update(talker=self.talker, code_predictor=self.talker.code_predictor, code2wav=self.code2wav)
+        sizes = {name: _tensor_bytes(m) for name, m in parts.items()}
+        sizes["thinker"] -= sizes["audio_tower"] + sizes.get("vision", 0)
+        if self.talker is not None:
+            sizes["talker"] -= sizes["code_predictor"]
+        sizes["total"] = sum(sizes.values())
+        return sizes
+
+
+def _tensor_bytes(module: nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(module.parameters()) + list(module.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def build_meta_model(cfg: OmniConfig, dtype: torch.dtype, with_talker: bool = True, fp8: bool = False) -> OmniModel:
+    """The model on the meta device with the parameter dtypes a load gives: ``dtype`` everywhere, except
+    float8_e4m3fn codes and fp32 scale grids for the FP8 projections when ``fp8`` — for memory planning."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device("meta"):
+            model = OmniModel(cfg, with_talker=with_talker, fp8=fp8)
+        for name, p in model.named_parameters():
+            if name.endswith("_scale_inv"):  # scales stay fp32 whatever the compute dtype
+                owner, _, leaf = name.rpartition(".")
+                model.get_submodule(owner)._parameters[leaf] = nn.Parameter(p.float(), requires_grad=False)
+    finally:
+        torch.set_default_dtype(previous)
+    return model
+
+
+def keeps_fp8(cfg: OmniConfig, device: str | torch.device, quantize: bool) -> bool:
+    """Whether a load keeps FP8 weights FP8 on ``device``: an FP8 checkpoint or load-time quantization, on a
+    device with hardware FP8 conversion (decided here, at load, never at import)."""
+    return (quantize or cfg.quantization is not None) and fp8_supported(device)
+
 
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                with_talker: bool = True, cfg: OmniConfig | None = None,
-               progress: Callable[[str], None] | None = None) -> OmniModel:
-    """Load a HF-layout Qwen3-Omni checkpoint directory into an ``OmniModel`` on ``device`` in ``dtype``."""
+               progress: Callable[[str], None] | None = None, quantization: str | None = None,
+               keep_fp8: bool | None = None) -> OmniModel:
+    """Load a HF-layout Qwen3-Omni checkpoint directory into an ``OmniModel`` on ``device`` in ``dtype``.
+
+    quantization: None (weights as stored; an FP8 checkpoint is recognised from its config) or "fp8"
+    (quantize a bf16/fp32 checkpoint's eligible weights to block FP8 while streaming it in).
+    keep_fp8: keep FP8 weights FP8 in memory (default: when the device has FP8 hardware, ``keeps_fp8``);
+    otherwise they are dequantized to ``dtype`` at load.
+    """
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
     cfg = cfg or OmniConfig.from_file(path)
+    quantize = quantization == "fp8"
+    if keep_fp8 is None:
+        keep_fp8 = keeps_fp8(cfg, device, quantize)
+    keep_fp8 = bool(keep_fp8 and (quantize or cfg.quantization is not None))
     start = time.perf_counter()
     with torch.device("meta"):
-        model = OmniModel(cfg, with_talker=with_talker)
+        model = OmniModel(cfg, with_talker=with_talker, fp8=keep_fp8)
     wanted = ("thinker.",) + (("talker.", "code2wav.") if model.has_talker else ())
-    weights = iter_weights(path, cfg, dtype, device, include=lambda n: n.startswith(wanted), progress=progress)
+    weights = iter_weights(path, cfg, dtype, device, include=lambda n: n.startswith(wanted), progress=progress,
+                           quantize=quantize, keep_fp8=keep_fp8)
     assign_parameters(model, weights, strict=True)
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
@@ -58,16 +126,35 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
 
 
 def build_synthetic_model(config, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
-                          with_talker: bool = True) -> OmniModel:
+                          with_talker: bool = True, fp8: bool = False) -> OmniModel:
     """Random weights of a named/dict config built directly on ``device`` (no files): for full-size benchmarks,
-    where writing ~70 GB of bf16 to disk would be slow and bulky."""
+    where writing ~70 GB of bf16 to disk would be slow and bulky. ``fp8``: eligible weights quantized to
+    block FP8 as they are drawn, and kept FP8."""
     from ..testing.checkpoint import random_state_dict
     from ..testing.configs import resolve_config
 
     cfg = config if isinstance(config, OmniConfig) else OmniConfig.from_dict(resolve_config(config))
     with torch.device("meta"):
-        model = OmniModel(cfg, with_talker=with_talker)
+        model = OmniModel(cfg, with_talker=with_talker, fp8=fp8)
     wanted = ("thinker.",) + (("talker.", "code2wav.") if model.has_talker else ())
     weights = ((n, t) for n, t in random_state_dict(cfg, seed, dtype, device) if n.startswith(wanted))
+    if fp8:
+        weights = _quantized(weights, set(dict(model.named_parameters())))
     assign_parameters(model, weights, strict=True)
     return model.eval()
+
+
+def _quantized(weights, params: set[str]):
+    """(name, tensor) stream → FP8 codes + scales for every parameter that has a ``*_scale_inv`` slot."""
+    for name, t in weights:
+        if scale_name(name) not in params:
+            yield name, t
+            continue
+        if name.endswith("gate_up_proj"):
+            half = t.shape[-2] // 2
+            q, s = quantize_parts(t, (half, half))
+        else:
+            q, s = quantize_blockwise(t)
+        del t
+        yield name, q
+        yield scale_name(name), s

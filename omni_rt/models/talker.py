@@ -33,17 +33,17 @@ class ResizeMLP(nn.Module):
 class TalkerDecoder(Decoder):
     """The thinker's Decoder with shared experts and no token embedding, plus the codec embedding table."""
 
-    def __init__(self, cfg):
-        super().__init__(cfg, shared_expert=True, embed=False)
+    def __init__(self, cfg, fp8: bool = False):
+        super().__init__(cfg, shared_expert=True, embed=False, fp8=fp8)
         self.codec_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
 
 
 class Talker(nn.Module):
-    def __init__(self, cfg: TalkerConfig, thinker_hidden: int):
+    def __init__(self, cfg: TalkerConfig, thinker_hidden: int, fp8: bool = False):
         super().__init__()
         self.cfg = cfg
         d = cfg.text
-        self.model = TalkerDecoder(d)
+        self.model = TalkerDecoder(d, fp8)
         self.codec_head = nn.Linear(d.hidden_size, d.vocab_size, bias=False)
         # the reference sizes fc1 by text_config.intermediate_size (equal to the thinker width when released)
         self.text_projection = ResizeMLP(thinker_hidden, d.intermediate_size, d.hidden_size)

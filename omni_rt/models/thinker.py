@@ -14,21 +14,22 @@ from ..config import DecoderConfig, ThinkerConfig
 from .audio_encoder import AudioEncoder
 from .layers import Attention, AttentionMetadata, DenseMLP, RMSNorm, Rotary
 from .moe import SparseMoE
+from .vision_encoder import VisionEncoder
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: DecoderConfig, layer: int, shared_expert: bool):
+    def __init__(self, cfg: DecoderConfig, layer: int, shared_expert: bool, fp8: bool = False):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg.hidden_size, cfg.num_attention_heads, cfg.num_key_value_heads,
-                                   cfg.head_dim, cfg.rms_norm_eps)
+                                   cfg.head_dim, cfg.rms_norm_eps, fp8)
         if cfg.is_moe_layer(layer):
             self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok,
                                  cfg.moe_intermediate_size, cfg.norm_topk_prob,
-                                 cfg.shared_expert_intermediate_size if shared_expert else 0)
+                                 cfg.shared_expert_intermediate_size if shared_expert else 0, fp8)
         else:
-            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, fp8)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
@@ -39,12 +40,12 @@ class DecoderLayer(nn.Module):
 class Decoder(nn.Module):
     """Layers + final norm over packed tokens (no batch dim: sequences are delimited by the metadata)."""
 
-    def __init__(self, cfg: DecoderConfig, shared_expert: bool = False, embed: bool = True):
+    def __init__(self, cfg: DecoderConfig, shared_expert: bool = False, embed: bool = True, fp8: bool = False):
         super().__init__()
         self.cfg = cfg
         if embed:
             self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, i, shared_expert) for i in range(cfg.num_hidden_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, i, shared_expert, fp8) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
@@ -64,12 +65,16 @@ class Decoder(nn.Module):
 
 
 class Thinker(nn.Module):
-    def __init__(self, cfg: ThinkerConfig):
+    """``fp8``: the decoder layers' projections hold block-FP8 weights (see models.layers.FP8Linear)."""
+
+    def __init__(self, cfg: ThinkerConfig, fp8: bool = False):
         super().__init__()
         self.cfg = cfg
-        self.model = Decoder(cfg.text)
+        self.model = Decoder(cfg.text, fp8=fp8)
         self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
         self.audio_tower = AudioEncoder(cfg.audio)
+        # None for checkpoints without a vision tower (e.g. the Captioner): vision inputs are refused.
+        self.visual = VisionEncoder(cfg.vision) if cfg.vision is not None else None
 
     def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
         """input_ids: (tokens,) → (tokens, hidden), audio features replacing <|audio_pad|> embeddings in order.

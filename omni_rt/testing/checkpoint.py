@@ -16,7 +16,9 @@ from typing import Callable, Iterator
 import torch
 
 from ..config import OmniConfig
-from ..layout import checkpoint_layout, is_vision, model_layout
+from ..config import QuantizationConfig
+from ..layout import checkpoint_layout, is_scale, model_layout
+from ..quant import is_fp8_eligible, module_name, quantize_blockwise, scale_name
 from .configs import resolve_config
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.float16: "float16", torch.bfloat16: "bfloat16"}
@@ -40,6 +42,8 @@ def _init_rule(name: str, shape: tuple[int, ...]) -> tuple[str, float]:
     is_norm = "norm" in name or "ln_" in name
     if is_norm and len(shape) == 1:
         return "ones", 0.1
+    if name.endswith("patch_embed.proj.weight"):
+        return "normal", 1.0 / math.sqrt(math.prod(shape[1:]))  # a conv over 3·2·16·16 inputs, not a table
     if "embed" in name or "embedding" in name:
         return "normal", 1.0
     if len(shape) >= 2:
@@ -86,7 +90,8 @@ def _shards(layout: dict[str, tuple[int, ...]], itemsize: int, max_shard_bytes: 
 
 def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = "tiny", seed: int = 0,
                     dtype: torch.dtype = torch.float32, max_shard_bytes: int = 2 << 30,
-                    progress: Callable[[str], None] | None = None, with_tokenizer: bool | None = None) -> str:
+                    progress: Callable[[str], None] | None = None, with_tokenizer: bool | None = None,
+                    quantization: str | None = None) -> str:
     """Write a random-weight checkpoint that transformers' ``from_pretrained`` loads with no missing keys.
 
     config: "tiny" | "small" | "full-1layer" | "full" | a config dict | a path to config.json.
@@ -94,16 +99,29 @@ def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = 
     sharded, ``model.safetensors.index.json``. Returns the directory. Memory use is bounded by one shard.
     with_tokenizer (default: when the thinker vocab is the remapped 512-token space of tiny/small) also writes a
     small byte-level BPE tokenizer and chat template (``omni_rt.testing.tokenizer``).
+    quantization="fp8" writes Qwen's block-FP8 format: ``quantization_config`` in config.json, FP8-eligible
+    weights (``omni_rt.quant.is_fp8_eligible``) as float8_e4m3fn codes with fp32 ``*.weight_scale_inv`` grids —
+    the quantization of exactly the ``dtype`` tensors the unquantized checkpoint of the same seed holds — and
+    every other matrix listed in ``modules_to_not_convert``.
     """
     from safetensors.torch import save_file
 
     if dtype not in _DTYPE_NAMES:
         raise ValueError(f"dtype must be one of {list(_DTYPE_NAMES)}, got {dtype}")
+    if quantization not in (None, "fp8"):
+        raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
     cfg_dict = resolve_config(config)
     cfg_dict["dtype"] = _DTYPE_NAMES[dtype]
     cfg_dict.setdefault("thinker_config", {})["dtype"] = _DTYPE_NAMES[dtype]
+    cfg_dict.pop("quantization_config", None)
+    if quantization == "fp8":
+        plain = checkpoint_layout(OmniConfig.from_dict(cfg_dict))
+        keep = [module_name(n) for n, shape in plain.items()
+                if n.endswith(".weight") and len(shape) == 2 and not is_fp8_eligible(n)]
+        cfg_dict["quantization_config"] = QuantizationConfig(modules_to_not_convert=tuple(keep)).to_json()
     cfg = OmniConfig.from_dict(cfg_dict)
-    layout = checkpoint_layout(cfg)
+    full_layout = checkpoint_layout(cfg)
+    layout = {n: s for n, s in full_layout.items() if not is_scale(n)}
     path = os.fspath(path)
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, "config.json"), "w", encoding="utf-8") as f:
@@ -116,6 +134,9 @@ def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = 
 
         write_tiny_tokenizer(path, cfg.thinker.text.vocab_size)
 
+    if cfg.thinker.vision is not None:
+        _write_preprocessor_config(path, cfg.thinker.vision)
+
     itemsize = torch.empty((), dtype=dtype).element_size()
     shards = _shards(layout, itemsize, max_shard_bytes)
     names = (["model.safetensors"] if len(shards) == 1 else
@@ -124,10 +145,15 @@ def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = 
     total = 0
     start = time.perf_counter()
     for file, shard in zip(names, shards):
-        tensors = {n: random_tensor(n, layout[n], seed, dtype) for n in shard}
+        tensors = {}
+        for n in shard:
+            t = random_tensor(n, layout[n], seed, dtype)
+            if scale_name(n) in full_layout:
+                t, tensors[scale_name(n)] = quantize_blockwise(t)
+            tensors[n] = t
         save_file(tensors, os.path.join(path, file), metadata={"format": "pt"})
-        total += sum(t.numel() * itemsize for t in tensors.values())
-        weight_map.update({n: file for n in shard})
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        weight_map.update({n: file for n in tensors})
         del tensors
         if progress:
             progress(f"wrote {file} ({total / 1e9:.2f} GB, {time.perf_counter() - start:.1f} s)")
@@ -135,6 +161,17 @@ def make_checkpoint(path: str | os.PathLike, config: str | dict | os.PathLike = 
         with open(os.path.join(path, "model.safetensors.index.json"), "w", encoding="utf-8") as f:
             json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
     return path
+
+
+def _write_preprocessor_config(path: str, v) -> None:
+    """The released checkpoint's preprocessor_config.json, with this config's patch geometry."""
+    pre = {"image_processor_type": "Qwen2VLImageProcessor", "processor_class": "Qwen3OmniMoeProcessor",
+           "do_resize": True, "resample": 3, "do_rescale": True, "rescale_factor": 1 / 255, "do_normalize": True,
+           "do_convert_rgb": True, "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5],
+           "min_pixels": 3136, "max_pixels": 12845056, "patch_size": v.patch_size,
+           "temporal_patch_size": v.temporal_patch_size, "merge_size": v.spatial_merge_size}
+    with open(os.path.join(path, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+        json.dump(pre, f, indent=2)
 
 
 def random_state_dict(config: str | dict | OmniConfig, seed: int = 0, dtype: torch.dtype = torch.bfloat16,
@@ -167,4 +204,4 @@ def random_state_dict(config: str | dict | OmniConfig, seed: int = 0, dtype: tor
         yield name, t
 
 
-__all__ = ["make_checkpoint", "random_state_dict", "random_tensor", "is_vision"]
+__all__ = ["make_checkpoint", "random_state_dict", "random_tensor"]

@@ -62,10 +62,13 @@ def _scaled(hidden: int, heads: int, kv: int, head_dim: int, layers: int, expert
         "d_model": audio_d, "encoder_attention_heads": audio_heads, "encoder_layers": audio_layers,
         "encoder_ffn_dim": audio_ffn, "downsample_hidden_size": down_hidden, "output_dim": hidden,
         "n_window": 50, "n_window_infer": n_window_infer})
+    # A tiny ViT with the released patch geometry (patch 16, temporal 2, merge 2), so preprocessing is the
+    # released one; an 8x8 learned position grid (interpolated to every image's grid) and two deepstack taps,
+    # added after thinker layers 0 and 1.
     th["vision_config"].update({
-        "depth": 2, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": hidden,
-        "deepstack_visual_indexes": [0], "num_position_embeddings": 64, "patch_size": 4,
-        "spatial_patch_size": 4, "image_size": 32})
+        "depth": 3, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2, "out_hidden_size": hidden,
+        "deepstack_visual_indexes": [0, 2], "num_position_embeddings": 64, "patch_size": 16,
+        "spatial_patch_size": 16, "image_size": 128})
     th["text_config"].update({
         "vocab_size": vocab, "hidden_size": hidden, "num_attention_heads": heads, "num_key_value_heads": kv,
         "head_dim": head_dim, "num_hidden_layers": layers, "num_experts": experts, "num_experts_per_tok": topk,
@@ -110,6 +113,20 @@ def tiny_config() -> dict[str, Any]:
                    decoder_dim=64, sliding_window=8, accept_layer=2, section=[4, 2, 2])
 
 
+def tiny_wide_config() -> dict[str, Any]:
+    """The tiny structure with decoder widths that span several 128-blocks and are not multiples of 128
+    (hidden 136, q 160, k/v 80, expert/dense/shared intermediate 136), and a dense first thinker layer: every
+    block-FP8 scale grid then has partial edge blocks, and fused gate/up parts do not line up on 128 rows."""
+    cfg = _scaled(hidden=136, heads=4, kv=2, head_dim=40, layers=2, experts=4, topk=2, moe_i=136, shared_i=136,
+                  audio_d=32, audio_heads=4, audio_layers=2, audio_ffn=64, down_hidden=8, n_window_infer=200,
+                  talker_hidden=144, talker_heads=4, talker_kv=2, talker_layers=2, talker_experts=4,
+                  talker_topk=2, talker_moe_i=136, cp_hidden=144, cp_layers=2, cp_heads=4, cp_kv=2,
+                  cp_head_dim=8, groups=4, codebook=64, c2w_hidden=32, c2w_layers=2, c2w_heads=4,
+                  decoder_dim=64, sliding_window=8, accept_layer=1, section=[8, 6, 6])
+    cfg["thinker_config"]["text_config"]["mlp_only_layers"] = [0]
+    return cfg
+
+
 def small_config() -> dict[str, Any]:
     """Tens of M params: big enough that per-op overheads stop dominating CPU benchmarks."""
     return _scaled(hidden=256, heads=8, kv=2, head_dim=64, layers=4, experts=32, topk=4, moe_i=128, shared_i=256,
@@ -138,6 +155,7 @@ def full_config(layers: int | None = None) -> dict[str, Any]:
 
 NAMED = {
     "tiny": tiny_config,
+    "tiny-wide": tiny_wide_config,
     "small": small_config,
     "full-1layer": lambda: full_config(layers=1),
     "full": full_config,
