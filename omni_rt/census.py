@@ -111,19 +111,22 @@ def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
 def build_meta_model(cfg, dtype: torch.dtype = torch.bfloat16, quant: str | None = None):
     """The OmniModel on the meta device, parameters directly in ``dtype``, non-persistent buffers built.
 
-    quant: None (bf16 weights) or "fp8" — the hook for FP8 block-quantized weights (issue 15): until the model
-    can be built with them this raises NotImplementedError, never a silent bf16 census.
+    quant: None (weights in ``dtype``) or "fp8" (block-FP8 decoder weights, issue 15's format).
     """
     from .models.omni import OmniModel
 
     if quant not in QUANT_CHOICES:
         raise ValueError(f"quant must be one of {QUANT_CHOICES}, got {quant!r}")
-    if quant == "fp8":
-        raise NotImplementedError("census --quant fp8: not supported yet (the FP8 weight path of issue 15 does "
-                                  "not exist in this build); run without --quant for the bf16 census")
     meta = torch.device("meta")
     with _no_init(), _default_dtype(dtype), meta:
-        model = OmniModel(cfg)
+        # fp8: the thinker/talker decoder projections hold block-FP8 codes + fp32 scale grids, as a GPU of
+        # sm_89+ keeps them (FP8Linear / FP8 experts); everything else stays in ``dtype``.
+        model = OmniModel(cfg, fp8=(quant == "fp8"))
+    for sub in model.modules():   # FP8 scale grids are float32 whatever the activation dtype
+        for name, p in list(sub._parameters.items()):
+            if p is not None and name.endswith("scale_inv") and p.dtype != torch.float32:
+                sub._parameters[name] = torch.nn.Parameter(torch.empty_like(p, dtype=torch.float32),
+                                                           requires_grad=False)
     for sub in model.modules():
         hook = getattr(sub, "materialize_buffers", None)
         if callable(hook):

@@ -296,16 +296,21 @@ def triton_cost(kernel: str, named: dict) -> tuple[float, float]:
     at most min(E, M·top_k)) or that do matmul work get their own rule."""
     tensors = [v for v in named.values() if hasattr(v, "element_size") and hasattr(v, "stride")]
     default = float(sum(_span_bytes(t) for t in tensors))
-    if kernel in ("_moe_gate_up_kernel", "_moe_down_kernel"):
+    if kernel in ("_moe_gate_up_kernel", "_moe_down_kernel", "_moe_fp8_gate_up_kernel", "_moe_fp8_down_kernel"):
         n_assign, n, k = _arg(named, "num_assign"), _arg(named, "N"), _arg(named, "K")
         w = named.get("wg_ptr", named.get("w_ptr"))
         experts = w.shape[0] if w is not None else 1
         touched = min(experts, n_assign)
         elem = w.element_size() if w is not None else 2
-        halves = 2 if kernel == "_moe_gate_up_kernel" else 1
-        act_in = n_assign * k * elem
-        act_out = n_assign * n * elem
+        halves = 2 if "gate_up" in kernel else 1
+        act = named.get("x_ptr", named.get("h_ptr"))
+        act_elem = act.element_size() if act is not None else elem
+        act_in = n_assign * k * act_elem
+        act_out = n_assign * n * act_elem
         return float(touched * halves * n * k * elem + act_in + act_out), 2.0 * n_assign * halves * n * k
+    if kernel == "_fp8_linear_kernel":
+        m, n, k = _arg(named, "M"), _arg(named, "N"), _arg(named, "K")
+        return default, 2.0 * m * n * k
     if kernel in ("_paged_decode_kernel", "_prefill_kernel", "_block_window_attn_kernel"):
         q = named.get("q_ptr")
         kc = named.get("k_cache_ptr", named.get("k_ptr"))

@@ -81,9 +81,13 @@ def test_moe_bytes_count_only_touched_experts():
     assert flops == 2 * 8 * 2 * 768 * 2048
 
 
-def test_quant_fp8_hook_is_explicit():
-    with pytest.raises(NotImplementedError, match="fp8"):
-        census("tiny", 1, quant="fp8")
+def test_quant_fp8_counts_the_fp8_kernels():
+    bf16 = census("tiny", 1).records
+    fp8 = census("tiny", 1, quant="fp8").records
+    names = {x.name for x in fp8["thinker_decode"].launches if x.kind == "triton"}
+    assert {"_fp8_linear_kernel", "_moe_fp8_gate_up_kernel", "_moe_fp8_down_kernel"} <= names
+    # weights read in FP8: fewer bytes than bf16 for the same step
+    assert sum(x.bytes for x in fp8["thinker_decode"].launches) < sum(x.bytes for x in bf16["thinker_decode"].launches)
     with pytest.raises(ValueError, match="quant"):
         census("tiny", 1, quant="int4")
 
