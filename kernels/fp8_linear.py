@@ -17,6 +17,7 @@ values are exact in fp32, so only the summation order differs from the FP8 tenso
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -157,6 +158,12 @@ def get_config(m: int, dtype: torch.dtype, act_fp8: bool = False) -> dict:
     return cfg
 
 
+@functools.lru_cache(maxsize=None)
+def _has_fp8_dot(index: int) -> bool:
+    """sm_89+ has FP8 tensor cores (queried on first launch, never at import)."""
+    return torch.cuda.get_device_capability(index) >= (8, 9)
+
+
 def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> None:
     if x.dtype not in _ACT_DTYPES:
         raise ValueError(f"x must be one of {_ACT_DTYPES}, got {x.dtype}")
@@ -210,7 +217,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
         cfg = dict(config or get_config(m, x.dtype, act_fp8))
         if SCALE_BLOCK % cfg["BLOCK_K"]:
             raise ValueError(f"BLOCK_K must divide {SCALE_BLOCK}, got {cfg['BLOCK_K']}")
-        native = x.is_cuda and torch.cuda.get_device_capability(x.device) >= (8, 9)
+        native = x.is_cuda and _has_fp8_dot(x.device.index or 0)
         if act_fp8:
             a, a_scale = per_token_group_quant(x2)
         else:

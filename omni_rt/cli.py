@@ -96,7 +96,7 @@ def cmd_run(args) -> int:
     from .runtime import Runtime
 
     with _Timer(f"loading {args.model}"):
-        rt = Runtime(args.model, device=args.device, progress=lambda m: _log(f"    {m}"))
+        rt = Runtime(args.model, device=args.device, progress=lambda m: _log(f"    {m}"), quantization=args.quant)
     try:
         content = []
         if args.audio:
@@ -127,11 +127,12 @@ def cmd_bench(args) -> int:
 
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-            model = build_synthetic_model(args.synthetic, dtype, device)
+            # --quant fp8: weights quantized as drawn and kept FP8 (on CPU the FP8 ops dequantize per call)
+            model = build_synthetic_model(args.synthetic, dtype, device, fp8=args.quant == "fp8")
             rt = Runtime(model, device=device, dtype=dtype, max_batch_size=max(levels))
         else:
             rt = Runtime(args.model, device=args.device, max_batch_size=max(levels),
-                         progress=lambda m: _log(f"    {m}"))
+                         progress=lambda m: _log(f"    {m}"), quantization=args.quant)
     try:
         with _Timer(f"benchmark at concurrency {levels}"):
             report = run_benchmark(rt, levels, seconds=args.seconds, max_new_tokens=args.max_new_tokens,
@@ -139,7 +140,8 @@ def cmd_bench(args) -> int:
     finally:
         rt.close()
     report.update({"model": args.model or f"synthetic:{args.synthetic}", "device": str(rt.device),
-                   "dtype": str(rt.dtype), "note": "synthetic weights route near-uniformly (worst case for expert "
+                   "dtype": str(rt.dtype), "quant": args.quant,
+                   "weight_GB": {k: v / 1e9 for k, v in rt.memory().items()}, "note": "synthetic weights route near-uniformly (worst case for expert "
                    "reuse)" if args.synthetic else ""})
     text = json.dumps(report, indent=2)
     print(text)
@@ -175,6 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--text", default=None)
     r.add_argument("--out", default="reply.wav")
     r.add_argument("--stream", action="store_true", help="(always streams; kept for compatibility)")
+    r.add_argument("--quant", default=None, choices=["fp8"],
+                   help="quantize the thinker/talker decoder weights to block FP8 at load")
     r.set_defaults(fn=cmd_run)
     b = sub.add_parser("bench", parents=[common], help="first-packet latency, RTF, tok/s per concurrency")
     b.add_argument("--model", default=None)
@@ -183,6 +187,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--seconds", type=float, default=5.0, help="length of the spoken question")
     b.add_argument("--repeats", type=int, default=1)
     b.add_argument("--json", default=None)
+    b.add_argument("--quant", default=None, choices=["fp8"],
+                   help="block-FP8 thinker/talker decoder weights (quantized at load / as drawn)")
     b.set_defaults(fn=cmd_bench)
     s = sub.add_parser("serve", help="OpenAI-compatible server: chat completions with speech, Realtime (serve extra)")
     from .serve.server import add_arguments

@@ -239,6 +239,7 @@ class ThinkerConfig:
     image_token_id: int
     video_token_id: int
     vision_start_token_id: int
+    vision_end_token_id: int
     position_id_per_seconds: int
     seconds_per_chunk: int
 
@@ -256,6 +257,7 @@ class ThinkerConfig:
             image_token_id=r.get("image_token_id", nonneg=True),
             video_token_id=r.get("video_token_id", nonneg=True),
             vision_start_token_id=r.get("vision_start_token_id", nonneg=True),
+            vision_end_token_id=r.get("vision_end_token_id", int, r.get("vision_start_token_id", nonneg=True) + 1),
             position_id_per_seconds=r.get("position_id_per_seconds", int, 25, positive=True),
             seconds_per_chunk=r.get("seconds_per_chunk", int, 2, positive=True),
         )

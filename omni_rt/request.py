@@ -67,12 +67,24 @@ class SamplingParams:
 
 @dataclasses.dataclass
 class Prompt:
-    """A pre-tokenized prompt: token ids exactly as the HF processor makes them (each audio's <|audio_pad|> run
-    already expanded to its token count) and the audios in order of appearance (float32 mono 16 kHz arrays,
-    or paths)."""
+    """A pre-tokenized prompt: token ids exactly as the HF processor makes them and the media in order of
+    appearance.
+
+    Each audio's <|audio_pad|> run, image's <|image_pad|> run and video's <|video_pad|> run is already expanded to
+    its token count (``grid_t·grid_h·grid_w // 4`` for vision); with ``use_audio_in_video`` each video's block is
+    ``<|vision_start|><|audio_start|>`` + its video and audio pads interleaved by time as Qwen3OmniMoeProcessor does
+    + ``<|audio_end|><|vision_end|>``, and that video's audio is in ``audios`` at its place in order of appearance.
+
+    audios: float32 mono 16 kHz arrays or paths. images: uint8 (H, W, 3) arrays, PIL images or paths. videos:
+    uint8 (T, H, W, 3) arrays of frames already sampled, with ``video_fps`` (one per video; default 2.0 each).
+    """
 
     token_ids: Sequence[int]
     audios: Sequence[Any] = ()
+    images: Sequence[Any] = ()
+    videos: Sequence[Any] = ()
+    video_fps: Sequence[float] | None = None
+    use_audio_in_video: bool = False
 
     def __post_init__(self):
         ids = list(self.token_ids)
@@ -82,6 +94,19 @@ class Prompt:
             raise ValueError("Prompt.token_ids must be non-negative integers")
         self.token_ids = [int(t) for t in ids]
         self.audios = list(self.audios)
+        self.images = list(self.images)
+        self.videos = list(self.videos)
+        fps = [2.0] * len(self.videos) if self.video_fps is None else list(self.video_fps)
+        if len(fps) != len(self.videos):
+            raise ValueError(f"Prompt.video_fps has {len(fps)} values for {len(self.videos)} videos")
+        for i, f in enumerate(fps):
+            if isinstance(f, bool) or not isinstance(f, (int, float, np.integer, np.floating)) or not (
+                    np.isfinite(f) and f > 0):
+                raise ValueError(f"Prompt.video_fps[{i}] must be a finite number > 0, got {f!r}")
+        self.video_fps = [float(f) for f in fps]
+        if not isinstance(self.use_audio_in_video, (bool, np.bool_)):
+            raise ValueError(f"Prompt.use_audio_in_video must be a bool, got {self.use_audio_in_video!r}")
+        self.use_audio_in_video = bool(self.use_audio_in_video)
 
 
 @dataclasses.dataclass

@@ -24,7 +24,8 @@ from .engine.text_output import TextOutput
 from .models.omni import OmniModel, load_model
 from .profiling import TorchProfiler
 from .request import GenerationOutput, Prompt, SamplingParams, StreamChunk, new_request_id
-from .tokenizer import IncrementalDetokenizer, OmniTokenizer, TokenizerMissing, expand_audio_pads, split_messages
+from .prompting import PreparedPrompt, PromptBuilder
+from .tokenizer import IncrementalDetokenizer, OmniTokenizer, TokenizerMissing
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:
@@ -99,6 +100,7 @@ class Runtime:
         # Image/video preprocessing settings: the checkpoint's preprocessor_config.json, else the released ones.
         self.vision_preprocess = (vision_mod.VisionPreprocessConfig.from_checkpoint(self.path, self.cfg.thinker.vision)
                                   if self.cfg.thinker.vision is not None else None)
+        self._prompts = PromptBuilder(self.cfg, self.tokenizer, self.vision_preprocess)
         tc = self.cfg.thinker.text
         self.max_model_len = max_model_len or min(tc.max_position_embeddings, 32768)
         if kv_cache_tokens is None:
@@ -215,12 +217,16 @@ class Runtime:
 
     def generate(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                  thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
-                 request_id: str | None = None) -> GenerationOutput:
-        """Run one request to completion; returns text, token ids, codes, audio and metrics."""
+                 request_id: str | None = None, use_audio_in_video: bool | None = None) -> GenerationOutput:
+        """Run one request to completion; returns text, token ids, codes, audio and metrics.
+
+        use_audio_in_video: a video file's own audio track is heard too, interleaved by time (chat messages;
+        a Prompt carries its own flag)."""
         text, ids, audio, reasoning = [], [], [], []
         last = None
         req_holder: list[EngineRequest] = []
-        for chunk in self._stream(prompt, speaker, return_audio, thinker, talker, request_id, req_holder):
+        for chunk in self._stream(prompt, speaker, return_audio, thinker, talker, request_id, req_holder,
+                                  use_audio_in_video):
             text.append(chunk.text_delta)
             reasoning.append(chunk.reasoning_delta)
             ids.extend(chunk.token_ids)
@@ -240,16 +246,17 @@ class Runtime:
 
     def stream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
-               request_id: str | None = None) -> Iterator[StreamChunk]:
+               request_id: str | None = None, use_audio_in_video: bool | None = None) -> Iterator[StreamChunk]:
         """Yield chunks (text deltas, audio, finished) as they are produced; leaving the loop aborts."""
-        return self._stream(prompt, speaker, return_audio, thinker, talker, request_id, [])
+        return self._stream(prompt, speaker, return_audio, thinker, talker, request_id, [], use_audio_in_video)
 
     async def astream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                       thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
-                      request_id: str | None = None) -> AsyncIterator[StreamChunk]:
+                      request_id: str | None = None, use_audio_in_video: bool | None = None
+                      ) -> AsyncIterator[StreamChunk]:
         """Async ``stream``; cancelling the consuming task aborts the request."""
         t_call = time.perf_counter()
-        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id)
+        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
         req.t_submit = t_call
         self.engine.submit(req)
         loop = asyncio.get_running_loop()
@@ -265,9 +272,9 @@ class Runtime:
 
     # ------------------------------------------------------------------------------------------ internals
     def _stream(self, prompt, speaker, return_audio, thinker, talker, request_id,
-                holder: list) -> Iterator[StreamChunk]:
+                holder: list, use_audio_in_video: bool | None = None) -> Iterator[StreamChunk]:
         t_call = time.perf_counter()
-        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id)
+        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
         req.t_submit = t_call  # metrics count from the call (audio loading and tokenizing included)
         holder.append(req)
         self.engine.submit(req)
@@ -284,14 +291,16 @@ class Runtime:
             if not done:  # the caller left the loop early (or the generator was closed): cancel
                 self.engine.abort(req.request_id)
 
-    def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id) -> EngineRequest:
+    def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id,
+                      use_audio_in_video: bool | None = None) -> EngineRequest:
         if return_audio is None:
             return_audio = self.has_talker
         if return_audio and not self.has_talker:
             raise ValueError("this checkpoint has no talker/code2wav (text-only model): call with "
                              "return_audio=False")
         speaker_id = self.cfg.talker.speaker(speaker) if return_audio else None
-        ids, audios = self._resolve_prompt(prompt)
+        prepared = self._resolve_prompt(prompt, use_audio_in_video)
+        ids, audios = prepared.ids, prepared.audios
         thinker_p = (thinker or SamplingParams()).resolved("thinker")
         talker_p = (talker or SamplingParams()).resolved("talker") if return_audio else None
         if request_id is None:
@@ -304,7 +313,8 @@ class Runtime:
             speaker_id=speaker_id, thinker_stop_ids=frozenset(int(t) for t in stop),
             thinker_seed=thinker_p.seed if thinker_p.seed is not None else random.getrandbits(63),
             talker_seed=(talker_p.seed if talker_p and talker_p.seed is not None else random.getrandbits(63)),
-            detok=IncrementalDetokenizer(self.tokenizer), text_out=self._text_output(ids, thinker_p))
+            detok=IncrementalDetokenizer(self.tokenizer), text_out=self._text_output(ids, thinker_p),
+            vision=prepared.vision)
 
     def _text_output(self, prompt_ids: list[int], params: SamplingParams) -> TextOutput:
         """Text side of a request: stop strings and, when the tokenizer has think tags, the reasoning span (on
@@ -317,23 +327,14 @@ class Runtime:
         opened = think is not None and think[0] in prompt_ids[-2:]
         return TextOutput(self.tokenizer, params.stop, think, in_reasoning=opened)
 
-    def _load_audio(self, a: Any) -> np.ndarray:
-        if isinstance(a, np.ndarray):
-            return audio_mod.load(a, sr=audio_mod.SAMPLE_RATE)
-        return audio_mod.load(a)
-
-    def _resolve_prompt(self, prompt: Prompt | list[dict]) -> tuple[list[int], list[np.ndarray]]:
+    def _resolve_prompt(self, prompt: Prompt | list[dict], use_audio_in_video: bool | None = None
+                        ) -> PreparedPrompt:
+        if use_audio_in_video is not None and not isinstance(use_audio_in_video, (bool, np.bool_)):
+            raise ValueError(f"use_audio_in_video must be a bool, got {use_audio_in_video!r}")
         if isinstance(prompt, Prompt):
-            return list(prompt.token_ids), [self._load_audio(a) for a in prompt.audios]
+            return self._prompts.from_prompt(prompt, use_audio_in_video)
         if isinstance(prompt, list):
-            if self.tokenizer is None:
-                raise ValueError("this checkpoint has no tokenizer files (tokenizer.json, or vocab.json + "
-                                 "merges.txt): pass an omni_rt.Prompt with token ids instead of chat messages")
-            messages, raw_audios = split_messages(prompt)
-            audios = [self._load_audio(a) for a in raw_audios]
-            counts = [audio_mod.num_audio_tokens(audio_mod.num_frames(a.size)) for a in audios]
-            ids = self.tokenizer.encode(self.tokenizer.render(messages))
-            return expand_audio_pads(ids, self.cfg.thinker.audio_token_id, counts), audios
+            return self._prompts.from_messages(prompt, use_audio_in_video)
         raise ValueError(f"prompt must be an omni_rt.Prompt or a list of chat messages, got {type(prompt).__name__}")
 
 

@@ -94,9 +94,16 @@ def _raise(message: str):
 
 def split_messages(messages: Any) -> tuple[list[dict], list[Any]]:
     """Validate chat messages; returns (messages with string content normalised to parts, audios in order)."""
+    out, media = split_media(messages)
+    return out, [part["audio"] for kind, part in media if kind == "audio"]
+
+
+def split_media(messages: Any) -> tuple[list[dict], list[tuple[str, dict]]]:
+    """Validate chat messages; returns (messages with string content normalised to parts, [(kind, part)] for
+    every audio / image / video part in order of appearance)."""
     if not isinstance(messages, list) or not messages:
         raise ValueError("messages must be a non-empty list of {'role': ..., 'content': ...} dicts")
-    audios, out = [], []
+    media, out = [], []
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or "role" not in m or "content" not in m:
             raise ValueError(f"message {i} must be a dict with 'role' and 'content'")
@@ -108,18 +115,19 @@ def split_messages(messages: Any) -> tuple[list[dict], list[Any]]:
             raise ValueError(f"message {i}: content must be a string or a list of parts")
         for j, part in enumerate(parts):
             kind = part.get("type") if isinstance(part, dict) else None
-            if kind == "audio":
-                if "audio" not in part:
-                    raise ValueError(f"message {i} part {j}: an audio part needs an 'audio' field (path or array)")
-                audios.append(part["audio"])
+            if kind in ("audio", "image", "video"):
+                if kind not in part:
+                    raise ValueError(f"message {i} part {j}: an {kind} part needs an '{kind}' field "
+                                     f"(path or array)")
+                media.append((kind, part))
             elif kind == "text":
                 if not isinstance(part.get("text"), str):
                     raise ValueError(f"message {i} part {j}: a text part needs a string 'text'")
             else:
-                raise ValueError(f"message {i} part {j}: type must be 'text' or 'audio' (images and video are "
-                                 f"not supported yet), got {kind!r}")
+                raise ValueError(f"message {i} part {j}: type must be 'text', 'audio', 'image' or 'video', "
+                                 f"got {kind!r}")
         out.append({"role": m["role"], "content": parts})
-    return out, audios
+    return out, media
 
 
 def expand_audio_pads(ids: list[int], audio_pad_id: int, counts: Sequence[int]) -> list[int]:

@@ -230,3 +230,15 @@ def test_layout_lists_scales_only_for_quantized_configs():
     assert extra and all(n.endswith(".weight_scale_inv") for n in extra)
     assert Q + "_scale_inv" not in extra      # listed in modules_to_not_convert
     assert "thinker.model.layers.0.self_attn.k_proj.weight_scale_inv" in extra
+
+
+def test_bad_quantization_argument(plain_ckpt):
+    import omni_rt
+    from omni_rt.cli import build_parser
+
+    with pytest.raises(ValueError, match="quantization"):
+        omni_rt.Runtime(plain_ckpt, device="cpu", quantization="int4")
+    with pytest.raises(ValueError, match="quantization"):
+        make_checkpoint(os.path.join(plain_ckpt, "x"), "tiny", quantization="fp4")
+    assert build_parser().parse_args(["bench", "--synthetic", "tiny", "--quant", "fp8"]).quant == "fp8"
+    assert build_parser().parse_args(["run", "--model", "d"]).quant is None

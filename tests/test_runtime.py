@@ -91,7 +91,7 @@ def test_chat_messages_with_audio_expand_pads(rt):
     out = rt.generate(msgs, thinker=GREEDY)
     assert len(out.token_ids) >= 1
     # 2 s = 200 mel frames -> 26 audio tokens
-    ids, _ = rt._resolve_prompt(msgs)
+    ids = rt._resolve_prompt(msgs).ids
     assert ids.count(480) == omni_rt.audio.num_audio_tokens(200) == 26
 
 

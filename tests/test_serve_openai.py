@@ -248,7 +248,7 @@ def test_sixteen_concurrent_streams_complete_and_free_everything(client, rt):
 def test_disconnect_mid_stream_frees_the_request(server, rt):
     assert wait_free(rt)
     body = {"model": "tiny", "messages": question_messages(), "modalities": ["text", "audio"], "stream": True,
-            "temperature": 0, "max_tokens": 64, "talker": {"max_new_tokens": 200}}
+            "temperature": 0, "max_tokens": 64, "talker": {"max_new_tokens": 1000}}   # ~20-80 s if not aborted
     with httpx.Client(timeout=TIMEOUT) as c:
         with c.stream("POST", f"{server}/v1/chat/completions", json=body) as r:
             assert r.status_code == 200
@@ -256,7 +256,16 @@ def test_disconnect_mid_stream_frees_the_request(server, rt):
                 if '"data":' in line:   # the first audio delta: the request is speaking; now leave
                     break
             assert not all_free(rt)
+    assert wait_free(rt, seconds=8)
+
+
+def test_disconnect_while_waiting_for_a_whole_reply_frees_the_request(server, rt):
     assert wait_free(rt)
+    body = {"model": "tiny", "messages": question_messages(), "modalities": ["text", "audio"], "temperature": 0,
+            "max_tokens": 64, "talker": {"max_new_tokens": 1000}}   # ~20-80 s of work if not aborted
+    with pytest.raises(httpx.ReadTimeout):      # the client gives up (and closes the connection) mid-request
+        httpx.post(f"{server}/v1/chat/completions", json=body, timeout=httpx.Timeout(TIMEOUT, read=1.0))
+    assert wait_free(rt, seconds=8)
 
 
 def test_full_queue_is_429_with_retry_after(tiny_checkpoint, rt):

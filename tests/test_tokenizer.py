@@ -80,7 +80,8 @@ def test_missing_files_and_template(tmp_path, tok_dir):
 
 @pytest.mark.parametrize("bad, match", [
     ([], "non-empty"), ([{"role": "user"}], "'role' and 'content'"),
-    ([{"role": "user", "content": [{"type": "image", "image": "x"}]}], "images and video"),
+    ([{"role": "user", "content": [{"type": "image"}]}], "'image' field"),
+    ([{"role": "user", "content": [{"type": "pdf", "pdf": "x"}]}], "'text', 'audio', 'image' or 'video'"),
     ([{"role": "user", "content": [{"type": "audio"}]}], "'audio' field"),
 ])
 def test_bad_messages(bad, match):

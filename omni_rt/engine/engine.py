@@ -36,6 +36,7 @@ from ..profiling import StageTimer, census_stage
 from ..request import StreamChunk
 from .graphs import ThinkerDecodeGraphs
 from .kv_cache import KVCachePool
+from ..models.mrope import decode_positions, multimodal_positions
 from .model_runner import DecoderRunner, text_positions
 from .requests import EngineRequest, Phase
 from .sampler import SamplingTensors, sample
@@ -203,10 +204,11 @@ class Engine:
         """Encode the request's audios and build its prompt embeddings (host-checked, per request)."""
         thinker = self.model.thinker
         audio_embeds = None
+        counts: list[int] = []
         if req.audios:
             mels = [audio_mod.log_mel(a, device=self.device) for a in req.audios]
             lens = [m.shape[1] for m in mels]
-            counts = [thinker.audio_tower.num_audio_tokens(n) for n in lens]
+            counts = [int(thinker.audio_tower.num_audio_tokens(n)) for n in lens]
             pads = sum(1 for t in req.prompt if t == self.cfg.thinker.audio_token_id)
             if pads != sum(counts):
                 raise ValueError(f"the prompt has {pads} <|audio_pad|> tokens but its audios give {sum(counts)} "
@@ -218,9 +220,27 @@ class Engine:
         if max(req.prompt) >= self.vocab:
             raise ValueError(f"token id {max(req.prompt)} is outside the vocabulary ({self.vocab})")
         ids = torch.tensor(req.prompt, device=self.device)
-        req.embeds = thinker.embed(ids, audio_embeds)
+        image_embeds = video_embeds = None
+        th = self.cfg.thinker
+        if req.vision:
+            if thinker.visual is None:
+                raise ValueError("this checkpoint has no vision tower, so it cannot take images or video")
+            merge = th.vision.spatial_merge_size
+            # Validates every pad run against its medium (a ValueError naming the item) before any encoding.
+            positions, req.rope_delta = multimodal_positions(req.prompt, th, merge, counts,
+                                                             [v.item for v in req.vision])
+            req.positions = positions.to(self.device)
+            with self.timer("vision_encode"):
+                feats, taps = thinker.visual.encode([(v.pixel_values, v.item.grid) for v in req.vision], self.dtype)
+            image_embeds, video_embeds, req.deepstack = _scatter_vision(
+                ids, [v.item.kind for v in req.vision], feats, taps, th.image_token_id, th.video_token_id)
+        else:
+            if any(t in (th.image_token_id, th.video_token_id) for t in req.prompt):
+                raise ValueError("the prompt has <|image_pad|> / <|video_pad|> tokens but no image or video was "
+                                 "given")
+            req.positions = text_positions(0, len(req.prompt), self.device)
+        req.embeds = thinker.embed(ids, audio_embeds, image_embeds, video_embeds)
         req.audio_embeds = audio_embeds
-        req.positions = text_positions(0, len(req.prompt), self.device)
 
     # ------------------------------------------------------------------------------------------ thinker
     def _tap(self, reqs: list[EngineRequest]) -> int | None:
@@ -231,7 +251,7 @@ class Engine:
         if not todo:
             return
         budget = self.max_prefill_tokens
-        batch, chunks, positions = [], [], []
+        batch, chunks, positions, deepstack = [], [], [], []
         for r in todo:
             if budget <= 0:
                 break
@@ -240,8 +260,10 @@ class Engine:
             batch.append(r)
             chunks.append(r.embeds[r.prefilled: r.prefilled + n])
             positions.append(r.positions[:, r.prefilled: r.prefilled + n])
+            deepstack.append(_deepstack_slice(r.deepstack, r.prefilled, n))
         with census_stage("thinker_prefill"):
-            hidden, taps = self.runner.prefill([r.seq_id for r in batch], chunks, positions, self._tap(batch))
+            hidden, taps = self.runner.prefill([r.seq_id for r in batch], chunks, positions, self._tap(batch),
+                                               deepstack if any(d is not None for d in deepstack) else None)
             finished = [j for j, (r, c) in enumerate(zip(batch, chunks)) if r.prefilled + c.shape[0] == len(r.prompt)]
             tokens = (self._sample_device(self.model.thinker.logits(torch.stack([hidden[j][-1] for j in finished])),
                                           [batch[j] for j in finished]) if finished else None)
@@ -264,16 +286,19 @@ class Engine:
             seen = ([r.prompt + r.output for r in active]
                     if any(p.repetition_penalty != 1.0 for p in params) else None)
             out = self.decode_graphs.decode([r.seq_id for r in active], [r.output[-1] for r in active],
-                                            [len(r.prompt) + len(r.output) - 1 for r in active], params,
+                                            [float(decode_positions([len(r.prompt) + len(r.output) - 1],
+                                                                    [r.rope_delta], "cpu")[0, 0])
+                                             for r in active], params,
                                             [len(r.output) for r in active], [r.thinker_seed for r in active], seen)
             for r, tok in zip(active, out["next_ids"].tolist()):
                 self._push_token(r, tok)
             return
         ids = torch.tensor([r.output[-1] for r in active], device=self.device)
-        pos = torch.tensor([len(r.prompt) + len(r.output) - 1 for r in active], device=self.device)
+        pos = decode_positions([len(r.prompt) + len(r.output) - 1 for r in active], [r.rope_delta for r in active],
+                               self.device)
         with census_stage("thinker_decode"):
             embeds = self.model.thinker.embed(ids)
-            hidden, _ = self.runner.decode([r.seq_id for r in active], embeds, pos.expand(3, -1))
+            hidden, _ = self.runner.decode([r.seq_id for r in active], embeds, pos)
             tokens = self._sample_device(self.model.thinker.logits(hidden), active)
         for r, tok in zip(active, tokens.tolist()):
             self._push_token(r, tok)
@@ -375,6 +400,45 @@ class Engine:
         with self._lock:
             self.requests.clear()
             self._stop = True
+
+
+def _deepstack_slice(deepstack, start: int, n: int):
+    """A request's deepstack (mask over its prompt, features over its visual tokens) for prompt tokens
+    [start, start + n): a prefill chunk may begin or end inside an image."""
+    if deepstack is None:
+        return None
+    mask, feats = deepstack
+    before = int(mask[:start].sum())
+    inside = mask[start: start + n]
+    count = int(inside.sum())
+    if count == 0:
+        return None
+    return inside, [f[before: before + count] for f in feats]
+
+
+def _scatter_vision(ids: torch.Tensor, kinds: list[str], feats: list[torch.Tensor], taps: list[list[torch.Tensor]],
+                    image_id: int, video_id: int):
+    """Image and video features in pad order, and the deepstack features joined in *position* order (images and
+    videos interleaved as they appear, as the reference's joint masks do, modeling ≈ 2025-2039)."""
+    img = [f for f, k in zip(feats, kinds) if k == "image"]
+    vid = [f for f, k in zip(feats, kinds) if k == "video"]
+    image_embeds = torch.cat(img) if img else None
+    video_embeds = torch.cat(vid) if vid else None
+    is_img, is_vid = ids == image_id, ids == video_id
+    mask = is_img | is_vid
+    joint_img = is_img[mask]
+    joint = []
+    for j in range(len(taps[0]) if taps else 0):
+        ti = [t[j] for t, k in zip(taps, kinds) if k == "image"]
+        tv = [t[j] for t, k in zip(taps, kinds) if k == "video"]
+        ref = (ti or tv)[0]
+        out = ref.new_zeros(int(mask.sum()), ref.shape[-1])
+        if ti:
+            out[joint_img] = torch.cat(ti)
+        if tv:
+            out[~joint_img] = torch.cat(tv)
+        joint.append(out)
+    return image_embeds, video_embeds, ((mask, joint) if joint else None)
 
 
 class CancelledRequest(Exception):

@@ -204,7 +204,7 @@ class GraphRunner:
 class ThinkerDecodeStep:
     """The thinker's per-token step over named tensors: embed → decoder over the paged KV → lm_head → sample.
 
-    Inputs (B = batch): input_ids (B,) int64; positions (3, B) int64; slot_mapping (B,) int64;
+    Inputs (B = batch): input_ids (B,) int64; positions (3, B) float32; slot_mapping (B,) int64;
     block_tables (B, max_blocks) int32; context_lens (B,) int32; temperature, top_p, repetition_penalty (B,)
     float32; top_k, seeds, steps (B,) int64; seen (B, vocab) bool (ids seen so far, for the repetition
     penalty; all False leaves the scores untouched). Outputs: next_ids (B,) int64, embeds (B, H) (the input
@@ -249,7 +249,7 @@ class ThinkerDecodeGraphs:
         with torch.inference_mode():
             inputs = {
                 "input_ids": torch.zeros(B, dtype=i64, device=device),
-                "positions": torch.zeros(3, B, dtype=i64, device=device),
+                "positions": torch.zeros(3, B, dtype=torch.float32, device=device),
                 "slot_mapping": torch.full((B,), -1, dtype=i64, device=device),
                 "block_tables": torch.full((B, max_blocks), -1, dtype=i32, device=device),
                 "context_lens": torch.zeros(B, dtype=i32, device=device),
@@ -295,7 +295,7 @@ class ThinkerDecodeGraphs:
         n = len(ids)
         slots = self.pool.append_token(ids)
         f32, i64 = torch.float32, torch.int64
-        pos = torch.tensor(list(positions), dtype=i64)
+        pos = torch.tensor(list(positions), dtype=torch.float32)  # TM-RoPE positions are fractional
         values: dict[str, InputValue | None] = {
             "input_ids": torch.tensor(list(input_ids), dtype=i64),
             "positions": pos.expand(3, n),

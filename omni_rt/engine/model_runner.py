@@ -26,6 +26,26 @@ def text_positions(start: int, length: int, device) -> torch.Tensor:
     return torch.arange(start, start + length, device=device, dtype=torch.long).expand(3, length)
 
 
+def _deepstack_chunk(items: list, starts: list[int], lens: list[int], device
+                     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The packed batch's visual mask and per-tap feature rows for tokens [start, start + len) of each item."""
+    masks, feats = [], None
+    for item, s, n in zip(items, starts, lens):
+        if item is None:
+            masks.append(torch.zeros(n, dtype=torch.bool, device=device))
+            continue
+        mask, taps = item
+        before = int(mask[:s].sum())
+        inside = mask[s: s + n]
+        count = int(inside.sum())
+        masks.append(inside.to(device))
+        if feats is None:
+            feats = [[] for _ in taps]
+        for k, t in enumerate(taps):
+            feats[k].append(t[before: before + count])
+    return torch.cat(masks), [torch.cat(f) for f in (feats or [])]
+
+
 class DecoderRunner:
     """Prefill/decode for one decoder over its own KV pool."""
 
@@ -41,12 +61,15 @@ class DecoderRunner:
         return list(zip(self.pool.k_caches, self.pool.v_caches))
 
     def prefill(self, seq_ids: Sequence[int], embeds: Sequence[torch.Tensor], positions: Sequence[torch.Tensor],
-                tap_layer: int | None = None) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
+                tap_layer: int | None = None, deepstack: Sequence | None = None
+                ) -> tuple[list[torch.Tensor], list[torch.Tensor | None]]:
         """Append each sequence's tokens to its KV (creating the sequence if new) and run them.
 
         embeds[i]: (n_i, H); positions[i]: (3, n_i). Long inputs are split in chunks so one forward holds at
         most ``max_prefill_tokens`` tokens; later chunks read earlier ones from the pages (chunked prefill).
         Returns per sequence the normed hidden states (n_i, H) and the tapped hidden states (n_i, H) or None.
+        deepstack[i] (thinker only): None or (visual mask (n_i,) bool, [features (mask.sum(), H)] per tap) for
+        sequence i's tokens; each chunk gets its slice, so a chunk boundary may fall inside an image.
         """
         ids = list(seq_ids)
         if len(ids) != len(embeds) or len(ids) != len(positions):
@@ -82,7 +105,11 @@ class DecoderRunner:
                 max_query_len=max(chunk_lens))
             x = torch.cat([embeds[j][done[j]: done[j] + n] for j, n in zip(batch, chunk_lens)])
             pos = torch.cat([positions[j][:, done[j]: done[j] + n] for j, n in zip(batch, chunk_lens)], dim=1)
-            hidden, tap = self.forward(x, pos, self.kv_caches, meta, tap_layer)
+            extra = {}
+            if deepstack is not None and any(deepstack[j] is not None for j in batch):
+                extra["deepstack"] = _deepstack_chunk([deepstack[j] for j in batch],
+                                                      [done[j] for j in batch], chunk_lens, x.device)
+            hidden, tap = self.forward(x, pos, self.kv_caches, meta, tap_layer, **extra)
             offset = 0
             for j, n in zip(batch, chunk_lens):
                 outs[j].append(hidden[offset: offset + n])

@@ -48,6 +48,9 @@ class EngineRequest:
     prompt_taps: list[torch.Tensor] = dataclasses.field(default_factory=list)
     positions: torch.Tensor | None = None
     audio_embeds: torch.Tensor | None = None
+    vision: list = dataclasses.field(default_factory=list)   # prompting.VisionInput, in order of appearance
+    rope_delta: float = 0.0                      # decode token k sits at position k + rope_delta (TM-RoPE)
+    deepstack: Any = None                        # (visual mask (prompt_len,), [features (n_visual, H)] per tap)
     speech: Any = None                           # the speech stage's per-request state
     cancelled: bool = False
     error: BaseException | None = None

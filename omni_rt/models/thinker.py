@@ -50,15 +50,22 @@ class Decoder(nn.Module):
         self.rotary = Rotary(cfg.head_dim, cfg.rope_theta, cfg.mrope_section)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
-                meta: AttentionMetadata, tap_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """x: (tokens, hidden); positions: (3, tokens) → (normed hidden (tokens, hidden), tapped hidden or None).
+                meta: AttentionMetadata, tap_layer: int | None = None,
+                deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """x: (tokens, hidden); positions: (3, tokens) float or int → (normed hidden (tokens, hidden), tapped
+        hidden or None).
 
         ``tap_layer`` k returns the residual stream after k layers (transformers' ``hidden_states[k]``).
+        ``deepstack`` (visual mask (tokens,) bool, [features (mask.sum(), hidden)] per tap): feature j is added
+        at the visual tokens after layer j (prefill only; the reference's _deepstack_process).
         """
         cos, sin = self.rotary(positions, x.dtype)
         tap = x if tap_layer == 0 else None
         for i, layer in enumerate(self.layers):
             x = layer(x, cos, sin, kv_caches[i], meta)
+            if deepstack is not None and i < len(deepstack[1]):
+                x = x.index_put((deepstack[0],), deepstack[1][i].to(x.dtype), accumulate=True)
             if tap_layer == i + 1:
                 tap = x
         return self.norm(x), tap
@@ -76,21 +83,26 @@ class Thinker(nn.Module):
         # None for checkpoints without a vision tower (e.g. the Captioner): vision inputs are refused.
         self.visual = VisionEncoder(cfg.vision) if cfg.vision is not None else None
 
-    def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None = None) -> torch.Tensor:
-        """input_ids: (tokens,) → (tokens, hidden), audio features replacing <|audio_pad|> embeddings in order.
+    def embed(self, input_ids: torch.Tensor, audio_embeds: torch.Tensor | None = None,
+              image_embeds: torch.Tensor | None = None, video_embeds: torch.Tensor | None = None) -> torch.Tensor:
+        """input_ids: (tokens,) → (tokens, hidden), audio / image / video features replacing the
+        <|audio_pad|> / <|image_pad|> / <|video_pad|> embeddings in order.
 
-        audio_embeds: (n_audio_tokens, hidden); its length must equal the number of audio pad tokens.
+        Each *_embeds: (n_pad_tokens of that kind, hidden); its length must equal that pad count.
         """
         x = self.model.embed_tokens(input_ids)
-        if audio_embeds is not None and audio_embeds.shape[0] > 0:
-            mask = input_ids == self.cfg.audio_token_id
-            x = x.masked_scatter(mask[:, None], audio_embeds.to(x.dtype))
+        for feats, token in ((audio_embeds, self.cfg.audio_token_id), (image_embeds, self.cfg.image_token_id),
+                             (video_embeds, self.cfg.video_token_id)):
+            if feats is not None and feats.shape[0] > 0:
+                mask = input_ids == token
+                x = x.masked_scatter(mask[:, None], feats.to(x.dtype))
         return x
 
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor,
                 kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: AttentionMetadata,
-                tap_layer: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        return self.model(embeds, positions, kv_caches, meta, tap_layer)
+                tap_layer: int | None = None, deepstack: tuple[torch.Tensor, list[torch.Tensor]] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return self.model(embeds, positions, kv_caches, meta, tap_layer, deepstack)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (n, hidden) normed → (n, vocab) in the model dtype."""

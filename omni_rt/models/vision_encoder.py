@@ -211,3 +211,47 @@ class VisionEncoder(nn.Module):
             if deepstack and i in self.cfg.deepstack_visual_indexes:
                 taps.append(self.merger_list[self.cfg.deepstack_visual_indexes.index(i)](x))
         return self.merger(x), taps
+
+    def encode(self, media: Sequence[tuple[torch.Tensor, tuple[int, int, int]]], dtype: torch.dtype,
+               max_patches: int = 16384) -> tuple[list[torch.Tensor], list[list[torch.Tensor]]]:
+        """Encode several media (pixel_values (t·h·w, patch_dim) on any device, grid) in calls of at most
+        ``max_patches`` patches: images are batched together, a long video is split between frames (attention
+        never crosses a frame, so the split changes nothing). Returns per medium its merged features
+        (tokens, out_hidden) and its deepstack taps [(tokens, out_hidden)] in this module's device/dtype."""
+        device = self.pos_embed.weight.device
+        outs: list[list[torch.Tensor]] = [[] for _ in media]
+        taps: list[list[list[torch.Tensor]]] = [[[] for _ in self.cfg.deepstack_visual_indexes] for _ in media]
+        # Work units: (medium index, row range, grid of that range); frames of one medium stay in order.
+        units = []
+        for i, (pv, (t, h, w)) in enumerate(media):
+            per = max(1, max_patches // (h * w))
+            for s in range(0, t, per):
+                k = min(per, t - s)
+                units.append((i, s * h * w, (s + k) * h * w, (k, h, w)))
+        batch: list = []
+        size = 0
+
+        def flush():
+            nonlocal batch, size
+            if not batch:
+                return
+            pv = torch.cat([media[i][0][a:b] for i, a, b, _ in batch]).to(device=device, dtype=dtype)
+            merged, deep = self(pv, [g for *_, g in batch])
+            m2 = self.cfg.spatial_merge_size ** 2
+            off = 0
+            for i, a, b, _ in batch:
+                n = (b - a) // m2
+                outs[i].append(merged[off: off + n])
+                for j, d in enumerate(deep):
+                    taps[i][j].append(d[off: off + n])
+                off += n
+            batch, size = [], 0
+
+        for unit in units:
+            rows = unit[2] - unit[1]
+            if batch and size + rows > max_patches:
+                flush()
+            batch.append(unit)
+            size += rows
+        flush()
+        return [torch.cat(o) for o in outs], [[torch.cat(x) for x in t] for t in taps]

@@ -21,14 +21,16 @@ SPECIAL_TOKENS = [
 ]
 ROLE_IDS = {"system": 10, "user": 11, "assistant": 12}
 
-# The structure of Qwen3-Omni's template: text parts inline, each audio part as one placeholder that the
-# runtime expands to the audio's token count.
+# The structure of Qwen3-Omni's template: text parts inline, each audio / image / video part as one placeholder
+# block that the runtime expands to the medium's token count.
 CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['content'] is string %}{{ message['content'] }}"
     "{% else %}{% for part in message['content'] %}"
     "{% if part['type'] == 'audio' %}{{ '<|audio_start|><|audio_pad|><|audio_end|>' }}"
+    "{% elif part['type'] == 'image' %}{{ '<|vision_start|><|image_pad|><|vision_end|>' }}"
+    "{% elif part['type'] == 'video' %}{{ '<|vision_start|><|video_pad|><|vision_end|>' }}"
     "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}"
     "{% endfor %}{% endif %}"
     "{{ '<|im_end|>\n' }}"
