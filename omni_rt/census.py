@@ -156,11 +156,13 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
     from .engine.graphs import ThinkerDecodeGraphs, code2wav_graphs, code_predictor_graphs
     from .engine.kv_cache import KVCachePool
     from .engine.model_runner import DecoderRunner, text_positions
+    from .engine.requests import EngineRequest, Phase
     from .engine.speech import TalkerTextFeed, code_predictor_step, new_talker_request, talker_decode_step, \
         talker_first_code
     from .engine.speech_stage import code2wav_step
     from .kernels import force_triton
     from .request import SamplingParams
+    from .tokenizer import IncrementalDetokenizer
 
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -196,18 +198,20 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
         runner = DecoderRunner(th.forward, pool, max_prefill_tokens)
         prompt = _chat_prompt(cfg, n)
         params = SamplingParams().resolved("thinker")
-        reqs = [types.SimpleNamespace(seq_id=i, prompt=prompt, prefilled=0, speaking=cfg.has_talker,
-                                      thinker_params=params, output=[], thinker_seed=i, prompt_taps=[], cancelled=False,
-                                      embeds=torch.empty(n, tc.hidden_size, dtype=dtype, device=meta),
-                                      positions=text_positions(0, n, meta)) for i in range(B)]
+        reqs = []
+        for i in range(B):
+            r = EngineRequest(f"census-{i}", prompt, [], params, SamplingParams().resolved("talker"), None,
+                              frozenset([cfg.im_end_token_id]), i, i, IncrementalDetokenizer(None))
+            r.seq_id, r.phase = i, Phase.PREFILL
+            r.embeds = torch.empty(n, tc.hidden_size, dtype=dtype, device=meta)
+            r.positions = text_positions(0, n, meta)
+            reqs.append(r)
         engine = types.SimpleNamespace(running=reqs, max_prefill_tokens=max_prefill_tokens, runner=runner,
                                        model=model, device=meta, pushed=[],
                                        tap_layer=cfg.talker.accept_hidden_layer if cfg.has_talker else None)
         engine._tap = types.MethodType(Engine._tap, engine)
         engine._sample_device = types.MethodType(Engine._sample_device, engine)
         engine._push_token = lambda r, tok: engine.pushed.append(tok)
-        for r in reqs:
-            r.phase = _prefill_phase()
         Engine._prefill_step(engine)
 
         # ---- thinker_decode: the graphed step at KV context `context`
@@ -256,12 +260,6 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
             codes = torch.zeros(B, cfg.code2wav.num_quantizers, 1, dtype=torch.long, device=meta)
             code2wav_step(c2w, state, c2w_graph, codes, torch.arange(B, device=meta)).cpu()
     return CensusResult(label, B, dict(recorder.stages))
-
-
-def _prefill_phase():
-    from .engine.requests import Phase
-
-    return Phase.PREFILL
 
 
 def main(args) -> int:
