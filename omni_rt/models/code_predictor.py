@@ -102,9 +102,15 @@ class CodePredictorLayer(nn.Module):
         self.self_attn = CodePredictorAttention(cfg)
         self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, k_cache, v_cache, start: int):
+        """As the thinker's DecoderLayer: returns (mlp output, residual); the stream is their sum."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, k_cache, v_cache, start)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class CodePredictorModel(nn.Module):
@@ -121,9 +127,10 @@ class CodePredictorModel(nn.Module):
         t = x.shape[1]
         pos = torch.arange(start, start + t, device=x.device)
         cos, sin = self.rotary(pos, x.dtype)
+        residual = None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, ws.k[i], ws.v[i], start)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, ws.k[i], ws.v[i], start)
+        return self.norm(x, residual)[0]
 
 
 def _pick(logits: torch.Tensor, sampling: FrameSampling | None, j: int, groups: int) -> torch.Tensor:

@@ -14,6 +14,7 @@ from torch import nn
 
 from ..kernels import fp8_linear as _fp8
 from ..kernels import kv_write as _kv_write
+from ..kernels import rms_norm as _rms_norm
 from ..kernels import paged_attention as _paged
 from ..kernels import prefill_attention as _prefill
 
@@ -47,18 +48,18 @@ def make_linear(in_features: int, out_features: int, fp8: bool = False) -> nn.Mo
 
 
 class RMSNorm(nn.Module):
-    """y = w · x / sqrt(mean(x²) + eps); statistics in fp32, scaled in the input dtype (as the reference)."""
+    """y = w · x / sqrt(mean(x²) + eps); statistics in fp32, scaled in the input dtype (as the reference).
+
+    ``forward(x, residual)`` normalises ``x + residual`` and returns ``(y, x + residual)``: the decoder's
+    residual add fused into the norm (one kernel, ``kernels.rms_norm``)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return _rms_norm.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Rotary(nn.Module):
