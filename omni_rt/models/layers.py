@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fp8_linear as _fp8
-from ..kernels import kv_write as _kv_write
+from ..kernels import qk_norm_rope as _qk_norm_rope
 from ..kernels import rms_norm as _rms_norm
 from ..kernels import paged_attention as _paged
 from ..kernels import prefill_attention as _prefill
@@ -150,12 +150,13 @@ class Attention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """x: (tokens, hidden) → (tokens, hidden). Writes the new K/V into ``kv_cache`` pages first."""
         t = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim))
+        q = self.q_proj(x).view(t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # q/k norms, rotary and the K/V page write: one kernel on the Triton path
+        q, k = _qk_norm_rope.qk_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
+                                          kv_cache, meta.slot_mapping)
         k_cache, v_cache = kv_cache
-        _kv_write.kv_write(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
             out = _paged.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                                 self.scale)
