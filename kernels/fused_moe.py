@@ -242,15 +242,14 @@ def _moe_align_sparse(topk_ids: torch.Tensor, block_m: int):
     if use_triton(topk_ids) and n > 0:
         sorted_ids = torch.empty(n * block_m, dtype=torch.int32, device=device)
         expert_ids = torch.empty(n, dtype=torch.int32, device=device)
+        total = torch.empty(1, dtype=torch.int32, device=device)
         ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-        _moe_align_sparse_kernel[(n,)](ids, sorted_ids, expert_ids, n, BLOCK_M=block_m, num_warps=1)
-    else:
-        sorted_ids = torch.full((n, block_m), n, dtype=torch.int32, device=device)
-        sorted_ids[:, 0] = torch.arange(n, dtype=torch.int32, device=device)
-        sorted_ids = sorted_ids.view(-1)
-        expert_ids = topk_ids.reshape(-1).to(torch.int32)
+        _moe_align_sparse_kernel[(n,)](ids, sorted_ids, expert_ids, total, n, BLOCK_M=block_m, num_warps=1)
+        return sorted_ids, expert_ids, total
+    sorted_ids = torch.full((n, block_m), n, dtype=torch.int32, device=device)
+    sorted_ids[:, 0] = torch.arange(n, dtype=torch.int32, device=device)
     total = torch.full((1,), n * block_m, dtype=torch.int32, device=device)
-    return sorted_ids, expert_ids, total
+    return sorted_ids.view(-1), topk_ids.reshape(-1).to(torch.int32), total
 
 
 def _route_triton(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
@@ -302,9 +301,12 @@ def _route_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, stride_w, stride_i,
 
 
 @triton.jit
-def _moe_align_sparse_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, n_assign, BLOCK_M: tl.constexpr):
+def _moe_align_sparse_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, total_ptr, n_assign,
+                             BLOCK_M: tl.constexpr):
     # Assignment j owns block j: row 0 is j, the other rows the sentinel n_assign.
     j = tl.program_id(0)
+    if j == 0:
+        tl.store(total_ptr, n_assign * BLOCK_M)
     tl.store(expert_ids_ptr + j, tl.load(ids_ptr + j).to(tl.int32))
     offs = tl.arange(0, BLOCK_M)
     tl.store(sorted_ids_ptr + j.to(tl.int64) * BLOCK_M + offs, tl.where(offs == 0, j, n_assign).to(tl.int32))
@@ -734,7 +736,8 @@ def _routing_specs() -> list[KernelSpec]:
     for bm in sorted({cfg["BLOCK_M"] for _, items in _load_table(None) for cfg in [dict(items)]} | {16}):
         specs.append(KernelSpec(
             name=f"moe_align_sparse_m{bm}", fn=_moe_align_sparse_kernel,
-            signature={"ids_ptr": "*i64", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "n_assign": "i32"},
+            signature={"ids_ptr": "*i64", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "total_ptr": "*i32",
+                       "n_assign": "i32"},
             constexprs={"BLOCK_M": bm}, num_warps=1, num_stages=1))
     return specs
 

@@ -51,17 +51,18 @@ def _qk_norm_rope_kernel(
     stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct, stride_st,
     stride_qot, stride_qoh, stride_kot, stride_koh,
     stride_kcb, stride_kcs, stride_kch, stride_vcb, stride_vcs, stride_vch,
-    n_q_heads, n_kv_heads, block_size, eps,
+    n_q_heads, n_kv_heads, block_size, cos_rows, eps,
     HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, BLOCK_D: tl.constexpr,
     WRITE_KV: tl.constexpr,
 ):
     t = tl.program_id(0).to(tl.int64)
+    ct = t % cos_rows   # token rows may repeat a shorter table (batch-major rows at the same positions)
     offs_d = tl.arange(0, BLOCK_D)
     dmask = offs_d < HALF
-    c1 = tl.load(cos_ptr + t * stride_ct + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    c2 = tl.load(cos_ptr + t * stride_ct + HALF + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    s1 = tl.load(sin_ptr + t * stride_st + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
-    s2 = tl.load(sin_ptr + t * stride_st + HALF + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    c1 = tl.load(cos_ptr + ct * stride_ct + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    c2 = tl.load(cos_ptr + ct * stride_ct + HALF + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s1 = tl.load(sin_ptr + ct * stride_st + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
+    s2 = tl.load(sin_ptr + ct * stride_st + HALF + offs_d, mask=dmask, other=0.0).to(tl.float32)[None, :]
 
     offs_q = tl.arange(0, BLOCK_HQ)
     qmask = (offs_q[:, None] < n_q_heads) & dmask[None, :]
@@ -107,8 +108,10 @@ def _check(q, k, v, q_weight, k_weight, cos, sin, kv_cache, slot_mapping):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} need equal tokens and an even head_dim")
     if q_weight.shape != (d,) or k_weight.shape != (d,):
         raise ValueError(f"q_weight/k_weight must be ({d},), got {tuple(q_weight.shape)}, {tuple(k_weight.shape)}")
-    if cos.shape != (t, d) or sin.shape != (t, d):
-        raise ValueError(f"cos/sin must be (tokens={t}, head_dim={d}), got {tuple(cos.shape)}, {tuple(sin.shape)}")
+    if cos.dim() != 2 or cos.shape != sin.shape or cos.shape[1] != d or not (
+            cos.shape[0] == t or (cos.shape[0] > 0 and t % cos.shape[0] == 0)):
+        raise ValueError(f"cos/sin must be (tokens={t} or a divisor of it, head_dim={d}), got {tuple(cos.shape)}, "
+                         f"{tuple(sin.shape)}")
     if (kv_cache is None) != (slot_mapping is None):
         raise ValueError("kv_cache and slot_mapping go together")
 
@@ -118,6 +121,9 @@ def qk_norm_rope_ref(q, k, v, q_weight, k_weight, eps, cos, sin, kv_cache=None, 
     _check(q, k, v, q_weight, k_weight, cos, sin, kv_cache, slot_mapping)
     q = rms_norm_ref(q, q_weight, eps)
     k = rms_norm_ref(k, k_weight, eps)
+    if cos.shape[0] != q.shape[0]:   # a table for one sequence, repeated over batch-major rows
+        reps = q.shape[0] // cos.shape[0]
+        cos, sin = cos.repeat(reps, 1), sin.repeat(reps, 1)
     c, s = cos[:, None], sin[:, None]
     q = q * c + _rotate_half(q) * s
     k = k * c + _rotate_half(k) * s
@@ -157,7 +163,7 @@ def qk_norm_rope_triton(q, k, v, q_weight, k_weight, eps, cos, sin, kv_cache=Non
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), cos.stride(0), sin.stride(0),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1),
         kcs[0], kcs[1], kcs[2], vcs[0], vcs[1], vcs[2],
-        heads, kv_heads, k_cache.shape[1] if write else 1, float(eps),
+        heads, kv_heads, k_cache.shape[1] if write else 1, cos.shape[0], float(eps),
         HALF=half, BLOCK_HQ=triton.next_power_of_2(heads), BLOCK_HK=triton.next_power_of_2(kv_heads),
         BLOCK_D=triton.next_power_of_2(half), WRITE_KV=write, num_warps=_num_warps(heads * d))
     return q_out, k_out
@@ -172,7 +178,8 @@ def qk_norm_rope(q, k, v, q_weight, k_weight, eps, cos, sin, kv_cache=None, slot
 
     q: (tokens, heads, head_dim); k, v: (tokens, kv_heads, head_dim) — contiguous head_dim, any token/head
     strides (views of a fused qkv projection); q_weight, k_weight: (head_dim,); cos, sin: (tokens, head_dim) in
-    the activation dtype; kv_cache: (k_cache, v_cache) pages (blocks, block_size, kv_heads, head_dim) and
+    the activation dtype (or (T, head_dim) with tokens = B·T batch-major rows: row r uses table row r % T);
+    kv_cache: (k_cache, v_cache) pages (blocks, block_size, kv_heads, head_dim) and
     slot_mapping (tokens,) int64 (negative = skip). Returns (q', k') contiguous.
     """
     tensors = (q, k, v, q_weight, k_weight, cos, sin)
@@ -188,7 +195,8 @@ def _spec(dtype: str, heads: int, kv_heads: int, head_dim: int, write: bool) -> 
     sig["eps"] = "fp32"
     for n in ("stride_qt", "stride_qh", "stride_kt", "stride_kh", "stride_vt", "stride_vh", "stride_ct",
               "stride_st", "stride_qot", "stride_qoh", "stride_kot", "stride_koh", "stride_kcb", "stride_kcs",
-              "stride_kch", "stride_vcb", "stride_vcs", "stride_vch", "n_q_heads", "n_kv_heads", "block_size"):
+              "stride_kch", "stride_vcb", "stride_vcs", "stride_vch", "n_q_heads", "n_kv_heads", "block_size",
+              "cos_rows"):
         sig[n] = "i32"
     half = head_dim // 2
     return KernelSpec(name=f"qk_norm_rope_{dtype}_h{heads}_kv{kv_heads}_d{head_dim}{'_kv' if write else ''}",

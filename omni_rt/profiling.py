@@ -480,6 +480,8 @@ class CensusRecorder:
                         idx.append(i)
                 args = (args[0], idx) + tuple(args[2:])
         out = func(*args, **kwargs)
+        if not any(True for _ in _tensors(out)):
+            return out   # returns no tensor (promote_types, sizes, ...): no kernel
         if func.is_view or name in _NOT_LAUNCHES or name.startswith("empty") or (name == "to" and out is args[0]):
             return out
         nbytes, flops = aten_cost(func, args, kwargs, out)

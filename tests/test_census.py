@@ -36,8 +36,10 @@ def test_json_shape_and_stage_names():
     assert not graphed["thinker_prefill"] and not graphed["audio_encode"]
     assert set(data["first_packet"]["est_ms"]) == {"h100", "h200"}
     # Outside its stages the census launches almost nothing (the model is built on meta with no init kernels).
+    # setup (zeroed static graph buffers and decoder states, KV pools, the talker's text feed) is a fixed cost:
+    # small next to the stages even at these tiny shapes (the full-shape test bounds it tighter)
     total = sum(s["launches"] for s in data["stages"])
-    assert data["outside_stages"]["launches"] < 0.15 * total   # setup: zeroed static buffers, KV pools
+    assert data["outside_stages"]["launches"] < 0.3 * total
 
 
 def test_recorder_counts_ops_syncs_and_triton_launches():
@@ -156,6 +158,8 @@ def test_budgets_at_full_shapes(full_census):
         assert by[name]["launches"] <= limit, (name, by[name]["launches"], limit)
     for name in PER_TOKEN:
         assert by[name]["host_syncs"] == 0, (name, by[name]["host_syncs"])
+    # an outside counter around the whole command agrees with the stage totals to a few percent
+    assert data["outside_stages"]["launches"] < 0.05 * sum(s["launches"] for s in data["stages"])
     assert data["first_packet"]["est_ms"]["h100"] <= FIRST_PACKET_H100_MS
 
 

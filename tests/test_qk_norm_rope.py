@@ -68,6 +68,20 @@ def test_without_cache_and_empty():
         qk_norm_rope(q, k, v, qw, kw, 1e-6, cos[:4], sin[:4])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_table_shared_by_batch_major_rows(dtype):
+    """tokens = B·T rows (batch-major) with one (T, head_dim) table: row r takes table row r % T."""
+    b, t = 3, 2
+    q, k, v, qw, kw, cos, sin = _inputs(b * t, 4, 2, 16, dtype)
+    cos_t, sin_t = cos[:t], sin[:t]
+    want = qk_norm_rope_ref(q, k, v, qw, kw, 1e-6, cos_t.repeat(b, 1), sin_t.repeat(b, 1))
+    assert all(torch.equal(a, w) for a, w in zip(qk_norm_rope_ref(q, k, v, qw, kw, 1e-6, cos_t, sin_t), want))
+    with force_triton():
+        got = qk_norm_rope(q, k, v, qw, kw, 1e-6, cos_t, sin_t)
+    tol = max(5 * ULP[dtype], 1e-6)
+    assert rel_err(got[0].float(), want[0].float()) <= tol and rel_err(got[1].float(), want[1].float()) <= tol
+
+
 def test_ref_equals_the_model_ops():
     # The reference is the attention front as the model ran it before: RMSNorm modules, then apply_rotary.
     q, k, v, qw, kw, cos, sin = _inputs(6, 4, 2, 16, torch.bfloat16, mrope=True)

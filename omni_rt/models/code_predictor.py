@@ -23,16 +23,21 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CodePredictorConfig
-from .layers import DenseMLP, RMSNorm, Rotary, apply_rotary
+from ..kernels.qk_norm_rope import qk_norm_rope
+from .layers import DenseMLP, RMSNorm, Rotary
 
 
 @dataclasses.dataclass
 class FrameWorkspace:
     """Preallocated per-frame KV: k/v (layers, B, kv_heads, G, head_dim). Reused frame after frame (each frame
-    overwrites positions 0.. before reading them, so no clearing is needed)."""
+    overwrites positions 0.. before reading them, so no clearing is needed). cos/sin: the rotary tables of the
+    frame's G positions (G, head_dim), computed once with the workspace (a step slices them: no rotary ops and
+    no repeat per step); None computes them per step."""
 
     k: torch.Tensor
     v: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -72,11 +77,11 @@ class CodePredictorAttention(nn.Module):
         """x: (B, T, hidden) at positions start..start+T-1; k/v_cache: (B, kv_heads, S, head_dim) written in
         place at those positions; cos/sin: (T, head_dim) → (B, T, hidden)."""
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim))
+        q = self.q_proj(x).view(b * t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b * t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        q = apply_rotary(q.reshape(b * t, self.heads, self.head_dim), cos.repeat(b, 1), sin.repeat(b, 1))
-        k = apply_rotary(k.reshape(b * t, self.kv_heads, self.head_dim), cos.repeat(b, 1), sin.repeat(b, 1))
+        # q/k norms and rotary in one kernel on the Triton path; the (t, head_dim) tables serve all b rows
+        q, k = qk_norm_rope(q, k, k, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin)
         k_cache[:, :, start:start + t] = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         v_cache[:, :, start:start + t] = v.transpose(1, 2)
         end = start + t
@@ -125,8 +130,10 @@ class CodePredictorModel(nn.Module):
     def forward(self, x: torch.Tensor, ws: FrameWorkspace, start: int) -> torch.Tensor:
         """x: (B, T, hidden) at positions start.. → normed hidden (B, T, hidden); fills the workspace."""
         t = x.shape[1]
-        pos = torch.arange(start, start + t, device=x.device)
-        cos, sin = self.rotary(pos, x.dtype)
+        if ws.cos is not None:
+            cos, sin = ws.cos[start:start + t], ws.sin[start:start + t]
+        else:
+            cos, sin = self.rotary(torch.arange(start, start + t, device=x.device), x.dtype)
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(x, residual, cos, sin, ws.k[i], ws.v[i], start)
@@ -160,8 +167,9 @@ class CodePredictor(nn.Module):
         shape = (c.num_hidden_layers, batch, c.num_key_value_heads, c.num_code_groups, c.head_dim)
         device = w.device if device is None else device
         dtype = w.dtype if dtype is None else dtype
+        cos, sin = self.model.rotary(torch.arange(c.num_code_groups, device=device), dtype)
         return FrameWorkspace(torch.empty(shape, device=device, dtype=dtype),
-                              torch.empty(shape, device=device, dtype=dtype))
+                              torch.empty(shape, device=device, dtype=dtype), cos, sin)
 
     def frame(self, past_hidden: torch.Tensor, code0_embed: torch.Tensor, ws: FrameWorkspace | None = None,
               sampling: FrameSampling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
