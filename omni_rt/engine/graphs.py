@@ -349,7 +349,8 @@ def code_predictor_graphs(code_predictor, max_batch_size: int, device=None, dtyp
                                  seeds=b["seeds"], frame_index=b["frame_index"])
         # Above the largest bucket the slice is short and frame() builds its own workspace (eager fallback).
         codes, nxt = code_predictor.frame(b["past_hidden"], b["code0_embed"],
-                                          FrameWorkspace(ws.k[:, :bs], ws.v[:, :bs], ws.cos, ws.sin), sampling)
+                                          FrameWorkspace(ws.k[:, :bs], ws.v[:, :bs], ws.cos, ws.sin,
+                                                         ws.slots[:, :bs]), sampling)
         return {"codes": codes, "next_embed": nxt}
 
     return GraphRunner(frame, inputs, pads, max_batch_size, use_graphs=use_graphs, name="code_predictor_frame")
