@@ -1,4 +1,5 @@
-"""Checkpoint load: wall time, GB/s of checkpoint read, and peak RSS growth.
+"""Checkpoint load: wall time, GB/s of checkpoint read, and peak RSS growth — as stored, and with block-FP8
+quantization at load (``quantization="fp8"``: FP8 kept on sm_89+, quantized then dequantized elsewhere).
 
 The synthetic checkpoint is ``full-1layer`` (the released widths, one layer per stack: ~3 GB in bf16) unless
 OMNI_RT_LOADER_BENCH_CONFIG names another (`make test` uses "tiny" for its smoke run).
@@ -31,14 +32,15 @@ def _peak_rss_bytes() -> int:
 
 
 @pytest.mark.benchmark(group="loader")
-def test_load_checkpoint(benchmark, checkpoint, device):
+@pytest.mark.parametrize("quant", [None, "fp8"])
+def test_load_checkpoint(benchmark, checkpoint, device, quant):
     size = _checkpoint_bytes(checkpoint)
     rss_before = _peak_rss_bytes()
     times = []
 
     def load():
         start = time.perf_counter()
-        model = load_model(checkpoint, torch.bfloat16, device)
+        model = load_model(checkpoint, torch.bfloat16, device, quantization=quant)
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -50,7 +52,7 @@ def test_load_checkpoint(benchmark, checkpoint, device):
     benchmark.extra_info.update({
         "config": CONFIG, "checkpoint_gb": size / 1e9, "params": n_params,
         "read_gb_per_s": size / 1e9 / best, "peak_rss_growth_gb": (_peak_rss_bytes() - rss_before) / 1e9,
-        "device": device,
+        "device": device, "quantization": quant, "weight_gb": model.weight_memory()["total"] / 1e9,
     })
     # The model must not be materialised twice: on CPU, peak RSS growth stays near one copy of the weights
     # (the safetensors files are memory-mapped; their pages count towards RSS while they are read).

@@ -32,6 +32,9 @@ __all__ = [
     "MAX_AUDIO_SECONDS",
     "MIN_LOG_MEL_SAMPLES",
     "MAX_CHANNELS",
+    "MAX_AMPLITUDE",
+    "MIN_SAMPLE_RATE",
+    "MAX_SAMPLE_RATE",
     "load",
     "resample",
     "log_mel",
@@ -48,6 +51,14 @@ N_MELS = 128
 # 60 minutes. Long audio is a user request (docs/anchors.md B.5 item 10); beyond an hour the encoder's
 # prefill is better served by splitting the recording upstream.
 MAX_AUDIO_SECONDS = 3600.0
+# Float samples are nominally in [-1, 1]. Louder input is refused, not normalised (normalising would change the
+# features the model sees): far beyond any PCM scale, yet far below where the fp32 power spectrum overflows
+# (about 1e17), so every accepted audio has finite features.
+MAX_AMPLITUDE = 1e10
+# Sample rates accepted by load(): refused outside this range before any resampling filter is built (a rate of
+# 1 Hz would upsample 16000x; 10**12 Hz would build a filter of 2·10**13 taps).
+MIN_SAMPLE_RATE = 1000
+MAX_SAMPLE_RATE = 768000
 # torch.stft's centred (reflect-padded by n_fft // 2) framing, which the reference uses, needs strictly more
 # than n_fft // 2 samples; transformers raises a RuntimeError below this, we raise a ValueError.
 MIN_LOG_MEL_SAMPLES = N_FFT // 2 + 1
@@ -109,8 +120,10 @@ def load(src: Any, sr: int | None = None) -> np.ndarray:
 
     Raises:
         FileNotFoundError: the path does not exist.
-        ValueError: empty audio, NaN/inf samples, not audio (bad dtype/ndim/shape, unreadable file, bad
-            ``sr``), or longer than ``MAX_AUDIO_SECONDS``.
+        ValueError: empty audio, NaN/inf samples, a peak amplitude above ``MAX_AMPLITUDE`` (refused, not
+            normalised), not audio (bad dtype/ndim/shape, unreadable file, bad ``sr``), a sample rate outside
+            [``MIN_SAMPLE_RATE``, ``MAX_SAMPLE_RATE``] (refused before any resampling), or longer than
+            ``MAX_AUDIO_SECONDS``.
         ImportError: a non-WAV file was given and soundfile is not installed.
     """
     if isinstance(src, (str, os.PathLike)) or hasattr(src, "read"):
@@ -135,9 +148,10 @@ def load(src: Any, sr: int | None = None) -> np.ndarray:
     rate = _check_rate(rate)
     mono = _to_mono_float(data, name)
     _check_duration(mono.shape[0], rate, name)
-    if not np.isfinite(mono).all():
-        bad = int((~np.isfinite(mono)).sum())
-        raise ValueError(f"{name} contains {bad} NaN/inf sample(s); audio samples must be finite")
+    if not MIN_SAMPLE_RATE <= rate <= MAX_SAMPLE_RATE:
+        raise ValueError(f"{name}: sample rate {rate} Hz is outside the accepted range [MIN_SAMPLE_RATE, "
+                         f"MAX_SAMPLE_RATE] = [{MIN_SAMPLE_RATE}, {MAX_SAMPLE_RATE}] Hz")
+    _check_samples(mono, name)
     out = resample(mono, rate, SAMPLE_RATE)
     return np.ascontiguousarray(out, dtype=np.float32)
 
@@ -148,6 +162,18 @@ def _check_rate(rate: Any) -> int:
     if not math.isfinite(float(rate)) or float(rate) != int(rate) or int(rate) < 1:
         raise ValueError(f"sample rate must be a positive integer number of Hz, got {rate!r}")
     return int(rate)
+
+
+def _check_samples(x: np.ndarray, name: str) -> None:
+    """Finite samples of at most MAX_AMPLITUDE in magnitude (float32 (samples,))."""
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).sum())
+        raise ValueError(f"{name} contains {bad} NaN/inf sample(s); audio samples must be finite")
+    peak = float(np.abs(x).max())
+    if peak > MAX_AMPLITUDE:
+        raise ValueError(f"{name} has peak amplitude {peak:.3g}; float samples are nominally in [-1, 1] and at "
+                         f"most MAX_AMPLITUDE = {MAX_AMPLITUDE:.0e} is accepted (such audio is refused, not "
+                         f"normalised)")
 
 
 def _check_duration(n: int, rate: int, name: str) -> None:
@@ -370,14 +396,15 @@ def mel_filters(n_mels: int = N_MELS) -> np.ndarray:
     return fb * enorm[None, :]
 
 
-_FILTER_CACHE: dict[tuple[str, torch.dtype], tuple[torch.Tensor, torch.Tensor]] = {}
+_FILTER_CACHE: dict[tuple[str, torch.dtype, int], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _mel_constants(device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    key = (str(device), dtype)
+def _mel_constants(device: torch.device, dtype: torch.dtype, n_mels: int = N_MELS
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    key = (str(device), dtype, n_mels)
     if key not in _FILTER_CACHE:
         # The reference multiplies by the filters rounded to fp32; round the same way before any upcast.
-        fb = torch.from_numpy(mel_filters()).to(torch.float32).to(device=device, dtype=dtype)
+        fb = torch.from_numpy(mel_filters(n_mels)).to(torch.float32).to(device=device, dtype=dtype)
         window = torch.hann_window(N_FFT, dtype=torch.float32, device=device).to(dtype)
         _FILTER_CACHE[key] = (fb.T.contiguous(), window)
     return _FILTER_CACHE[key]
@@ -388,17 +415,19 @@ def num_frames(num_samples: int) -> int:
     return int(num_samples) // HOP_LENGTH
 
 
-def log_mel(wav_16k: np.ndarray | torch.Tensor, device: str | torch.device | None = None) -> torch.Tensor:
+def log_mel(wav_16k: np.ndarray | torch.Tensor, device: str | torch.device | None = None,
+            n_mels: int = N_MELS) -> torch.Tensor:
     """Whisper-compatible log-mel features of one mono 16 kHz audio, with no 30 s cap.
 
     Args:
         wav_16k: ``(samples,)`` float samples at 16 kHz (``np.ndarray`` or ``torch.Tensor``), at least
             ``MIN_LOG_MEL_SAMPLES`` (201) of them. Cast to float32 first, as the reference does.
         device: where to compute and return; default: the tensor's device, else CPU.
+        n_mels: mel bins (the audio encoder's ``num_mel_bins``: 128 for the released model).
 
     Returns:
-        ``torch.Tensor`` float32 ``(128, samples // 160)``: equal (≤ 1e-4) to ``input_features[0]`` of
-        ``WhisperFeatureExtractor(feature_size=128)(wav, sampling_rate=16000, padding=True, truncation=False,
+        ``torch.Tensor`` float32 ``(n_mels, samples // 160)``: equal (≤ 1e-4) to ``input_features[0]`` of
+        ``WhisperFeatureExtractor(feature_size=n_mels)(wav, sampling_rate=16000, padding=True, truncation=False,
         return_attention_mask=True)`` — the arguments Qwen3-Omni's processor passes — restricted to the frames
         its attention mask marks valid (for a single audio that is every frame). In a padded *batch* the
         reference's last valid frame of a shorter audio sees the zero padding instead of the reflected signal
@@ -406,25 +435,35 @@ def log_mel(wav_16k: np.ndarray | torch.Tensor, device: str | torch.device | Non
 
     Precision: on CPU the computation is fp32 with the same operations as the reference (≈ 1 ulp apart); on
     CUDA it is fp64, rounded to fp32 at the end, so the only gap is the reference's own fp32 rounding.
+
+    Raises ValueError for samples that are not finite or whose features would not be (peak amplitude far above
+    ``MAX_AMPLITUDE``: such audio is refused, not normalised).
     """
+    if isinstance(n_mels, bool) or not isinstance(n_mels, (int, np.integer)) or not 1 <= n_mels <= 1024:
+        raise ValueError(f"n_mels must be an integer in [1, 1024], got {n_mels!r}")
     x = _check_wav_16k(wav_16k)
     device = x.device if device is None else torch.device(device)
     # CPU: fp32 with the reference's own ops (its torch path runs on CPU), which agrees to ~1 ulp.
     # CUDA: cuFFT rounds fp32 differently from pocketfft, so compute in fp64 instead: then the gap is only
     # the reference's own fp32 error (measured ≤ 3.3e-5 on 10 min of speech-like audio).
     dtype = torch.float64 if device.type == "cuda" else torch.float32
-    return _log_mel(x, device, dtype)
+    out = _log_mel(x, device, dtype, int(n_mels))
+    if not bool(torch.isfinite(out).all()):
+        raise ValueError(f"the audio's log-mel features are not finite (peak amplitude "
+                         f"{float(x.abs().max()):.3g}); float samples are nominally in [-1, 1] and at most "
+                         f"MAX_AMPLITUDE = {MAX_AMPLITUDE:.0e} is accepted")
+    return out
 
 
-def _log_mel(x: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """log_mel of a validated ``x: (samples,)`` computed in ``dtype``; returns float32 ``(128, frames)``."""
+def _log_mel(x: torch.Tensor, device: torch.device, dtype: torch.dtype, n_mels: int = N_MELS) -> torch.Tensor:
+    """log_mel of a validated ``x: (samples,)`` computed in ``dtype``; returns float32 ``(n_mels, frames)``."""
     x = x.to(device=device, dtype=torch.float32).to(dtype)  # round to fp32 first, as the reference does
-    fb_t, window = _mel_constants(device, dtype)
+    fb_t, window = _mel_constants(device, dtype, n_mels)
 
     frames = num_frames(x.shape[0])
     pad = N_FFT // 2
     xp = torch.nn.functional.pad(x[None, None], (pad, pad), mode="reflect")[0, 0]
-    out = torch.empty(N_MELS, frames, dtype=dtype, device=device)
+    out = torch.empty(n_mels, frames, dtype=dtype, device=device)
     # Frames are independent FFTs, so chunking (center=False on the once-padded signal) changes no value;
     # it bounds peak memory for hour-long audio. The reference drops the last centred frame; so do we.
     for f0 in range(0, frames, _MEL_CHUNK_FRAMES):

@@ -104,6 +104,14 @@ class AudioEncoderConfig:
         r.check(c.d_model % c.encoder_attention_heads == 0, "d_model", "must be divisible by encoder_attention_heads")
         # Window boundaries are whole conv chunks: n_window_infer must be a multiple of the chunk (2*n_window).
         r.check(c.n_window_infer % (2 * c.n_window) == 0, "n_window_infer", "must be a multiple of 2*n_window")
+        # What the AuT module needs (checked here so a bad config fails at load with the field's name):
+        r.check(c.activation_function == "gelu", "activation_function", f"must be 'gelu', got {c.activation_function!r}")
+        r.check(c.d_model % 2 == 0, "d_model", "must be even (sinusoidal positions)")
+        tokens = 2 * c.n_window
+        for _ in range(3):  # three stride-2 convs; the reference hard-codes 13 tokens per full chunk
+            tokens = (tokens - 1) // 2 + 1
+        r.check(tokens == 13, "n_window", f"must give 13 tokens per 2*n_window-frame chunk like the released "
+                f"model (n_window 50), got {c.n_window} -> {tokens}")
         return c
 
 
@@ -326,8 +334,9 @@ class TalkerConfig:
     def from_json(cls, r: _Reader) -> "TalkerConfig":
         groups = r.get("num_code_groups", positive=True)
         speakers = r.get("speaker_id", dict)
-        r.check(len(speakers) > 0 and all(isinstance(v, int) for v in speakers.values()), "speaker_id",
-                "must map at least one speaker name to an integer codec id")
+        r.check(len(speakers) > 0 and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                          for v in speakers.values()), "speaker_id",
+                "must map at least one speaker name to a non-negative integer codec id")
         c = cls(
             text=DecoderConfig.from_json(r.sub("text_config"), experts_key="num_local_experts"
                                          if "num_local_experts" in r.data.get("text_config", {}) else "num_experts",
@@ -506,7 +515,48 @@ class OmniConfig:
                     f"must be <= thinker num_hidden_layers {c.thinker.text.num_hidden_layers}")
             t.check(talker.num_code_groups == code2wav.num_quantizers, "num_code_groups",
                     f"must equal code2wav_config.num_quantizers {code2wav.num_quantizers}")
+        c._check_ids()
         return c
+
+    def _check_ids(self) -> None:
+        """Every special token id must index its vocabulary: thinker ids the thinker's, codec and speaker ids
+        the talker's. An id outside would only fail at the first request, inside the engine."""
+        vocab = self.thinker.text.vocab_size
+        th = self.thinker
+        thinker_ids = {
+            "im_start_token_id": self.im_start_token_id, "im_end_token_id": self.im_end_token_id,
+            "tts_pad_token_id": self.tts_pad_token_id, "tts_bos_token_id": self.tts_bos_token_id,
+            "tts_eos_token_id": self.tts_eos_token_id, "system_token_id": self.system_token_id,
+            "user_token_id": self.user_token_id, "assistant_token_id": self.assistant_token_id,
+            "thinker_config.audio_token_id": th.audio_token_id,
+            "thinker_config.audio_start_token_id": th.audio_start_token_id,
+            "thinker_config.audio_end_token_id": th.audio_end_token_id,
+            "thinker_config.image_token_id": th.image_token_id, "thinker_config.video_token_id": th.video_token_id,
+            "thinker_config.vision_start_token_id": th.vision_start_token_id,
+        }
+        codec_ids: dict[str, int] = {}
+        if self.talker is not None:
+            t = self.talker
+            thinker_ids.update({
+                "talker_config.audio_token_id": t.audio_token_id, "talker_config.image_token_id": t.image_token_id,
+                "talker_config.video_token_id": t.video_token_id,
+                "talker_config.vision_start_token_id": t.vision_start_token_id,
+                "talker_config.audio_start_token_id": t.audio_start_token_id,
+            })
+            codec_ids = {f"talker_config.{k}": getattr(t, k) for k in (
+                "codec_pad_id", "codec_bos_id", "codec_eos_token_id", "codec_nothink_id", "codec_think_bos_id",
+                "codec_think_eos_id")}
+            codec_ids.update({f"talker_config.speaker_id.{k}": v for k, v in t.speaker_id.items()})
+        for name, value in thinker_ids.items():
+            if not 0 <= value < vocab:
+                raise ConfigError(f"config field '{name}' = {value} is outside the thinker vocabulary "
+                                  f"[0, {vocab}) (thinker_config.text_config.vocab_size)")
+        if self.talker is not None:
+            tv = self.talker.text.vocab_size
+            for name, value in codec_ids.items():
+                if not 0 <= value < tv:
+                    raise ConfigError(f"config field '{name}' = {value} is outside the talker vocabulary "
+                                      f"[0, {tv}) (talker_config.text_config.vocab_size)")
 
     @classmethod
     def from_file(cls, path: str | os.PathLike) -> "OmniConfig":

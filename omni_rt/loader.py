@@ -7,9 +7,11 @@ Missing, unexpected or mis-shaped tensors raise ``CheckpointError`` naming the t
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
+import warnings
 from typing import Callable, Iterable, Iterator
 
 import torch
@@ -23,11 +25,43 @@ from .quant import (BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise, is_fp8
 
 INDEX_FILE = "model.safetensors.index.json"
 
+# On-disk dtypes a weight may have: floats (cast to the runtime dtype) and block-FP8 codes (with their scales).
+_FLOAT_DTYPES = {"F64", "F32", "F16", "BF16"}
+_FP8_DTYPES = {"F8_E4M3"}
+
+
+@contextlib.contextmanager
+def _open_shard(file: str):
+    """safe_open a shard, turning a corrupt or truncated file into a CheckpointError that names it."""
+    from safetensors import safe_open
+
+    try:
+        handle = safe_open(file, framework="pt", device="cpu")
+    except Exception as e:  # SafetensorError (bad header, truncated data), OSError
+        raise CheckpointError(f"{file} is not a readable safetensors file (corrupt or truncated?): "
+                              f"{type(e).__name__}: {e}") from None
+    with handle as f:
+        yield f
+
+
+def _read_tensor(f, name: str, file: str, fp8_ok: bool = False) -> torch.Tensor:
+    """One tensor of an open shard; a non-float dtype or an unreadable tensor is a CheckpointError naming both."""
+    try:
+        kind = f.get_slice(name).get_dtype()
+    except Exception as e:  # noqa: BLE001 - the header names it but the slice cannot be read
+        raise CheckpointError(f"tensor '{name}' in {file} cannot be read: {type(e).__name__}: {e}") from None
+    allowed = _FLOAT_DTYPES | (_FP8_DTYPES if fp8_ok else set())
+    if kind not in allowed:
+        raise CheckpointError(f"tensor '{name}' in {file} has dtype {kind}; weights must be floating point "
+                              f"({', '.join(sorted(allowed))})")
+    try:
+        return f.get_tensor(name)
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"tensor '{name}' in {file} cannot be read: {type(e).__name__}: {e}") from None
+
 
 def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
     """tensor name -> safetensors file path, from the index (sharded) or the single file's header."""
-    from safetensors import safe_open
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"checkpoint directory not found: {path}")
@@ -36,8 +70,10 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
         try:
             with open(index, encoding="utf-8") as f:
                 weight_map = json.load(f)["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index} is not a valid safetensors index: {e}") from None
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index} is not a valid safetensors index: {type(e).__name__}: {e}") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise CheckpointError(f"{index}: 'weight_map' must map tensor names to file names")
         files = {}
         for name, file in weight_map.items():
             full = os.path.join(path, file)
@@ -51,7 +87,7 @@ def checkpoint_files(path: str | os.PathLike) -> dict[str, str]:
     files = {}
     for file in singles:
         full = os.path.join(path, file)
-        with safe_open(full, framework="pt") as f:
+        with _open_shard(full) as f:
             for name in f.keys():
                 if name in files:
                     raise CheckpointError(f"tensor '{name}' appears in both {files[name]} and {full}")
@@ -72,14 +108,12 @@ def _read_scales(by_file: dict[str, list[str]], weights: dict[str, tuple[int, ..
 
     Read up front so a weight and its scale may sit in different shards.
     """
-    from safetensors import safe_open
-
     scales = {}
     for file, names in sorted(by_file.items()):
         wanted = [n for n in names if is_scale(n)]
         if not wanted:
             continue
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open_shard(file) as f:
             for name in wanted:
                 weight = name[: -len(SCALE_SUFFIX)]
                 shape = tuple(f.get_slice(name).get_shape())
@@ -91,7 +125,7 @@ def _read_scales(by_file: dict[str, list[str]], weights: dict[str, tuple[int, ..
                     raise CheckpointError(f"tensor '{name}' in {os.path.basename(file)} has shape {shape}, "
                                           f"expected {want} (ceil(rows/{block[0]}), ceil(cols/{block[1]})) for "
                                           f"'{weight}' of shape {weights[weight]}")
-                t = f.get_tensor(name)
+                t = _read_tensor(f, name, file)
                 if not t.dtype.is_floating_point or t.dtype == FP8_DTYPE:
                     raise CheckpointError(f"tensor '{name}' in {os.path.basename(file)} must be a float32/"
                                           f"bfloat16/float16 scale grid, got {t.dtype}")
@@ -113,11 +147,21 @@ def iter_weights(path: str | os.PathLike, cfg: OmniConfig, dtype: torch.dtype, d
     ``<param>_scale_inv`` grid (experts: stacked codes and stacked grids, gate grid rows then up grid rows).
     ``quantize`` quantizes unquantized eligible weights as they are read (each on-disk matrix on its own
     128×128 grid, before stacking), then keeps or dequantizes them likewise.
-    """
-    from safetensors import safe_open
 
+    A corrupt or truncated shard, or a weight stored as integers/bools, is a ``CheckpointError`` naming the file
+    (and the tensor). A text-only config (``enable_audio_output: false``) over a checkpoint that still ships
+    talker/code2wav weights loads the thinker and ignores those tensors with one warning, as transformers does.
+    """
     files = checkpoint_files(path)
     expected = checkpoint_layout(cfg)
+    if cfg.talker is None:
+        extra = [n for n in files if n.startswith(("talker.", "code2wav.")) and n not in expected]
+        if extra:
+            warnings.warn(f"{path}: the config makes this a text-only model (enable_audio_output is false or "
+                          f"there is no talker config), so its {len(extra)} talker/code2wav tensors are ignored",
+                          UserWarning, stacklevel=2)
+            for n in extra:
+                del files[n]
     missing = [n for n in expected if n not in files]
     if missing:
         raise CheckpointError(f"checkpoint {path} is missing {len(missing)} tensor(s), e.g. '{missing[0]}'"
@@ -156,7 +200,7 @@ def iter_weights(path: str | os.PathLike, cfg: OmniConfig, dtype: torch.dtype, d
         return dequantize_blockwise(t, scale, dtype, block), None
 
     for i, (file, names) in enumerate(sorted(by_file.items())):
-        with safe_open(file, framework="pt", device="cpu") as f:
+        with _open_shard(file) as f:
             for name in names:
                 if is_scale(name):
                     continue
@@ -169,7 +213,7 @@ def iter_weights(path: str | os.PathLike, cfg: OmniConfig, dtype: torch.dtype, d
                     f"{parsed[0]}.down_proj" if parsed[2] == "down_proj" else f"{parsed[0]}.gate_up_proj")
                 if not include(target):
                     continue
-                t = f.get_tensor(name)
+                t = _read_tensor(f, name, file, fp8_ok=cfg.quantization is not None)
                 nbytes += t.numel() * t.element_size()
                 t, scale = prepare(name, t)
                 if parsed is None:

@@ -19,7 +19,7 @@ from . import audio as audio_mod
 from . import vision as vision_mod
 from .config import OmniConfig
 from .models.mrope import VisionItem, expand_vision_pads
-from .request import Prompt
+from .request import Prompt, check_media
 
 
 @dataclasses.dataclass
@@ -38,14 +38,19 @@ class PreparedPrompt:
     use_audio_in_video: bool = False
 
 
-def load_audio(a: Any) -> np.ndarray:
-    if isinstance(a, np.ndarray):
-        return audio_mod.load(a, sr=audio_mod.SAMPLE_RATE)
-    return audio_mod.load(a)
+def load_audio(a: Any, name: str = "audio") -> np.ndarray:
+    """One audio item (array/tensor at 16 kHz, or a path) as float32 16 kHz; TypeError for anything else,
+    FileNotFoundError for a missing path, ValueError for audio the encoder cannot take."""
+    check_media(name, a)
+    wav = audio_mod.load(a) if isinstance(a, (str, os.PathLike)) else audio_mod.load(a, sr=audio_mod.SAMPLE_RATE)
+    if wav.size < audio_mod.MIN_LOG_MEL_SAMPLES:
+        raise ValueError(f"{name} has {wav.size} samples at 16 kHz; at least MIN_LOG_MEL_SAMPLES = "
+                         f"{audio_mod.MIN_LOG_MEL_SAMPLES} (about 12.6 ms) are needed")
+    return wav
 
 
-def audio_tokens(wav: np.ndarray) -> int:
-    return audio_mod.num_audio_tokens(audio_mod.num_frames(wav.size))
+def audio_tokens(wav: np.ndarray, n_window: int = 50) -> int:
+    return int(audio_mod.num_audio_tokens(audio_mod.num_frames(wav.size), n_window))
 
 
 class PromptBuilder:
@@ -65,8 +70,8 @@ class PromptBuilder:
         pre = self._require_vision(label)
         try:
             pv, grid = vision_mod.preprocess_images([img], pre)
-        except ValueError as e:
-            raise ValueError(str(e).replace("image 0", label)) from e
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(str(e).replace("image 0", label)) from e
         return VisionInput(VisionItem("image", tuple(grid[0].tolist())), pv)
 
     def video(self, frames: Any, fps: float | None, label: str, audio_tokens_: int | None = None
@@ -82,8 +87,9 @@ class PromptBuilder:
             raise ValueError(f"use_audio_in_video={use_audio_in_video} disagrees with the Prompt's own "
                              f"use_audio_in_video={prompt.use_audio_in_video}")
         ids = list(prompt.token_ids)
-        audios = [load_audio(a) for a in prompt.audios]
-        counts = [audio_tokens(a) for a in audios]
+        prompt.__post_init__()  # fields may have been assigned since construction
+        audios = [load_audio(a, f"Prompt.audios[{i}]") for i, a in enumerate(prompt.audios)]
+        counts = [audio_tokens(a, self.cfg.thinker.audio.n_window) for a in audios]
         th = self.cfg.thinker
         vision: list[VisionInput] = []
         n_img = n_vid = n_aud = 0
@@ -138,9 +144,10 @@ class PromptBuilder:
         n_img = n_vid = 0
         for kind, part in media:
             if kind == "audio":
-                wav = load_audio(part["audio"])
+                wav = load_audio(part["audio"], f"audio {len(audios)} of the messages")
                 audios.append(wav)
-                replacements.append((th.audio_token_id, [th.audio_token_id] * audio_tokens(wav)))
+                n = audio_tokens(wav, self.cfg.thinker.audio.n_window)
+                replacements.append((th.audio_token_id, [th.audio_token_id] * n))
             elif kind == "image":
                 v = self.image(part["image"], f"image {n_img}")
                 n_img += 1
@@ -162,7 +169,7 @@ class PromptBuilder:
                                          f"track; frames given as an array have none")
                     wav = vision_mod.load_video_audio(src, label)
                     audios.append(wav)
-                    track = audio_tokens(wav)
+                    track = audio_tokens(wav, self.cfg.thinker.audio.n_window)
                 v = self.video(frames, fps, label, track)
                 vision.append(v)
                 replacements.append((th.video_token_id, expand_vision_pads(v.item, th, self.merge)))

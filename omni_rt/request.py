@@ -2,10 +2,16 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 import uuid
 from typing import Any, Sequence
 
 import numpy as np
+
+from .validate import check_bool, check_int, check_int_list, check_real
+
+# Seeds are 63-bit: the sampler keeps them in int64 tensors.
+SEED_LIMIT = 1 << 63
 
 # The reference's defaults per stage (transformers Qwen3OmniMoe generate()): the thinker decodes greedily;
 # the talker samples with top_k 50, top_p 1.0, temperature 0.9 and repetition penalty 1.05.
@@ -34,35 +40,59 @@ class SamplingParams:
     seed: int | None = None
     stop: Sequence[str] | None = None   # strings: the reply ends before the first one (thinker only)
 
+    def __post_init__(self):
+        self.validate()
+
     def resolved(self, stage: str) -> "SamplingParams":
         """A copy with every None filled from ``stage``'s defaults, validated."""
         if stage not in _STAGE_DEFAULTS:
             raise ValueError(f"stage must be one of {sorted(_STAGE_DEFAULTS)}, got {stage!r}")
+        self.validate()  # the fields may have been assigned since construction
         values = dataclasses.asdict(self)
         for key, default in _STAGE_DEFAULTS[stage].items():
             if values[key] is None:
                 values[key] = default
-        out = SamplingParams(**values)
-        out.validate()
-        return out
+        return SamplingParams(**values)
+
+    def for_vocab(self, vocab_size: int, name: str = "SamplingParams") -> "SamplingParams":
+        """A copy checked against a stage's vocabulary: every stop id must lie in it, and a ``top_k`` of at least
+        the vocabulary size means "no top-k" (0), as transformers' TopKLogitsWarper treats it."""
+        if self.stop_token_ids is not None:
+            check_int_list(f"{name}.stop_token_ids", self.stop_token_ids, 0, vocab_size)
+        top_k = self.top_k
+        if top_k is not None and top_k >= vocab_size:
+            top_k = 0
+        return dataclasses.replace(self, top_k=top_k)
 
     def validate(self) -> None:
-        if self.temperature is not None and not (self.temperature >= 0 and np.isfinite(self.temperature)):
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature}")
-        if self.top_k is not None and (not isinstance(self.top_k, (int, np.integer)) or self.top_k < 0):
-            raise ValueError(f"top_k must be an integer >= 0 (0 = off), got {self.top_k}")
-        if self.top_p is not None and not (0 < self.top_p <= 1):
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty is not None and not self.repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        if self.max_new_tokens is not None and (not isinstance(self.max_new_tokens, (int, np.integer))
-                                                or self.max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens}")
-        if self.stop_token_ids is not None and not all(isinstance(t, (int, np.integer)) for t in self.stop_token_ids):
-            raise ValueError(f"stop_token_ids must be a list of integers, got {self.stop_token_ids}")
+        """Check (and normalise to Python scalars) every field that is set: TypeError for a wrong type,
+        ValueError for a value out of range, naming the field and what it accepts."""
+        if self.temperature is not None:
+            self.temperature = check_real("SamplingParams.temperature", self.temperature, 0.0,
+                                          hint=" (0 = greedy)")
+        if self.top_k is not None:
+            self.top_k = check_int("SamplingParams.top_k", self.top_k, 0, hint=" (0 = no top-k)")
+        if self.top_p is not None:
+            self.top_p = check_real("SamplingParams.top_p", self.top_p, 0.0, 1.0, lo_open=True)
+        if self.repetition_penalty is not None:
+            self.repetition_penalty = check_real("SamplingParams.repetition_penalty", self.repetition_penalty,
+                                                 0.0, lo_open=True, hint=" (1 = off)")
+        if self.max_new_tokens is not None:
+            self.max_new_tokens = check_int("SamplingParams.max_new_tokens", self.max_new_tokens, 1)
+        if self.stop_token_ids is not None:
+            self.stop_token_ids = check_int_list("SamplingParams.stop_token_ids", self.stop_token_ids, 0)
+        if self.seed is not None:
+            self.seed = check_int("SamplingParams.seed", self.seed, 0, SEED_LIMIT, hi_exclusive=True)
         if self.stop is not None:
-            if isinstance(self.stop, str) or not all(isinstance(s, str) and s for s in self.stop):
-                raise ValueError(f"stop must be a list of non-empty strings, got {self.stop!r}")
+            if isinstance(self.stop, (str, bytes)) or not isinstance(self.stop, (list, tuple)):
+                raise TypeError(f"SamplingParams.stop must be a list of non-empty strings, got "
+                                f"{type(self.stop).__name__} {self.stop!r:.80}")
+            for i, x in enumerate(self.stop):
+                if not isinstance(x, str):
+                    raise TypeError(f"SamplingParams.stop[{i}] must be a string, got {type(x).__name__}")
+                if not x:
+                    raise ValueError(f"SamplingParams.stop[{i}] must be a non-empty string")
+            self.stop = list(self.stop)
 
 
 @dataclasses.dataclass
@@ -87,26 +117,46 @@ class Prompt:
     use_audio_in_video: bool = False
 
     def __post_init__(self):
-        ids = list(self.token_ids)
-        if not ids:
-            raise ValueError("Prompt.token_ids is empty")
-        if not all(isinstance(t, (int, np.integer)) and t >= 0 for t in ids):
-            raise ValueError("Prompt.token_ids must be non-negative integers")
-        self.token_ids = [int(t) for t in ids]
+        self.token_ids = check_int_list("Prompt.token_ids", self.token_ids, 0)
+        if not self.token_ids:
+            raise ValueError("Prompt.token_ids is empty: a prompt needs at least one token id")
+        if isinstance(self.audios, (str, os.PathLike, np.ndarray)) or not isinstance(self.audios, (list, tuple)):
+            raise TypeError(f"Prompt.audios must be a list of audios (np.ndarray, torch.Tensor or path), got "
+                            f"{type(self.audios).__name__}")
         self.audios = list(self.audios)
-        self.images = list(self.images)
-        self.videos = list(self.videos)
+        for i, a in enumerate(self.audios):
+            check_media(f"Prompt.audios[{i}]", a)
+        for name in ("images", "videos"):
+            items = getattr(self, name)
+            if isinstance(items, (str, os.PathLike, np.ndarray)) or not isinstance(items, (list, tuple)):
+                raise TypeError(f"Prompt.{name} must be a list, got {type(items).__name__}")
+            setattr(self, name, list(items))
+            for i, item in enumerate(getattr(self, name)):
+                if isinstance(item, (str, os.PathLike)) and not os.path.exists(os.fspath(item)):
+                    raise FileNotFoundError(f"Prompt.{name}[{i}]: file not found: {os.fspath(item)!r}")
+        if self.video_fps is not None and (isinstance(self.video_fps, (str, bytes))
+                                           or not isinstance(self.video_fps, (list, tuple, np.ndarray))):
+            raise TypeError(f"Prompt.video_fps must be a list of numbers or None, got {type(self.video_fps).__name__}")
         fps = [2.0] * len(self.videos) if self.video_fps is None else list(self.video_fps)
         if len(fps) != len(self.videos):
             raise ValueError(f"Prompt.video_fps has {len(fps)} values for {len(self.videos)} videos")
-        for i, f in enumerate(fps):
-            if isinstance(f, bool) or not isinstance(f, (int, float, np.integer, np.floating)) or not (
-                    np.isfinite(f) and f > 0):
-                raise ValueError(f"Prompt.video_fps[{i}] must be a finite number > 0, got {f!r}")
-        self.video_fps = [float(f) for f in fps]
-        if not isinstance(self.use_audio_in_video, (bool, np.bool_)):
-            raise ValueError(f"Prompt.use_audio_in_video must be a bool, got {self.use_audio_in_video!r}")
-        self.use_audio_in_video = bool(self.use_audio_in_video)
+        self.video_fps = [check_real(f"Prompt.video_fps[{i}]", f, 0.0, lo_open=True) for i, f in enumerate(fps)]
+        self.use_audio_in_video = check_bool("Prompt.use_audio_in_video", self.use_audio_in_video)
+
+
+def check_media(name: str, value: Any) -> None:
+    """An audio given as an array, a tensor or a path; a path must exist (FileNotFoundError otherwise)."""
+    import torch
+
+    if isinstance(value, (np.ndarray, torch.Tensor)):
+        return
+    if isinstance(value, (str, os.PathLike)):
+        path = os.fspath(value)
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{name}: audio file not found: {path!r}")
+        return
+    raise TypeError(f"{name} must be an np.ndarray or torch.Tensor of samples, or a path to an audio file; got "
+                    f"{type(value).__name__}")
 
 
 @dataclasses.dataclass

@@ -6,11 +6,13 @@
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import random
+import threading
 import time
-from typing import Any, AsyncIterator, Callable, Iterator
+import warnings
+import weakref
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -18,20 +20,33 @@ import torch
 from . import audio as audio_mod
 from . import vision as vision_mod
 from .config import OmniConfig
+from .errors import DeviceFault
 from .engine.engine import Engine
 from .engine.requests import EngineRequest
 from .engine.text_output import TextOutput
 from .models.omni import OmniModel, load_model
 from .profiling import TorchProfiler
-from .request import GenerationOutput, Prompt, SamplingParams, StreamChunk, new_request_id
-from .prompting import PreparedPrompt, PromptBuilder
+from .request import GenerationOutput, Prompt, SamplingParams, new_request_id
+from .prompting import PreparedPrompt, PromptBuilder, load_audio
+from .streams import AsyncRequestStream, RequestStream
 from .tokenizer import IncrementalDetokenizer, OmniTokenizer, TokenizerMissing
+from .validate import check_bool, check_int, check_real, check_str
+
+
+# Largest accepted batch (each slot holds decoder state: a larger value is a typo, not a plan).
+MAX_BATCH_SIZE = 1024
+MAX_KV_BLOCK_SIZE = 4096
 
 
 def _default_device(device: str | torch.device | None) -> torch.device:
     if device is None:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device)
+    if not isinstance(device, (str, torch.device)):
+        raise TypeError(f"device must be 'cuda', 'cpu' or a torch.device, got {type(device).__name__}")
+    try:
+        device = torch.device(device)
+    except RuntimeError as e:
+        raise ValueError(f"device must be 'cuda' or 'cpu', got {device!r} ({e})") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device='cuda' was asked for but no CUDA device is available")
     if device.type not in ("cuda", "cpu"):
@@ -59,6 +74,9 @@ class Runtime:
             (quantize the thinker's and talker's decoder projections to block FP8 while loading). FP8 weights
             stay FP8 in device memory on GPUs with FP8 hardware (sm_89/sm_90, decided at load); on CPU and
             sm_80 they are dequantized to ``dtype`` at load.
+        fp8_activations: with FP8 weights kept on the device, prefill GEMMs of the dense projections (≥ 64
+            tokens) also quantize activations per token and 128 columns (w8a8 on FP8 tensor cores); decode stays
+            weight-only. Off by default.
     """
 
     def __init__(self, model: str | os.PathLike | OmniModel, device: str | torch.device | None = None,
@@ -66,17 +84,35 @@ class Runtime:
                  gpu_memory_utilization: float = 0.9, max_model_len: int | None = None,
                  kv_cache_tokens: int | None = None, kv_block_size: int = 16, max_prefill_tokens: int = 4096,
                  first_chunk_frames: int = 1, profile_dir: str | os.PathLike | None = None,
-                 progress: Callable[[str], None] | None = None, quantization: str | None = None):
+                 progress: Callable[[str], None] | None = None, quantization: str | None = None,
+                 fp8_activations: bool = False):
+        if not isinstance(model, (str, os.PathLike, OmniModel)):
+            raise TypeError(f"model must be a checkpoint directory (str or os.PathLike) or an OmniModel, got "
+                            f"{type(model).__name__}")
         self.device = _default_device(device)
+        if dtype is not None and not isinstance(dtype, torch.dtype):
+            raise TypeError(f"dtype must be a torch.dtype (torch.float32, torch.float16 or torch.bfloat16), got "
+                            f"{type(dtype).__name__} {dtype!r}")
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         if self.dtype not in (torch.float32, torch.float16, torch.bfloat16):
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
-        if max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
-        if not 0 < gpu_memory_utilization <= 1:
-            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
-        if first_chunk_frames < 1:
-            raise ValueError(f"first_chunk_frames must be >= 1, got {first_chunk_frames}")
+        cuda_graphs = check_bool("cuda_graphs", cuda_graphs)
+        max_batch_size = check_int("max_batch_size", max_batch_size, 1, MAX_BATCH_SIZE)
+        gpu_memory_utilization = check_real("gpu_memory_utilization", gpu_memory_utilization, 0.0, 1.0,
+                                            lo_open=True)
+        if max_model_len is not None:
+            max_model_len = check_int("max_model_len", max_model_len, 1)
+        kv_block_size = check_int("kv_block_size", kv_block_size, 1, MAX_KV_BLOCK_SIZE)
+        if kv_cache_tokens is not None:
+            kv_cache_tokens = check_int("kv_cache_tokens", kv_cache_tokens, 1)
+        max_prefill_tokens = check_int("max_prefill_tokens", max_prefill_tokens, 1)
+        first_chunk_frames = check_int("first_chunk_frames", first_chunk_frames, 1)
+        if profile_dir is not None and not isinstance(profile_dir, (str, os.PathLike)):
+            raise TypeError(f"profile_dir must be a folder path (str or os.PathLike), got {type(profile_dir).__name__}")
+        if progress is not None and not callable(progress):
+            raise TypeError(f"progress must be a callable taking one str, got {type(progress).__name__}")
+        if quantization is not None and not isinstance(quantization, str):
+            raise TypeError(f"quantization must be None or 'fp8', got {type(quantization).__name__}")
         if quantization not in (None, "fp8"):
             raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -89,7 +125,7 @@ class Runtime:
             if not os.path.isdir(self.path):
                 raise FileNotFoundError(f"checkpoint directory not found: {self.path}")
             self.model = load_model(self.path, self.dtype, self.device, progress=progress,
-                                    quantization=quantization)
+                                    quantization=quantization, fp8_activations_from=64 if fp8_activations else None)
         self.cfg: OmniConfig = self.model.cfg
         self.tokenizer = None
         if self.path is not None:
@@ -102,6 +138,9 @@ class Runtime:
                                   if self.cfg.thinker.vision is not None else None)
         self._prompts = PromptBuilder(self.cfg, self.tokenizer, self.vision_preprocess)
         tc = self.cfg.thinker.text
+        if max_model_len is not None and max_model_len > tc.max_position_embeddings:
+            raise ValueError(f"max_model_len must be an integer in [1, {tc.max_position_embeddings}] (the "
+                             f"checkpoint's max_position_embeddings), got {max_model_len}")
         self.max_model_len = max_model_len or min(tc.max_position_embeddings, 32768)
         if kv_cache_tokens is None:
             kv_cache_tokens = self._plan_kv_tokens(max_batch_size, gpu_memory_utilization, kv_block_size)
@@ -113,10 +152,16 @@ class Runtime:
         self.engine = Engine(self.model, self.device, self.dtype, max_batch_size, kv_cache_tokens, kv_block_size,
                              max_prefill_tokens, self.max_model_len, speech_factory=speech_factory,
                              cuda_graphs=self.cuda_graphs)
+        self._has_talker = self.model.has_talker
+        self._closed = False
+        self._close_lock = threading.Lock()
         self._profiler = TorchProfiler(profile_dir) if profile_dir else None
         if self._profiler:
             self._profiler.start()
         self.engine.start()
+        # A runtime dropped without close() (or alive at interpreter exit) still stops its engine thread: the
+        # thread holds only the engine, never the runtime, and this finalizer stops it.
+        self._finalizer = weakref.finalize(self, _stop_unclosed, self.engine, self._profiler)
 
     def _plan_kv_tokens(self, max_batch_size: int, fraction: float, block_size: int) -> int:
         from .engine.kv_cache import kv_block_bytes
@@ -135,55 +180,87 @@ class Runtime:
     # ------------------------------------------------------------------------------------------- API
     @property
     def has_talker(self) -> bool:
-        return self.model.has_talker
+        return self._has_talker
 
     @property
     def speakers(self) -> list[str]:
         """This checkpoint's voices, lower case ([] without a talker)."""
-        return sorted(k.lower() for k in self.cfg.talker.speaker_id) if self.has_talker else []
+        return sorted(k.lower() for k in self.cfg.talker.speaker_id) if self._has_talker else []
 
-    def stats(self) -> dict:
-        """Cheap, thread-safe counters (api.md): KV blocks free/total (thinker and talker), speech slots
-        free/total, requests running and waiting, and the sticky device fault (None or its message)."""
-        e = self.engine
-        speech = e.speech
-        fault = e.fault
-        return {
-            "kv_free_blocks": e.pool.num_free_blocks(),
-            "kv_total_blocks": e.pool.num_blocks,
-            "talker_kv_free_blocks": speech.pool.num_free_blocks() if speech is not None else 0,
-            "talker_kv_total_blocks": speech.pool.num_blocks if speech is not None else 0,
-            "speech_slots_free": len(speech.slots) if speech is not None else 0,
-            "speech_slots_total": e.max_batch_size if speech is not None else 0,
-            "running": len(e.running),
-            "waiting": len(e.waiting),
-            "fault": None if fault is None else f"{type(fault).__name__}: {fault}",
-        }
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("this omni_rt.Runtime is closed: create a new one")
+        fault = self.engine.fault
+        if fault is not None:
+            raise DeviceFault(f"the runtime hit a device fault and must be recreated: {fault}")
 
     def close(self) -> None:
-        """Stop the engine thread (requests in flight are not finished)."""
+        """End every request in flight or queued (with a RuntimeError), stop and join the engine thread and free
+        the model's device memory. Idempotent; every later call on this runtime raises RuntimeError at once."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        self._finalizer.detach()
         self.engine.shutdown()
+        self._final_stats = self._stats()   # stats() keeps answering (from this snapshot) after close
+        self._final_memory = self.model.weight_memory()
         if self._profiler:
             self._profiler.stop()
             self._profiler = None
+        # Drop the weights, KV pools and decoder state (handles hold the engine weakly, so this frees them).
+        self.engine = None
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
 
     def __enter__(self) -> "Runtime":
+        self._check_open()
         return self
 
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def stats(self) -> dict:
+        """Cheap, thread-safe counters (api.md): KV blocks and speech slots free/total, requests running and
+        waiting, and ``fault`` (None, or what killed the runtime). After ``close()`` it returns the counters as
+        the runtime left them (every request ended, every block and slot returned); it never raises."""
+        if self._closed:
+            return dict(self._final_stats)
+        return self._stats()
+
+    def _stats(self) -> dict:
+        e = self.engine
+        sp = e.speech
+        fault = e.fault
+        return {
+            "kv_free_blocks": e.pool.num_free_blocks(), "kv_total_blocks": e.pool.num_blocks,
+            "talker_kv_free_blocks": sp.pool.num_free_blocks() if sp is not None else 0,
+            "talker_kv_total_blocks": sp.pool.num_blocks if sp is not None else 0,
+            "speech_slots_free": len(sp.slots) if sp is not None else 0,
+            "speech_slots_total": e.max_batch_size if sp is not None else 0,
+            "running": len(e.running), "waiting": len(e.waiting),
+            "fault": None if fault is None else f"{type(fault).__name__}: {fault}",
+        }
+
     def encode_audio(self, wav_16k: np.ndarray | str | os.PathLike) -> torch.Tensor:
         """The AuT encoder output for one audio: (n_tokens, output_dim)."""
-        wav = audio_mod.load(wav_16k) if not isinstance(wav_16k, np.ndarray) else wav_16k
-        mel = audio_mod.log_mel(wav, device=self.device)
+        self._check_open()
+        wav = load_audio(wav_16k, "wav_16k")
+        mel = audio_mod.log_mel(wav, device=self.device, n_mels=self.cfg.thinker.audio.num_mel_bins)
         with torch.inference_mode():
             return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
 
     def memory(self) -> dict[str, int]:
         """Weight bytes per component as loaded (actual dtypes: FP8 codes and scales where kept): thinker,
         audio_tower, vision (when the checkpoint has one), talker, code_predictor, code2wav (absent without a
-        talker), and total."""
+        talker), and total. After ``close()`` (which frees them): the figures the runtime had."""
+        if self._closed:
+            return dict(self._final_memory)
         return self.model.weight_memory()
 
     def encode_image(self, image: Any, deepstack: bool = False
@@ -191,6 +268,7 @@ class Runtime:
         """The vision encoder output for one image (path, PIL image or uint8 (H, W, 3) array):
         (n_tokens, out_hidden_size); with ``deepstack=True`` also the deepstack features, one
         (n_tokens, out_hidden_size) per tap layer."""
+        self._check_open()
         visual = self._require_vision("encode_image")
         pixel_values, grid = vision_mod.preprocess_images([image], self.vision_preprocess)
         with torch.inference_mode():
@@ -206,13 +284,17 @@ class Runtime:
 
     def stage_times(self, reset: bool = False) -> dict[str, float]:
         """Engine wall time per stage in ms, summed since the start (or the last reset)."""
+        self._check_open()
         snap = self.engine.timer.snapshot()
         if reset:
             self.engine.timer.reset()
         return snap
 
     def abort(self, request_id: str) -> bool:
-        """Cancel a request in flight; its KV blocks and decoder state are freed at the engine's next step."""
+        """Cancel a request in flight; its KV blocks and decoder state are freed at the engine's next step.
+        Returns False when no request with this id is in flight."""
+        check_str("request_id", request_id)
+        self._check_open()
         return self.engine.abort(request_id)
 
     def generate(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
@@ -222,18 +304,17 @@ class Runtime:
 
         use_audio_in_video: a video file's own audio track is heard too, interleaved by time (chat messages;
         a Prompt carries its own flag)."""
+        req = self._submit(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
         text, ids, audio, reasoning = [], [], [], []
         last = None
-        req_holder: list[EngineRequest] = []
-        for chunk in self._stream(prompt, speaker, return_audio, thinker, talker, request_id, req_holder,
-                                  use_audio_in_video):
-            text.append(chunk.text_delta)
-            reasoning.append(chunk.reasoning_delta)
-            ids.extend(chunk.token_ids)
-            if chunk.audio.size:
-                audio.append(chunk.audio)
-            last = chunk
-        req = req_holder[0]
+        with RequestStream(self.engine, req) as chunks:
+            for chunk in chunks:
+                text.append(chunk.text_delta)
+                reasoning.append(chunk.reasoning_delta)
+                ids.extend(chunk.token_ids)
+                if chunk.audio.size:
+                    audio.append(chunk.audio)
+                last = chunk
         codes = None
         wav = None
         if req.speaking:
@@ -246,67 +327,62 @@ class Runtime:
 
     def stream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
-               request_id: str | None = None, use_audio_in_video: bool | None = None) -> Iterator[StreamChunk]:
-        """Yield chunks (text deltas, audio, finished) as they are produced; leaving the loop aborts."""
-        return self._stream(prompt, speaker, return_audio, thinker, talker, request_id, [], use_audio_in_video)
+               request_id: str | None = None, use_audio_in_video: bool | None = None) -> RequestStream:
+        """Submit now and return an iterator of chunks (text deltas, audio, finished) as they are produced.
 
-    async def astream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
-                      thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
-                      request_id: str | None = None, use_audio_in_video: bool | None = None
-                      ) -> AsyncIterator[StreamChunk]:
-        """Async ``stream``; cancelling the consuming task aborts the request."""
-        t_call = time.perf_counter()
-        req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
-        req.t_submit = t_call
-        self.engine.submit(req)
-        loop = asyncio.get_running_loop()
-        done = False
-        try:
-            while not done:
-                chunk = await loop.run_in_executor(None, req.out.get)
-                done = _check_chunk(chunk)
-                yield chunk
-        finally:
-            if not done:  # the task was cancelled or the consumer stopped early: cancel the request
-                self.engine.abort(req.request_id)
+        Arguments are validated by this call. Closing the stream, or dropping it before the last chunk
+        (leaving the loop early), aborts the request."""
+        return RequestStream(self.engine, self._submit(prompt, speaker, return_audio, thinker, talker,
+                                                         request_id, use_audio_in_video))
+
+    def astream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
+                thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
+                request_id: str | None = None, use_audio_in_video: bool | None = None) -> AsyncRequestStream:
+        """Async ``stream`` (``async for chunk in rt.astream(...)``); cancelling the consuming task, closing the
+        stream or dropping it aborts the request. No executor thread waits on the engine."""
+        return AsyncRequestStream(self.engine, self._submit(prompt, speaker, return_audio, thinker, talker,
+                                                              request_id, use_audio_in_video))
 
     # ------------------------------------------------------------------------------------------ internals
-    def _stream(self, prompt, speaker, return_audio, thinker, talker, request_id,
-                holder: list, use_audio_in_video: bool | None = None) -> Iterator[StreamChunk]:
+    def _submit(self, prompt, speaker, return_audio, thinker, talker, request_id,
+                use_audio_in_video: bool | None = None) -> EngineRequest:
         t_call = time.perf_counter()
+        self._check_open()
         req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
         req.t_submit = t_call  # metrics count from the call (audio loading and tokenizing included)
-        holder.append(req)
         self.engine.submit(req)
-        return self._drain(req)
-
-    def _drain(self, req: EngineRequest) -> Iterator[StreamChunk]:
-        done = False
-        try:
-            while not done:
-                chunk = req.out.get()
-                done = _check_chunk(chunk)
-                yield chunk
-        finally:
-            if not done:  # the caller left the loop early (or the generator was closed): cancel
-                self.engine.abort(req.request_id)
+        return req
 
     def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id,
                       use_audio_in_video: bool | None = None) -> EngineRequest:
+        """Validate every argument (TypeError/ValueError/FileNotFoundError naming it) and build the request:
+        nothing invalid reaches the engine thread."""
         if return_audio is None:
             return_audio = self.has_talker
+        return_audio = check_bool("return_audio", return_audio)
         if return_audio and not self.has_talker:
             raise ValueError("this checkpoint has no talker/code2wav (text-only model): call with "
                              "return_audio=False")
+        check_str("speaker", speaker)
         speaker_id = self.cfg.talker.speaker(speaker) if return_audio else None
-        prepared = self._resolve_prompt(prompt, use_audio_in_video)
-        ids, audios = prepared.ids, prepared.audios
-        thinker_p = (thinker or SamplingParams()).resolved("thinker")
-        talker_p = (talker or SamplingParams()).resolved("talker") if return_audio else None
+        for name, p in (("thinker", thinker), ("talker", talker)):
+            if p is not None and not isinstance(p, SamplingParams):
+                raise TypeError(f"{name} must be an omni_rt.SamplingParams or None, got {type(p).__name__}")
         if request_id is None:
             request_id = new_request_id()
-        elif not isinstance(request_id, str) or not request_id:
-            raise ValueError("request_id must be a non-empty string")
+        else:
+            check_str("request_id", request_id)
+        tc = self.cfg.thinker.text
+        thinker_p = (thinker or SamplingParams()).resolved("thinker").for_vocab(tc.vocab_size, "thinker")
+        talker_p = None
+        if return_audio:
+            talker_p = (talker or SamplingParams()).resolved("talker").for_vocab(self.cfg.talker.text.vocab_size,
+                                                                                "talker")
+        prepared = self._resolve_prompt(prompt, use_audio_in_video)
+        ids, audios = prepared.ids, prepared.audios
+        self._check_prompt(ids, audios, return_audio)
+        if prepared.vision:
+            self._check_vision_fits(prepared, thinker_p.max_new_tokens)
         stop = thinker_p.stop_token_ids if thinker_p.stop_token_ids is not None else [self.cfg.im_end_token_id]
         return EngineRequest(
             request_id=request_id, prompt=ids, audios=audios, thinker_params=thinker_p, talker_params=talker_p,
@@ -327,15 +403,66 @@ class Runtime:
         opened = think is not None and think[0] in prompt_ids[-2:]
         return TextOutput(self.tokenizer, params.stop, think, in_reasoning=opened)
 
+    def _check_vision_fits(self, prepared: PreparedPrompt, max_new_tokens: int) -> None:
+        """Images and video make long prompts: name what made this one too long for max_model_len. The longest
+        video accepted is the one whose tokens (grid_t·grid_h·grid_w/4 per video) plus the rest of the prompt and
+        max_new_tokens fit max_model_len (README, "Images and video")."""
+        total = len(prepared.ids) + max_new_tokens
+        if total <= self.max_model_len:
+            return
+        merge = self.cfg.thinker.vision.spatial_merge_size
+        counts = {"image": 0, "video": 0}
+        parts = []
+        for v in prepared.vision:
+            t, h, w = v.item.grid
+            label = f"{v.item.kind} {counts[v.item.kind]}"
+            counts[v.item.kind] += 1
+            extra = f", {t * self.vision_preprocess.temporal_patch_size} frames" if v.item.kind == "video" else ""
+            parts.append(f"{label}: {v.item.tokens(merge)} tokens ({h * self.vision_preprocess.patch_size}×"
+                         f"{w * self.vision_preprocess.patch_size}{extra})")
+        raise ValueError(f"the prompt is {len(prepared.ids)} tokens ({'; '.join(parts)}) + max_new_tokens "
+                         f"{max_new_tokens} = {total}, over max_model_len {self.max_model_len}: pass fewer frames "
+                         f"or smaller frames, or raise max_model_len")
+
+    def _check_prompt(self, ids: list[int], audios: list[np.ndarray], speaking: bool) -> None:
+        """What the engine would otherwise find out on its own thread: ids in the vocabulary, one audio token
+        run per audio of the right length, and (for speech) an assistant turn to answer."""
+        cfg = self.cfg
+        vocab = cfg.thinker.text.vocab_size
+        top = max(ids)
+        if top >= vocab:
+            raise ValueError(f"prompt token id {top} is outside the vocabulary [0, {vocab}) of the thinker")
+        audio_id = cfg.thinker.audio_token_id
+        pads = sum(1 for t in ids if t == audio_id)
+        n_window = cfg.thinker.audio.n_window
+        counts = [audio_mod.num_audio_tokens(audio_mod.num_frames(a.size), n_window) for a in audios]
+        if pads != sum(counts):
+            raise ValueError(f"the prompt has {pads} <|audio_pad|> tokens but its {len(audios)} audio(s) give "
+                             f"{sum(counts)} ({counts}); expand each audio's pad run to its token count")
+        if speaking:
+            pair = (cfg.im_start_token_id, cfg.assistant_token_id)
+            if not any((ids[i], ids[i + 1]) == pair for i in range(len(ids) - 1)):
+                raise ValueError("a speech reply needs a prompt with an '<|im_start|>assistant' turn to answer "
+                                 "(or call with return_audio=False)")
+
     def _resolve_prompt(self, prompt: Prompt | list[dict], use_audio_in_video: bool | None = None
                         ) -> PreparedPrompt:
         if use_audio_in_video is not None and not isinstance(use_audio_in_video, (bool, np.bool_)):
-            raise ValueError(f"use_audio_in_video must be a bool, got {use_audio_in_video!r}")
+            raise TypeError(f"use_audio_in_video must be True, False or None, got {use_audio_in_video!r}")
         if isinstance(prompt, Prompt):
             return self._prompts.from_prompt(prompt, use_audio_in_video)
         if isinstance(prompt, list):
             return self._prompts.from_messages(prompt, use_audio_in_video)
-        raise ValueError(f"prompt must be an omni_rt.Prompt or a list of chat messages, got {type(prompt).__name__}")
+        raise TypeError(f"prompt must be an omni_rt.Prompt or a list of chat messages, got {type(prompt).__name__}")
+
+
+def _stop_unclosed(engine: Engine, profiler) -> None:
+    """Finalizer of a Runtime that was never closed: garbage-collected, or still open at interpreter exit."""
+    warnings.warn("an omni_rt.Runtime was not closed; its engine thread is stopped now (use `with "
+                  "omni_rt.Runtime(...) as rt:` or rt.close())", ResourceWarning, stacklevel=2)
+    engine.shutdown()
+    if profiler is not None:
+        profiler.stop()
 
 
 def plan_kv_tokens(cfg: OmniConfig, free_bytes: int, dtype: torch.dtype, has_talker: bool, fraction: float,
@@ -349,10 +476,3 @@ def plan_kv_tokens(cfg: OmniConfig, free_bytes: int, dtype: torch.dtype, has_tal
     blocks = plan_num_blocks(int(free_bytes * share), tc.num_hidden_layers, block_size, tc.num_key_value_heads,
                              tc.head_dim, dtype, fraction)
     return blocks * block_size
-
-
-def _check_chunk(chunk: StreamChunk) -> bool:
-    """Raise the request's error if the chunk carries one; else whether it is the last chunk."""
-    if chunk.error is not None:
-        raise chunk.error
-    return chunk.finished

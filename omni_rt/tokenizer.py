@@ -6,11 +6,14 @@ and added special tokens from ``tokenizer_config.json``. Uses the ``tokenizers``
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from typing import Any, Sequence
 
 import numpy as np
+
+from .errors import CheckpointError
 
 AUDIO_PAD = "<|audio_pad|>"
 
@@ -20,6 +23,10 @@ class TokenizerMissing(ValueError):
 
 
 class OmniTokenizer:
+    """The checkpoint's tokenizer and chat template. A file that is present but corrupt (unparseable JSON, a
+    tokenizer the library cannot build, a template with a syntax error) is an ``omni_rt.CheckpointError`` naming
+    it, raised here at load rather than at the first request."""
+
     def __init__(self, path: str | os.PathLike):
         from tokenizers import Tokenizer
 
@@ -28,40 +35,58 @@ class OmniTokenizer:
         tok_json = os.path.join(path, "tokenizer.json")
         vocab, merges = os.path.join(path, "vocab.json"), os.path.join(path, "merges.txt")
         if os.path.isfile(tok_json):
-            self.tok = Tokenizer.from_file(tok_json)
+            with _corrupt(tok_json):
+                self.tok = Tokenizer.from_file(tok_json)
         elif os.path.isfile(vocab) and os.path.isfile(merges):
             from tokenizers import decoders, models, pre_tokenizers
 
-            self.tok = Tokenizer(models.BPE.from_file(vocab, merges))
+            with _corrupt(f"{vocab} / {merges}"):
+                self.tok = Tokenizer(models.BPE.from_file(vocab, merges))
             self.tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
             self.tok.decoder = decoders.ByteLevel()
         else:
             raise TokenizerMissing(f"no tokenizer files in {path} (tokenizer.json, or vocab.json + merges.txt)")
         config = self._read_json("tokenizer_config.json") or {}
+        cfg_file = os.path.join(path, "tokenizer_config.json")
+        if not isinstance(config, dict):
+            raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(config).__name__}")
         added = config.get("added_tokens_decoder", {})
         if added:
             from tokenizers import AddedToken
 
-            self.tok.add_special_tokens([AddedToken(v["content"], special=True) for v in added.values()
-                                         if self.tok.token_to_id(v["content"]) is None])
-        self.chat_template = self._find_template(config)
+            with _corrupt(cfg_file, "added_tokens_decoder"):
+                self.tok.add_special_tokens([AddedToken(v["content"], special=True) for v in added.values()
+                                             if self.tok.token_to_id(v["content"]) is None])
+        self.chat_template, self._template_file = self._find_template(config)
+        self._template = None
+        if self.chat_template is not None:
+            import jinja2
+
+            if not isinstance(self.chat_template, str):
+                raise CheckpointError(f"the chat template in {self._template_file} must be a string")
+            env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
+            env.globals["raise_exception"] = _raise
+            with _corrupt(self._template_file, "chat template"):
+                self._template = env.from_string(self.chat_template)
 
     def _read_json(self, name: str) -> Any:
         p = os.path.join(self.path, name)
         if not os.path.isfile(p):
             return None
-        with open(p, encoding="utf-8") as f:
-            return json.load(f)
+        with _corrupt(p):
+            with open(p, encoding="utf-8") as f:
+                return json.load(f)
 
-    def _find_template(self, config: dict) -> str | None:
+    def _find_template(self, config: dict) -> tuple[str | None, str]:
         p = os.path.join(self.path, "chat_template.jinja")
         if os.path.isfile(p):
-            with open(p, encoding="utf-8") as f:
-                return f.read()
+            with _corrupt(p):
+                with open(p, encoding="utf-8") as f:
+                    return f.read(), p
         tpl = self._read_json("chat_template.json")
         if isinstance(tpl, dict) and tpl.get("chat_template"):
-            return tpl["chat_template"]
-        return config.get("chat_template")
+            return tpl["chat_template"], os.path.join(self.path, "chat_template.json")
+        return config.get("chat_template"), os.path.join(self.path, "tokenizer_config.json")
 
     # ---------------------------------------------------------------------------------------------------
     def encode(self, text: str) -> list[int]:
@@ -78,18 +103,31 @@ class OmniTokenizer:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """The chat template applied to ``messages`` (audio parts become one <|audio_pad|> each)."""
-        if not self.chat_template:
+        if self._template is None:
             raise ValueError(f"the tokenizer in {self.path} has no chat template; pass an omni_rt.Prompt instead")
         import jinja2
 
-        env = jinja2.Environment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.StrictUndefined)
-        env.globals["raise_exception"] = _raise
-        return env.from_string(self.chat_template).render(messages=messages,
-                                                          add_generation_prompt=add_generation_prompt)
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt)
+        except jinja2.TemplateError as e:  # e.g. a field the template needs is missing from a message
+            raise ValueError(f"the chat template ({self._template_file}) cannot render these messages: "
+                             f"{type(e).__name__}: {e}") from None
 
 
 def _raise(message: str):
     raise ValueError(message)
+
+
+@contextlib.contextmanager
+def _corrupt(file: str, what: str = ""):
+    """Any error while reading/parsing ``file`` becomes a CheckpointError naming it."""
+    try:
+        yield
+    except (CheckpointError, KeyboardInterrupt, SystemExit, GeneratorExit):
+        raise
+    except BaseException as e:  # json, jinja2, decoding; tokenizers' Rust panics are pyo3 BaseExceptions
+        raise CheckpointError(f"{file}{f' ({what})' if what else ''} is corrupt or unreadable: "
+                              f"{type(e).__name__}: {e}") from None
 
 
 def split_messages(messages: Any) -> tuple[list[dict], list[Any]]:

@@ -201,7 +201,7 @@ def load_image(image: Any, name: str = "image") -> torch.Tensor:
     if isinstance(image, (str, os.PathLike)):
         path = os.fspath(image)
         if not os.path.isfile(path):
-            raise ValueError(f"{name}: file not found: {path}")
+            raise FileNotFoundError(f"{name}: file not found: {path}")
         Image = _pil()
         try:
             with Image.open(path) as img:
@@ -372,7 +372,7 @@ def load_video(path: str | os.PathLike, name: str = "video") -> tuple[np.ndarray
     av = _av(name)
     path = os.fspath(path)
     if not os.path.isfile(path):
-        raise ValueError(f"{name}: file not found: {path}")
+        raise FileNotFoundError(f"{name}: file not found: {path}")
     try:
         with av.open(path) as container:
             if not container.streams.video:

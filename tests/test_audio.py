@@ -506,3 +506,28 @@ def test_load_file_errors(tmp_path, monkeypatch):
         audio.load(junk)
     with pytest.raises(ValueError, match="empty"):
         audio.load(empty)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# absurd inputs (issue 12 item 5): refused, never normalised, before anything large is allocated
+# ----------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("sr", [1, 999, 768001, 10 ** 12, 2 ** 62])
+def test_absurd_sample_rates_are_refused_before_resampling(monkeypatch, sr):
+    def never(*a, **k):
+        raise AssertionError("resample() was reached")
+
+    monkeypatch.setattr(audio, "resample", never)
+    with pytest.raises(ValueError, match="MIN_SAMPLE_RATE"):
+        audio.load(np.zeros(1000, np.float32), sr=sr)
+
+
+def test_huge_amplitudes_are_refused_not_normalised():
+    loud = sine(440, 16000, 0.5) * 1e12
+    with pytest.raises(ValueError, match="MAX_AMPLITUDE"):
+        audio.load(loud)
+    with pytest.raises(ValueError, match="MAX_AMPLITUDE"):
+        audio.load(np.full(4000, np.finfo(np.float32).max, np.float32))
+    edge = sine(440, 16000, 0.5) * audio.MAX_AMPLITUDE
+    assert bool(torch.isfinite(audio.log_mel(audio.load(edge))).all())   # accepted => finite features
+    with pytest.raises(ValueError, match="not finite"):
+        audio.log_mel(np.full(4000, 1e30, np.float32))                   # log_mel called directly

@@ -162,3 +162,35 @@ def test_kept_fp8_model_matches_meta_build_and_dequantized_forward(wide):
             h, _ = m.thinker(m.thinker.embed(ids), pos, caches, meta_attn)
             outs.append(m.thinker.logits(h))
     torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+def _prefill_logits(model, ids):
+    from omni_rt.testing.agreement import teacher_forced_logits
+
+    return teacher_forced_logits(model, ids)
+
+
+def test_kept_fp8_thinker_with_triton_forced_equals_dequantized(wide):
+    """The FP8 Triton kernels (fp8_linear weight-only and w8a8, fused_moe_fp8) inside the real model, under the
+    interpreter: the kept-FP8 thinker's prefill logits equal the dequantized model's (weight-only) and stay
+    close with w8a8 prefill activations."""
+    from omni_rt.kernels import force_triton
+    from omni_rt.models.layers import FP8Linear
+
+    from _tolerances import rel_err
+
+    _, fp8, _ = wide
+    kept = load_model(fp8, keep_fp8=True, with_talker=False)
+    deq = load_model(fp8, with_talker=False)
+    ids = [3, 17, 42, 99, 7, 300, 12]
+    ref = _prefill_logits(deq, ids)
+    with force_triton():
+        got = _prefill_logits(kept, ids)
+    assert rel_err(got, ref) <= PARITY["logits_rel"]
+    linears = [m for m in kept.modules() if isinstance(m, FP8Linear)]
+    assert linears
+    for m in linears:
+        m.act_fp8_min_tokens = 4
+    with force_triton():
+        w8a8 = _prefill_logits(kept, ids)
+    assert 0 < rel_err(w8a8, ref) <= 0.1

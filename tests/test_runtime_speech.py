@@ -240,3 +240,32 @@ def test_encode_audio_equals_reference_tower(rt, hf_tiny, tmp_path):
     path = tmp_path / "q.wav"
     omni_rt.audio.write_wav(path, wav, 16000)
     assert rel_err(rt.encode_audio(str(path)), ref) <= 1e-3  # 16-bit PCM round trip
+
+
+def test_assistant_turn_without_newline_equals_transformers(rt, hf_tiny):
+    # '<|im_start|>assistant' as the prompt's last tokens, no '\n': the reference's assistant segment then starts
+    # with the generated tokens; this used to index past the prompt inside the engine step.
+    p = omni_rt.Prompt(token_ids=[449, 11, 198, 100, 200, 300, 42, 450, 198, 449, 12])
+    out = rt.generate(p, speaker="ethan", thinker=T_GREEDY, talker=K_GREEDY)
+    ids, codes, wav = hf_generate(hf_tiny, p, "ethan")
+    assert out.token_ids == ids and np.array_equal(out.codes, codes)
+    assert np.abs(out.audio - wav).max() <= PARITY["waveform_abs"]
+    assert rt.stats()["fault"] is None
+
+
+@pytest.mark.parametrize("seconds", [0.05, 0.3, 0.99, 1.01])
+def test_encode_short_audio_equals_reference(rt, hf_tiny, seconds):
+    """Short waveforms (a "yes", a "hi") through log-mel and AuT == WhisperFeatureExtractor + transformers' tower."""
+    from transformers import WhisperFeatureExtractor
+
+    from _tolerances import rel_err
+
+    wav = spoken_question(seconds)
+    f = WhisperFeatureExtractor(feature_size=128)(wav, sampling_rate=16000, padding=True, truncation=False,
+                                                   return_attention_mask=True, return_tensors="pt")
+    with torch.inference_mode():
+        ref = hf_tiny.thinker.get_audio_features(f["input_features"],
+                                                 feature_attention_mask=f["attention_mask"]).last_hidden_state
+    ours = rt.encode_audio(wav)
+    assert ours.shape == ref.shape
+    assert rel_err(ours, ref) <= PARITY["audio_encoder_rel"], rel_err(ours, ref)

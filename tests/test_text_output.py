@@ -95,8 +95,10 @@ def test_runtime_stop_string_ends_text_and_speech(rt):
     chunks = list(rt.stream(msgs, thinker=gs, talker=omni_rt.SamplingParams(temperature=0.0, max_new_tokens=40)))
     assert "".join(c.text_delta for c in chunks) == out.text
     assert np.array_equal(np.concatenate([c.audio for c in chunks]), out.audio)
-    with pytest.raises(ValueError, match="stop"):
+    with pytest.raises(TypeError, match="stop"):   # a string where a list of strings belongs (issue 12)
         rt.generate(msgs, thinker=omni_rt.SamplingParams(stop="x"))
+    with pytest.raises(ValueError, match="stop"):
+        rt.generate(msgs, thinker=omni_rt.SamplingParams(stop=[""]))
 
 
 def test_runtime_reasoning_when_the_prompt_opens_a_think_span(rt):

@@ -192,13 +192,13 @@ def test_audio_in_video_layout_breaking_the_rule_is_refused(rt, tiny_config):
 
 
 @pytest.mark.parametrize("part, match", [
-    ({"type": "image", "image": "/no/such/file.png"}, "image 0: file not found"),
+    ({"type": "image", "image": "/no/such/file.png"}, "image 0: file not found"),   # FileNotFoundError (issue 12)
     ({"type": "image", "image": np.zeros((0, 4, 3), np.uint8)}, "image 0: zero-size"),
     ({"type": "image", "image": 3.5}, "image 0: not an image"),
     ({"type": "video", "video": np.zeros((0, 8, 8, 3), np.uint8)}, "video 0: the video has no frames"),
 ])
 def test_bad_vision_inputs_fail_that_request_only(rt, part, match):
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(FileNotFoundError if "not found" in match else ValueError, match=match):
         rt.generate(_user(part), thinker=GREEDY, return_audio=False)
     # the runtime keeps serving
     assert rt.generate(_user({"type": "text", "text": "Hi"}), thinker=GREEDY, return_audio=False).token_ids
@@ -252,3 +252,28 @@ def test_concurrent_mixed_modalities_equal_solo(rt):
     for t in threads:
         t.join()
     assert results == solo
+
+
+def test_too_long_video_is_a_clear_error(tiny_checkpoint):
+    with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_model_len=400) as r:
+        frames = np.zeros((8, 32, 32, 3), np.uint8)      # scaled up to 384×384: 4 grids of 144 tokens
+        with pytest.raises(ValueError, match=r"video 0: 576 tokens \(384×384, 8 frames\).*max_model_len 400"):
+            r.generate(_user({"type": "video", "video": frames}), thinker=GREEDY, return_audio=False)
+        # a shorter one fits, and both stages' KV plans count its visual tokens
+        out = r.generate(_user({"type": "video", "video": frames[:2]}), thinker=GREEDY, return_audio=True,
+                         talker=omni_rt.SamplingParams(temperature=0.0, max_new_tokens=4))
+        assert len(out.token_ids) >= 1
+
+
+def test_kv_plan_counts_visual_tokens(tiny_checkpoint):
+    # A pool of 160 tokens: a 320×256 image is 80 visual tokens, so its prompt + max_new_tokens cannot fit,
+    # while a 160×256 one (40 tokens) can.
+    with omni_rt.Runtime(tiny_checkpoint, device="cpu", kv_cache_tokens=160) as r:
+        small = np.zeros((160, 256, 3), np.uint8)
+        msgs = _user({"type": "image", "image": np.zeros((320, 256, 3), np.uint8)})
+        n = len(r._resolve_prompt(msgs).ids)
+        assert n > 80
+        with pytest.raises(ValueError, match="KV blocks"):
+            r.generate(msgs, thinker=omni_rt.SamplingParams(temperature=0.0, max_new_tokens=160 - n + 16),
+                       return_audio=False)
+        assert r.generate(_user({"type": "image", "image": small}), thinker=GREEDY, return_audio=False).token_ids

@@ -86,18 +86,28 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="omni_rt-engine", daemon=True)
         self._thread.start()
 
-    def shutdown(self) -> None:
+    def shutdown(self, wait: bool = True) -> None:
+        """Stop the engine thread; every request in flight or queued ends with a RuntimeError. Idempotent.
+
+        wait: join the thread (never when called from the engine thread itself, e.g. by a finalizer)."""
         with self._lock:
             self._stop = True
             self._lock.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout=30)
+        thread = self._thread
+        if wait and thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=60)
+
+    @property
+    def closed(self) -> bool:
+        return self._stop
 
     def submit(self, req: EngineRequest) -> None:
         if self.fault is not None:
             raise DeviceFault(f"the runtime hit a device fault and must be recreated: {self.fault}")
         self._check_fits(req)
         with self._lock:
+            if self._stop:  # checked under the lock the loop drains under: no request can slip past the drain
+                raise RuntimeError("the runtime is closed: create a new omni_rt.Runtime")
             if req.request_id in self.requests:
                 raise ValueError(f"request id {req.request_id!r} is already in flight")
             self.requests[req.request_id] = req
@@ -141,10 +151,18 @@ class Engine:
                 self._fail_all(e)
         # Closed with requests still in flight: end their streams instead of leaving consumers waiting.
         closed = RuntimeError("the runtime was closed before this request finished")
-        for req in list(self.running) + list(self.waiting):
-            req.out.put(StreamChunk(req.request_id, finished=True, error=closed))
+        with self._lock:
+            running, waiting = list(self.running), list(self.waiting)
+            self.waiting.clear()
+            self.requests.clear()
+        for req in running:  # return their KV blocks and speech slots, so the final stats show them free
+            try:
+                self._release(req)
+            except Exception:  # noqa: BLE001 - a faulted engine's bookkeeping may be gone; the streams still end
+                pass
         self.running.clear()
-        self.waiting.clear()
+        for req in running + waiting:
+            req.out.put(StreamChunk(req.request_id, finished=True, error=closed))
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -206,7 +224,8 @@ class Engine:
         audio_embeds = None
         counts: list[int] = []
         if req.audios:
-            mels = [audio_mod.log_mel(a, device=self.device) for a in req.audios]
+            n_mels = self.cfg.thinker.audio.num_mel_bins
+            mels = [audio_mod.log_mel(a, device=self.device, n_mels=n_mels) for a in req.audios]
             lens = [m.shape[1] for m in mels]
             counts = [int(thinker.audio_tower.num_audio_tokens(n)) for n in lens]
             pads = sum(1 for t in req.prompt if t == self.cfg.thinker.audio_token_id)

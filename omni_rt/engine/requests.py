@@ -15,6 +15,19 @@ from ..tokenizer import IncrementalDetokenizer
 from .text_output import TextOutput
 
 
+class OutputChannel(queue.Queue):
+    """A request's chunk queue. ``waker`` (if set) is called after every put, on the putting thread, so an
+    event loop can await chunks without parking an executor thread on ``get()`` (see omni_rt.streams)."""
+
+    waker = None
+
+    def put(self, item, block: bool = True, timeout: float | None = None) -> None:
+        super().put(item, block, timeout)
+        waker = self.waker
+        if waker is not None:
+            waker()
+
+
 class Phase(enum.Enum):
     WAITING = "waiting"        # queued, no resources yet
     PREFILL = "prefill"        # thinker prompt being prefilled (possibly over several steps)
@@ -35,7 +48,7 @@ class EngineRequest:
     talker_seed: int
     detok: IncrementalDetokenizer
     text_out: "TextOutput | None" = None   # text/reasoning deltas and stop strings (None: plain detok)
-    out: "queue.Queue[StreamChunk]" = dataclasses.field(default_factory=queue.Queue)
+    out: OutputChannel = dataclasses.field(default_factory=OutputChannel)
     seq_id: int = -1
     phase: Phase = Phase.WAITING
     output: list[int] = dataclasses.field(default_factory=list)

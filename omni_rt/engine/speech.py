@@ -15,7 +15,9 @@ How the reference builds the talker's input (transformers ``Qwen3OmniMoeForCondi
   per-step inputs (the last generated token never does: it is never fed back, so never projected), then
   tts_eos once, then tts_pad. A thinker that stopped on a stop id at generated index e also gets tts_eos at
   entry e and tts_pad after it (the reference's batch fix; a no-op when the assistant prompt is 3 tokens).
-* positions are plain (text and audio prompts): prefill 0..n-1, decode step k at n + k, equal on t/h/w.
+* positions are plain for text and audio prompts: prefill 0..n-1, decode step k at n + k, equal on t/h/w; with
+  images or video in the user turns, TM-RoPE over the talker's ids (``talker_positions``) and decode step k at
+  n + k + rope_delta.
 * code 0 sampling: repetition penalty over the talker's own generated code-0 ids (not the prompt), codec ids
   [vocab-1024, vocab) suppressed except codec_eos, stop on codec_eos. Each code 0 that is not a stop and not
   the last allowed token gets its residual codes from the code predictor (which samples with top_k 50,
@@ -37,6 +39,7 @@ import torch
 from ..profiling import census_stage
 from ..request import SamplingParams
 from .kv_cache import KVCachePool
+from ..models.mrope import decode_positions, multimodal_positions
 from .model_runner import DecoderRunner, text_positions
 from .sampler import SamplingTensors, sample
 from .text_generation import TextSequence, _sample as _sample_text
@@ -58,7 +61,7 @@ class TalkerTextFeed:
 
     def __init__(self, model, prompt_ids: Sequence[int], thinker_embeds: torch.Tensor,
                  thinker_hidden: torch.Tensor | None, speaker_id: int, stop_ids: Sequence[int] = (),
-                 max_new_tokens: int | None = None):
+                 max_new_tokens: int | None = None, vision: Sequence = ()):
         cfg = model.cfg
         if model.talker is None:
             raise ValueError("this model has no talker (text-only checkpoint or loaded with_talker=False)")
@@ -109,6 +112,10 @@ class TalkerTextFeed:
                                       tc.codec_pad_id, tc.codec_bos_id], device=device)
             self.codec_prefix = torch.cat((torch.zeros(3, h, device=device, dtype=self.tts_pad.dtype),
                                            self.talker.embed_codec(codec_ids)))  # (9, H)
+        # TM-RoPE for the talker prompt (user turns + 9 assistant positions) when it holds images or video.
+        self.positions, self.rope_delta = None, 0.0
+        if vision:
+            self.positions, self.rope_delta = talker_positions(cfg, ids, user.tolist(), vision)
 
     # -- thinker side ------------------------------------------------------------------------------------
     def push(self, tokens: Sequence[int], finished: bool = False) -> None:
@@ -164,10 +171,14 @@ class TalkerTextFeed:
         """→ (embeds (n_user + 9, H), positions (3, n_user + 9)); call when ``prefill_ready()``."""
         if not self.prefill_ready():
             raise RuntimeError("the talker prefill needs the thinker's first token")
-        text = torch.stack([self.assistant_proj[0], self.assistant_proj[1], self.assistant_proj[2],
+        # A[0..2] through _a_token_proj: a prompt ending in '<|im_start|>assistant' without its newline has
+        # p = 2, and then A[2] is the first generated token, exactly as in the reference's assistant segment.
+        text = torch.stack([self._a_token_proj(0), self._a_token_proj(1), self._a_token_proj(2),
                             self.tts_pad, self.tts_pad, self.tts_pad, self.tts_pad, self.tts_bos,
                             self._a_token_proj(3)])
         embeds = torch.cat((self.user_embeds, text + self.codec_prefix))
+        if self.positions is not None:
+            return embeds, self.positions.to(embeds.device)
         return embeds, text_positions(0, embeds.shape[0], embeds.device)
 
     def entry(self, k: int) -> torch.Tensor | None:
@@ -238,6 +249,39 @@ class TalkerRequest:
         if not self.frames:
             return torch.zeros(g, 0, dtype=torch.long, device=self.feed.tts_pad.device)
         return torch.stack(self.frames, dim=1)
+
+
+def talker_positions(cfg, ids: list[int], user: list[bool], vision: Sequence) -> tuple[torch.Tensor, float]:
+    """(3, n_user + 9) float32 positions and rope delta of a talker prompt whose user turns hold images/video.
+
+    The reference runs get_rope_index over the talker's ids (user-turn ids + the 9 assistant ids) with the
+    request's image/video grids, so image-only and video-only prompts get the thinker's TM-RoPE rule there too.
+    With audio as well, transformers crashes (the talker config has no audio_config) and, patched, gives
+    audio-in-video 1-D positions (use_audio_in_video is not passed to the talker). omni_rt's rule: the talker
+    follows the thinker's position rule for every block of its user turns, audio and audio-in-video included.
+    """
+    th = cfg.thinker
+    merge = th.vision.spatial_merge_size if th.vision is not None else 2
+    user_ids = [t for t, u in zip(ids, user) if u]
+    # The media whose blocks lie in user turns, in order; audio token counts read off the ids.
+    items, audio_counts, vi = [], [], 0
+    i, n = 0, len(ids)
+    while i < n:
+        t = ids[i]
+        if t == th.vision_start_token_id:
+            if user[i]:
+                items.append(vision[vi])
+            vi += 1
+        elif t == th.audio_start_token_id:
+            j = i + 1
+            while j < n and ids[j] != th.audio_end_token_id:
+                j += 1
+            if user[i]:
+                audio_counts.append(sum(1 for x in ids[i + 1: j] if x == th.audio_token_id))
+        i += 1
+    # The 9 assistant positions are plain text for the rule (any non-special id).
+    text_id = cfg.im_start_token_id
+    return multimodal_positions(user_ids + [text_id] * 9, th, merge, audio_counts, items)
 
 
 def new_talker_request(seq_id: int, feed: TalkerTextFeed, params: SamplingParams | None = None) -> TalkerRequest:
@@ -386,8 +430,8 @@ def _talker_decode_device(model, runner: DecoderRunner, reqs: Sequence[TalkerReq
     if not ready:
         return [], None, None
     device = embeds[0].device
-    pos = torch.tensor([r.feed.prefill_len + r.step for r in ready], device=device)
-    hidden, _ = runner.decode([r.seq_id for r in ready], torch.stack(embeds), pos.expand(3, -1))
+    pos = decode_positions([r.feed.prefill_len + r.step for r in ready], [r.feed.rope_delta for r in ready], device)
+    hidden, _ = runner.decode([r.seq_id for r in ready], torch.stack(embeds), pos)
     return ready, hidden, _sample_code0_device(model.talker, hidden, ready)
 
 

@@ -146,7 +146,7 @@ class SpeechStage:
                 raise RuntimeError("the thinker's accept-layer hidden states were not captured for every prompt "
                                    "position")
             feed = TalkerTextFeed(self.model, req.prompt, req.embeds, taps, req.speaker_id, req.thinker_stop_ids,
-                                  req.thinker_params.max_new_tokens)
+                                  req.thinker_params.max_new_tokens, vision=[v.item for v in req.vision])
             p = dataclasses.replace(req.talker_params, seed=req.talker_seed)
             sp.talker = new_talker_request(_TALKER_SEQ_BASE + req.seq_id, feed, p)
             req.prompt_taps = []   # the feed keeps only the projected user turns

@@ -18,11 +18,11 @@ everything else is per token), so the encoder runs in *passes* of whole windows 
 memory is therefore bounded by one pass whatever the audio length (a 40-minute clip is 2400 chunks); only
 the output grows with the input. The reference instead pads and convolves every chunk of the batch at once.
 
-Padding: every chunk is zero-padded to the full 100 frames before the convolutions. transformers pads to the
-longest chunk *of the batch*, which is 100 frames as soon as any audio in the batch lasts >= 1 s; only for a
-batch made solely of sub-second clips does it pad less, and then the last tokens of a clip depend on which
-other clips share its batch (the conv's padding border moves). Padding to 100 always makes every audio's
-tokens independent of its batch, and equal to transformers' whenever the batch holds a clip of >= 1 s.
+Padding: transformers zero-pads every chunk to the longest chunk of its batch. We pad each audio's chunks to
+that audio's own longest chunk: 100 frames for an audio of >= 1 s (its first chunk is full), its whole length
+for a shorter one. This equals the reference for an audio encoded alone (how its processor and our engine
+encode a request's audio), and keeps every audio's tokens independent of what it is batched with (in a
+reference batch the padding border of a sub-second clip moves with its neighbours).
 """
 from __future__ import annotations
 
@@ -240,13 +240,14 @@ class AudioEncoder(nn.Module):
         return passes
 
     # ---------------------------------------------------------------- compute
-    def _padded_chunks(self, audios: list[torch.Tensor], p: _Pass, dtype: torch.dtype) -> torch.Tensor:
-        """(chunks, 1, num_mel_bins, 100): the pass's chunks, zero-padded to full length, in ``dtype``."""
+    def _padded_chunks(self, audios: list[torch.Tensor], segments: Sequence[_Segment], n_chunks: int,
+                       dtype: torch.dtype) -> torch.Tensor:
+        """(chunks, 1, num_mel_bins, 100): the segments' chunks, zero-padded to full length, in ``dtype``."""
         mel, L = self.cfg.num_mel_bins, self.chunk_frames
-        device = audios[p.segments[0].audio].device
-        buf = torch.zeros((len(p.chunk_tokens), mel, L), dtype=dtype, device=device)
+        device = audios[segments[0].audio].device
+        buf = torch.zeros((n_chunks, mel, L), dtype=dtype, device=device)
         row = 0
-        for s in p.segments:
+        for s in segments:
             x = audios[s.audio]
             frames = x.shape[1]
             full = max(0, min(s.c1, frames // L) - s.c0)
@@ -271,7 +272,7 @@ class AudioEncoder(nn.Module):
             h = gelu_(self.conv2d3(h))
             b, c, f, t = h.shape
             h = self.conv_out(h.permute(0, 3, 1, 2).reshape(b, t, c * f))
-            outs.append(h + self._chunk_positions(h.device, h.dtype))
+            outs.append(h + self._chunk_positions(h.device, h.dtype)[:t])
         h = outs[0] if len(outs) == 1 else torch.cat(outs, dim=0)
         n, t, d = h.shape
         h = h.reshape(n * t, d)
@@ -283,7 +284,28 @@ class AudioEncoder(nn.Module):
     def _encode_pass(self, audios: list[torch.Tensor], p: _Pass) -> torch.Tensor:
         """(pass tokens, output_dim) for one pass of whole windows."""
         dtype = self.conv2d1.weight.dtype
-        h = self._embed(self._padded_chunks(audios, p, dtype), p.chunk_tokens)
+        parts: list[torch.Tensor] = []
+        run: list[_Segment] = []
+        run_tokens: list[int] = []
+        k = 0
+        for s in p.segments:
+            n = s.c1 - s.c0
+            tokens = list(p.chunk_tokens[k:k + n])
+            k += n
+            x = audios[s.audio]
+            if x.shape[1] < self.chunk_frames:
+                # A sub-second audio is one partial chunk, padded (by nothing) to its own length as the
+                # reference pads it: its conv output is exactly its valid tokens.
+                if run:
+                    parts.append(self._embed(self._padded_chunks(audios, run, len(run_tokens), dtype), run_tokens))
+                    run, run_tokens = [], []
+                parts.append(self._embed(x.to(dtype)[None, None], tokens))
+            else:
+                run.append(s)
+                run_tokens.extend(tokens)
+        if run:
+            parts.append(self._embed(self._padded_chunks(audios, run, len(run_tokens), dtype), run_tokens))
+        h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         cu = torch.tensor((0, *p.window_tokens), dtype=torch.int32).cumsum(0, dtype=torch.int32).to(h.device)
         longest = max(p.window_tokens, default=0)
         for layer in self.layers:

@@ -94,13 +94,15 @@ def keeps_fp8(cfg: OmniConfig, device: str | torch.device, quantize: bool) -> bo
 def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                with_talker: bool = True, cfg: OmniConfig | None = None,
                progress: Callable[[str], None] | None = None, quantization: str | None = None,
-               keep_fp8: bool | None = None) -> OmniModel:
+               keep_fp8: bool | None = None, fp8_activations_from: int | None = None) -> OmniModel:
     """Load a HF-layout Qwen3-Omni checkpoint directory into an ``OmniModel`` on ``device`` in ``dtype``.
 
     quantization: None (weights as stored; an FP8 checkpoint is recognised from its config) or "fp8"
     (quantize a bf16/fp32 checkpoint's eligible weights to block FP8 while streaming it in).
     keep_fp8: keep FP8 weights FP8 in memory (default: when the device has FP8 hardware, ``keeps_fp8``);
     otherwise they are dequantized to ``dtype`` at load.
+    fp8_activations_from: with FP8 weights kept, dense projections quantize their activations too (w8a8, per
+    token and 128 columns) for inputs of at least this many tokens (prefill); None: weight-only everywhere.
     """
     if quantization not in (None, "fp8"):
         raise ValueError(f"quantization must be None or 'fp8', got {quantization!r}")
@@ -120,6 +122,12 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     if leftover:
         raise CheckpointError(f"parameters never loaded: {leftover[:3]}")
     model.eval()
+    if fp8_activations_from is not None:
+        from .layers import FP8Linear
+
+        for m in model.modules():
+            if isinstance(m, FP8Linear):
+                m.act_fp8_min_tokens = fp8_activations_from
     if progress:
         progress(f"loaded {path} in {time.perf_counter() - start:.2f} s")
     return model

@@ -78,10 +78,11 @@ class Decoder(nn.Module):
             ds = deepstack is not None and i < len(deepstack[1])
             if ds or tap_layer == i + 1:
                 x, residual = x + residual, None   # the stream itself is needed here
-                if ds:
-                    x = x.index_put((deepstack[0],), deepstack[1][i].to(x.dtype), accumulate=True)
+                # transformers records hidden_states[k] at the layer's output, before the deepstack addition.
                 if tap_layer == i + 1:
                     tap = x
+                if ds:
+                    x = x.index_put((deepstack[0],), deepstack[1][i].to(x.dtype), accumulate=True)
         return (self.norm(x) if residual is None else self.norm(x, residual)[0]), tap
 
 

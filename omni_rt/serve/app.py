@@ -90,7 +90,7 @@ def _runtime_error(e: BaseException) -> ApiError:
     """A Runtime exception as an API error: bad input is 400, a closed/faulted runtime 503, the rest 500."""
     if isinstance(e, ApiError):
         return e
-    if isinstance(e, (ValueError, FileNotFoundError)):
+    if isinstance(e, (ValueError, TypeError, FileNotFoundError)):  # the runtime's argument errors name the field
         return ApiError(400, str(e))
     import omni_rt
 
