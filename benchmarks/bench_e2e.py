@@ -102,7 +102,7 @@ def test_stream_first_packet(benchmark, rt):
 @pytest.mark.gpu
 @pytest.mark.benchmark(group="e2e-gpu")
 def test_full_size_concurrency(benchmark):
-    from omni_rt.models.omni import build_synthetic_model
+    from omni_rt.testing import build_synthetic_model
 
     model = build_synthetic_model("full", torch.bfloat16, "cuda")
     with omni_rt.Runtime(model, device="cuda", dtype=torch.bfloat16, max_batch_size=6) as full:

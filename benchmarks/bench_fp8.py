@@ -104,7 +104,7 @@ def test_fused_moe_fp8(benchmark, device, m, impl):
 
 def test_fp8_agreement_vs_unquantized(benchmark, device):
     """Teacher-forced top-1 agreement / logit error of FP8 weights vs the unquantized model (run once)."""
-    from omni_rt.models.omni import build_synthetic_model
+    from omni_rt.testing import build_synthetic_model
     from omni_rt.testing.agreement import agreement
 
     from omni_rt.testing.configs import full_config

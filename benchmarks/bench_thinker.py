@@ -12,22 +12,24 @@ import time
 import pytest
 import torch
 
-from omni_rt.engine.kv_cache import KVCachePool
-from omni_rt.engine.model_runner import DecoderRunner
-from omni_rt.engine.text_generation import generate_text
-from omni_rt.models.omni import build_synthetic_model, load_model
+from omni_rt import Prompt, Runtime
+from omni_rt.models.omni import load_model
 from omni_rt.request import SamplingParams
-from omni_rt.testing import make_checkpoint
+from omni_rt.testing import build_synthetic_model, make_checkpoint
 
 NEW_TOKENS = 24
 PROMPT = [449, 11, 198, 100, 200, 300, 42, 17, 18, 19, 450, 198, 449, 12, 198]
 
 
-def _runner(model, tokens, device="cpu", dtype=torch.float32):
-    tc = model.cfg.thinker.text
-    pool = KVCachePool(tc.num_hidden_layers, -(-tokens // 16) + 1, 16, tc.num_key_value_heads, tc.head_dim,
-                       dtype, device)
-    return DecoderRunner(model.thinker.forward, pool)
+def _runtime(model, batch, tokens, device="cpu", dtype=torch.float32):
+    return Runtime(model, device=device, dtype=dtype, max_batch_size=batch, kv_cache_tokens=batch * tokens + 16,
+                   max_model_len=tokens, cuda_graphs=False)
+
+
+def generate_text(rt, prompts, params):
+    """Every prompt at once through the engine (one batch); the generated ids per prompt."""
+    streams = [rt.stream(Prompt(token_ids=p), thinker=sp, return_audio=False) for p, sp in zip(prompts, params)]
+    return [[t for c in s for t in c.token_ids] for s in streams]
 
 
 @pytest.mark.parametrize("config", ["tiny", "small"])
@@ -41,10 +43,11 @@ def test_greedy_generate_vs_transformers(benchmark, tmp_path, config):
     params = [SamplingParams(temperature=0.0, max_new_tokens=NEW_TOKENS, stop_token_ids=[]).resolved("thinker")]
 
     times = []
+    rt = _runtime(model, 1, len(PROMPT) + NEW_TOKENS)
 
     def ours():
         t = time.perf_counter()
-        result = generate_text(model.thinker, _runner(model, len(PROMPT) + NEW_TOKENS), [PROMPT], params)[0].output
+        result = generate_text(rt, [PROMPT], params)[0]
         times.append(time.perf_counter() - t)
         return result
 
@@ -54,6 +57,7 @@ def test_greedy_generate_vs_transformers(benchmark, tmp_path, config):
         ref = hf.thinker.generate(ids, max_new_tokens=NEW_TOKENS, do_sample=False, eos_token_id=None)
         hf_s = time.perf_counter() - t0
     out = benchmark.pedantic(ours, rounds=3, iterations=1, warmup_rounds=1)
+    rt.close()
     assert out == ref[0, len(PROMPT):].tolist()
     ours_s = sorted(times)[len(times) // 2]  # our own clock: pytest-benchmark keeps no stats when disabled
     benchmark.extra_info.update({"config": config, "tokens": NEW_TOKENS, "omni_rt_tok_s": NEW_TOKENS / ours_s,
@@ -79,15 +83,17 @@ def test_full_size_decode_tokens_per_s(benchmark, batch, full_thinker):
     prompts = [[PROMPT[0]] + [1000 + 7 * i + j for j in range(60)] for i in range(batch)]
     params = [SamplingParams(temperature=0.0, max_new_tokens=steps, stop_token_ids=[]).resolved("thinker")] * batch
 
+    rt = _runtime(model, batch, 61 + steps, "cuda", torch.bfloat16)
+
     def run():
-        runner = _runner(model, batch * (61 + steps), "cuda", torch.bfloat16)
         torch.cuda.synchronize()
         t0 = time.perf_counter()
-        generate_text(model.thinker, runner, prompts, params)
+        generate_text(rt, prompts, params)
         torch.cuda.synchronize()
         return time.perf_counter() - t0
 
     seconds = benchmark.pedantic(run, rounds=3, iterations=1, warmup_rounds=1)
+    rt.close()
     benchmark.extra_info.update({"batch": batch, "tokens_per_s": batch * steps / seconds,
                                  "ms_per_step": seconds / steps * 1000, "device": torch.cuda.get_device_name(0),
                                  "floor_ms_per_step_h100_b1": 1.82,

@@ -92,6 +92,7 @@ PYBIND11_MODULE(_C, m) {
       .def("append_batch", &BlockManager::append_batch, py::arg("seq_ids"))
       .def("fork", &BlockManager::fork, py::arg("parent_id"), py::arg("child_id"))
       .def("free", &BlockManager::free, py::arg("seq_id"))
+      .def("truncate", &BlockManager::truncate, py::arg("seq_id"), py::arg("num_tokens"))
       .def("block_table", &BlockManager::block_table, py::arg("seq_id"))
       .def("num_tokens", &BlockManager::num_tokens, py::arg("seq_id"))
       .def("num_last_tokens", &BlockManager::num_last_tokens, py::arg("seq_id"))

@@ -206,6 +206,25 @@ std::vector<int32_t> BlockManager::free(int64_t seq_id) {
   return freed;
 }
 
+std::vector<int32_t> BlockManager::truncate(int64_t seq_id, int64_t num_tokens) {
+  Seq& s = get(seq_id);
+  if (num_tokens < 0 || num_tokens > s.num_tokens) {
+    throw InvalidArgument("truncate: num_tokens must be in [0, " + std::to_string(s.num_tokens) + "], got " +
+                          std::to_string(num_tokens));
+  }
+  const auto keep = static_cast<size_t>(blocks_for_tokens(num_tokens));
+  std::vector<int32_t> freed;
+  while (s.blocks.size() > keep) {
+    release_block(s.blocks.back(), &freed);
+    s.blocks.pop_back();
+  }
+  std::reverse(freed.begin(), freed.end());
+  s.num_tokens = num_tokens;
+  s.last_start = num_tokens;
+  s.last_count = 0;
+  return freed;
+}
+
 const std::vector<int32_t>& BlockManager::block_table(int64_t seq_id) const { return get(seq_id).blocks; }
 
 int64_t BlockManager::num_tokens(int64_t seq_id) const { return get(seq_id).num_tokens; }

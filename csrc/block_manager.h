@@ -88,6 +88,9 @@ class BlockManager {
   void fork(int64_t parent_id, int64_t child_id);
   // Drop seq_id; returns the blocks whose ref count reached zero (now free), in table order.
   std::vector<int32_t> free(int64_t seq_id);
+  // Shrink seq_id to its first num_tokens tokens (the undo of appends: a failed engine step is rolled back);
+  // releases the blocks past them last-to-first and leaves an empty last step. Returns the freed blocks.
+  std::vector<int32_t> truncate(int64_t seq_id, int64_t num_tokens);
 
   const std::vector<int32_t>& block_table(int64_t seq_id) const;
   int64_t num_tokens(int64_t seq_id) const;

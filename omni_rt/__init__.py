@@ -1,13 +1,13 @@
 """omni_rt: an inference runtime for the Qwen3-Omni model family.
 
-Public names: Runtime, Prompt, SamplingParams, audio, testing, CheckpointError, ConfigError.
+Public names: Runtime, Prompt, SamplingParams, audio, vision, testing, CheckpointError, ConfigError.
 Heavy submodules load lazily so ``import omni_rt`` stays cheap and never touches a device.
 """
 from __future__ import annotations
 
 import importlib
 
-from .errors import CheckpointError, ConfigError, DeviceFault
+from .errors import CancelledRequest, CheckpointError, ConfigError, DeviceFault
 
 __version__ = "0.1.0"
 
@@ -19,10 +19,11 @@ _LAZY = {
     "StreamChunk": ("omni_rt.request", "StreamChunk"),
     "OmniConfig": ("omni_rt.config", "OmniConfig"),
     "audio": ("omni_rt.audio", None),
+    "vision": ("omni_rt.vision", None),
     "testing": ("omni_rt.testing", None),
 }
 
-__all__ = ["CheckpointError", "ConfigError", "DeviceFault", "__version__", *_LAZY]
+__all__ = ["CancelledRequest", "CheckpointError", "ConfigError", "DeviceFault", "__version__", *_LAZY]
 
 
 def __getattr__(name: str):

@@ -7,15 +7,15 @@ the engine's own stage callables, which carry ``profiling.census_stage(name)`` m
 ====================  =========================================================================================
 stage                 what runs (batch B)
 ====================  =========================================================================================
-audio_encode          ``thinker.audio_tower`` on B audios of ``audio_seconds`` (30 s) — as ``Engine._prepare``
-thinker_prefill       ``DecoderRunner.prefill`` of B prompts of 75 tokens + lm_head + first-token sampling —
-                      as ``Engine._prefill_step`` (the engine runs prefill eagerly at its real length)
-thinker_decode        ``ThinkerDecodeGraphs`` step (embed → decoder → lm_head → sample) at KV context
-                      ``DECODE_CONTEXT`` — the graphed step ``Engine._decode_step`` replays
-talker_prefill        the talker's 80-token prefill + first code 0 — as ``SpeechStage._prefill_step``
-talker_decode         ``speech.talker_decode_step`` (trailing-text entry, decoder, codec head, sampling)
-code_predictor_frame  ``speech.code_predictor_step`` through ``code_predictor_graphs`` (15 residual codes)
-code2wav_step         ``speech_stage.code2wav_step``: one streaming frame through ``code2wav_graphs``
+audio_encode          ``thinker.audio_tower`` on B audios of ``audio_seconds`` (30 s) — as ``Stages.audio_encode``
+thinker_prefill       ``Stages.thinker_prefill``: B prompts of 75 tokens + lm_head + first-token sampling (the
+                      engine runs prefill eagerly at its real length)
+thinker_decode        ``Stages.thinker_decode`` through ``ThinkerDecodeGraphs`` (embed → decoder → lm_head →
+                      sample) at KV context ``DECODE_CONTEXT`` — the step the engine replays as a graph
+talker_prefill        ``Stages.talker_prefill`` (80 tokens) + ``Stages.sample_code0`` (the first code 0)
+talker_decode         ``Stages.talker_decode`` (trailing-text entry, decoder) + ``Stages.sample_code0``
+code_predictor_frame  ``Stages.code_predictor_frame`` through ``code_predictor_graphs`` (15 residual codes)
+code2wav_step         ``Stages.code2wav_step``: one streaming frame through ``code2wav_graphs``
 ====================  =========================================================================================
 
 Host reads inside a stage (``.item()``, ``.tolist()``, ``.cpu()``, ``nonzero``, boolean masks, ``bool(t)``) are
@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import types
 from typing import Iterator
 
 import torch
@@ -152,17 +151,17 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
     context: KV length of the decode stages (default ``profiling.DECODE_CONTEXT``).
     """
     from .config import OmniConfig
-    from .engine.engine import Engine
+    from .engine.config import EngineConfig
     from .engine.graphs import ThinkerDecodeGraphs, code2wav_graphs, code_predictor_graphs
     from .engine.kv_cache import KVCachePool
-    from .engine.model_runner import DecoderRunner, text_positions
-    from .engine.requests import EngineRequest, Phase
-    from .engine.speech import TalkerTextFeed, code_predictor_step, new_talker_request, talker_decode_step, \
-        talker_first_code
-    from .engine.speech_stage import code2wav_step
+    from .engine.model_runner import DecoderRunner
+    from .engine.sequence import Request, Sequence
+    from .engine.stages import Stages
     from .kernels import force_triton
+    from .models.layers import text_positions
+    from .models.talker import TalkerTextFeed
     from .request import SamplingParams
-    from .tokenizer import IncrementalDetokenizer
+    from .sampling import to_device
 
     if batch < 1:
         raise ValueError(f"batch must be >= 1, got {batch}")
@@ -179,86 +178,91 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
     meta = torch.device("meta")
     B = batch
     cdiv = lambda a, b: -(-a // b)  # noqa: E731
+    n, m = thinker_prefill_tokens, talker_prefill_tokens
 
     recorder = CensusRecorder(dry=True)
     with recorder, force_triton(True), torch.inference_mode():
         model = build_meta_model(cfg, dtype, quant)
         th, tc = model.thinker, cfg.thinker.text
+        # The engine's stage callables, with the graph runners it builds on CUDA (never captured on meta: each
+        # run calls the captured step function) and KV pools sized per stage, so the attention kernels' bytes
+        # are those of the stated context.
+        ecfg = EngineConfig(max_batch_size=B, max_model_len=max(context, n) + 64, max_prefill_tokens=max_prefill_tokens,
+                            kv_block_size=block_size, kv_cache_tokens=B * max(context, n, m + 1), cuda_graphs=True)
+        st = Stages(model, ecfg, meta, dtype)
 
-        # ---- audio_encode: the engine encodes a request's audios in one audio_tower call
+        # ---- audio_encode: one audio_tower call over the request's audios (as Stages.audio_encode)
         frames = int(round(audio_seconds * 100))
         mels = [torch.empty(cfg.thinker.audio.num_mel_bins, frames, device=meta) for _ in range(B)]
-        with census_stage("audio_encode"):   # as Engine._prepare
+        with census_stage("audio_encode"):
             th.audio_tower(torch.cat(mels, dim=1).to(dtype), [frames] * B)
 
-        # ---- thinker_prefill: Engine._prefill_step on B fresh prompts
-        n = thinker_prefill_tokens
-        pool = KVCachePool(tc.num_hidden_layers, B * cdiv(n, block_size), block_size, tc.num_key_value_heads,
-                           tc.head_dim, dtype, meta)
-        runner = DecoderRunner(th.forward, pool, max_prefill_tokens)
+        # ---- thinker_prefill: B fresh prompts of n tokens
         prompt = _chat_prompt(cfg, n)
         params = SamplingParams().resolved("thinker")
         reqs = []
         for i in range(B):
-            r = EngineRequest(f"census-{i}", prompt, [], params, SamplingParams().resolved("talker"), None,
-                              frozenset([cfg.im_end_token_id]), i, i, IncrementalDetokenizer(None))
-            r.seq_id, r.phase = i, Phase.PREFILL
-            r.embeds = torch.empty(n, tc.hidden_size, dtype=dtype, device=meta)
-            r.positions = text_positions(0, n, meta)
-            reqs.append(r)
-        engine = types.SimpleNamespace(running=reqs, max_prefill_tokens=max_prefill_tokens, runner=runner,
-                                       model=model, device=meta, pushed=[],
-                                       tap_layer=cfg.talker.accept_hidden_layer if cfg.has_talker else None)
-        engine._tap = types.MethodType(Engine._tap, engine)
-        engine._sample_device = types.MethodType(Engine._sample_device, engine)
-        engine._push_token = lambda r, tok: engine.pushed.append(tok)
-        Engine._prefill_step(engine)
+            seq = Sequence(i, params, (cfg.im_end_token_id,), i, prompt)
+            seq.set_prompt(torch.empty(n, tc.hidden_size, dtype=dtype, device=meta), text_positions(0, n, meta))
+            reqs.append(Request(f"census-{i}", seq, [], None))
+        pool = KVCachePool(tc.num_hidden_layers, B * cdiv(n, block_size), block_size, tc.num_key_value_heads,
+                           tc.head_dim, dtype, meta)
+        st.thinker_runner = DecoderRunner(th.forward, pool, max_prefill_tokens)
+        tap = cfg.talker.accept_hidden_layer if cfg.has_talker else None
+        ids, _ = st.thinker_prefill(reqs, [n] * B, tap)
+        ids.tolist()   # the engine's read-back, outside the stage
+        for r in reqs:
+            r.thinker.prefilled = n
+            r.thinker.push(1)
 
         # ---- thinker_decode: the graphed step at KV context `context`
         pool = KVCachePool(tc.num_hidden_layers, B * cdiv(context, block_size), block_size,
                            tc.num_key_value_heads, tc.head_dim, dtype, meta)
-        for i in range(B):
-            pool.add_sequence(i, context - 1)
-        graphs = ThinkerDecodeGraphs(th, pool, B, context, use_graphs=True)
-        out = graphs.decode(list(range(B)), [1] * B, [context - 1] * B, [params] * B, [1] * B, list(range(B)))
-        out["next_ids"].tolist()   # the engine's read-back, outside the stage
+        for r in reqs:
+            pool.add_sequence(r.thinker.seq_id, context - 1)
+        st.thinker_pool = pool
+        st.decode_graphs = ThinkerDecodeGraphs(th, pool, B, ecfg.max_model_len)
+        st.thinker_decode(reqs).tolist()   # the engine's read-back, outside the stage
 
         if cfg.has_talker:
             kc = cfg.talker.text
-            m = talker_prefill_tokens
             tpool = KVCachePool(kc.num_hidden_layers, B * cdiv(m + 1, block_size), block_size,
                                 kc.num_key_value_heads, kc.head_dim, dtype, meta)
-            trunner = DecoderRunner(model.talker.forward, tpool, max_prefill_tokens)
+            st.talker_pool = tpool
+            st.talker_runner = DecoderRunner(model.talker.forward, tpool, max_prefill_tokens)
+            st.frame_graph = code_predictor_graphs(model.talker.code_predictor, B, meta, dtype)
+            st.c2w_graph = code2wav_graphs(model.code2wav, B, frames=1)
             speaker = next(iter(cfg.talker.speaker_id.values()))
-            trs = []
-            for i in range(B):
-                feed = TalkerTextFeed(model, prompt, reqs[i].embeds, None, speaker, (cfg.im_end_token_id,), 64)
-                feed.push([1, 1, 1])                  # the thinker is a few tokens ahead of the talker
-                feed._a_token_proj(3)                 # tokens projected in earlier steps
-                trs.append(new_talker_request((1 << 40) + i, feed, SamplingParams().resolved("talker")))
+            tparams = SamplingParams().resolved("talker")
+            for i, r in enumerate(reqs):
+                r.slot = i
+                r.speaker_id = speaker
+                r.talker = Sequence((1 << 40) + i, tparams, (cfg.talker.codec_eos_token_id,), i)
+                r.talker.set_prompt(torch.empty(m, kc.hidden_size, dtype=dtype, device=meta),
+                                    text_positions(0, m, meta))
+                r.feed = TalkerTextFeed(model, prompt, r.thinker.embeds, None, speaker, (cfg.im_end_token_id,), 64)
+                r.feed.push([1, 1, 1])             # the thinker is a few tokens ahead of the talker
+            slots = to_device(list(range(B)), torch.long, meta)
 
-            # ---- talker_prefill: SpeechStage._prefill_step (prefill, then the first code 0)
-            embeds = [torch.empty(m, kc.hidden_size, dtype=dtype, device=meta) for _ in range(B)]
-            positions = [text_positions(0, m, meta)] * B
+            # ---- talker_prefill (and its first code 0), then the frame: the first packet's path
+            last = torch.stack(st.talker_prefill(reqs, [m] * B))
             with census_stage("talker_prefill"):
-                hidden, _ = trunner.prefill([t.seq_id for t in trs], embeds, positions)
-            with census_stage("talker_prefill"):
-                talker_first_code(model, trunner, trs, torch.stack([h[-1] for h in hidden]))
+                code0 = st.sample_code0(reqs, last, slots)
+            for r in reqs:
+                r.talker.prefilled = m
+                r.talker.push(0)
+            frames_, nxt = st.code_predictor_frame(reqs, last, code0)
 
-            # ---- code_predictor_frame: the frame graph (15 residual codes, sampling as the talker samples)
-            cp = model.talker.code_predictor
-            frame_graph = code_predictor_graphs(cp, B, meta, dtype, use_graphs=True)
-            code_predictor_step(model, trs, cp.workspace(B, meta, dtype), frame_graph)
-
-            # ---- talker_decode: one step with its trailing-text entry
-            talker_decode_step(model, trunner, trs)
+            # ---- talker_decode: one step with its trailing-text entry, and its code 0
+            for r in reqs:
+                r.feed.entry(len(r.talker.output) - 1)   # the scheduler's readiness check (projects the token)
+            hidden = st.talker_decode(reqs, slots)
+            with census_stage("talker_decode"):
+                st.sample_code0(reqs, hidden, slots)
 
             # ---- code2wav_step: one frame per stream through the Code2Wav graph
-            c2w = model.code2wav
-            state = c2w.init_state(B, meta, dtype)
-            c2w_graph = code2wav_graphs(c2w, B, frames=1, use_graphs=True)
-            codes = torch.zeros(B, cfg.code2wav.num_quantizers, 1, dtype=torch.long, device=meta)
-            code2wav_step(c2w, state, c2w_graph, codes, torch.arange(B, device=meta)).cpu()
+            audio, _ = st.code2wav_step(reqs, frames_[:, :, None], slots)
+            audio.cpu()   # the engine's read-back, outside the stage
     return CensusResult(label, B, dict(recorder.stages))
 
 

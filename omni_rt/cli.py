@@ -123,7 +123,7 @@ def cmd_bench(args) -> int:
         raise SystemExit("give exactly one of --model DIR or --synthetic tiny|small|full")
     with _Timer("building the runtime"):
         if args.synthetic:
-            from .models.omni import build_synthetic_model
+            from .testing import build_synthetic_model
 
             device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
             dtype = torch.bfloat16 if device.type == "cuda" else torch.float32

@@ -11,3 +11,7 @@ class ConfigError(CheckpointError, ValueError):
 
 class DeviceFault(RuntimeError):
     """A device-side failure. It is sticky: the Runtime must be recreated."""
+
+
+class CancelledRequest(Exception):
+    """The request was aborted (abort(), leaving the stream loop, or cancelling the astream task)."""

@@ -22,7 +22,8 @@ from . import vision as vision_mod
 from .config import OmniConfig
 from .errors import DeviceFault
 from .engine.engine import Engine
-from .engine.requests import EngineRequest
+from .engine.config import EngineConfig
+from .engine.sequence import Request, Sequence
 from .engine.text_output import TextOutput
 from .models.omni import OmniModel, load_model
 from .profiling import TorchProfiler
@@ -144,16 +145,18 @@ class Runtime:
         self.max_model_len = max_model_len or min(tc.max_position_embeddings, 32768)
         if kv_cache_tokens is None:
             kv_cache_tokens = self._plan_kv_tokens(max_batch_size, gpu_memory_utilization, kv_block_size)
-        speech_factory = None
-        if self.model.has_talker:
-            from .engine.speech_stage import SpeechStage
-
-            speech_factory = lambda engine: SpeechStage(engine, first_chunk_frames=first_chunk_frames)  # noqa: E731
-        self.engine = Engine(self.model, self.device, self.dtype, max_batch_size, kv_cache_tokens, kv_block_size,
-                             max_prefill_tokens, self.max_model_len, speech_factory=speech_factory,
-                             cuda_graphs=self.cuda_graphs)
+        else:
+            self._check_kv_fits(kv_cache_tokens, kv_block_size)
+        self.engine_config = EngineConfig(
+            max_batch_size=max_batch_size, max_model_len=self.max_model_len, max_prefill_tokens=max_prefill_tokens,
+            kv_block_size=kv_block_size, kv_cache_tokens=kv_cache_tokens, first_chunk_frames=first_chunk_frames,
+            cuda_graphs=self.cuda_graphs, gpu_memory_utilization=gpu_memory_utilization)
+        self.engine = Engine(self.model, self.engine_config, self.device, self.dtype)
+        self.warmup_s = self.engine.warmup_s   # graph capture + warm-up of every batch bucket at start-up
         self._has_talker = self.model.has_talker
         self._closed = False
+        self._final_stats: dict | None = None
+        self._final_memory: dict | None = None
         self._close_lock = threading.Lock()
         self._profiler = TorchProfiler(profile_dir) if profile_dir else None
         if self._profiler:
@@ -162,6 +165,22 @@ class Runtime:
         # A runtime dropped without close() (or alive at interpreter exit) still stops its engine thread: the
         # thread holds only the engine, never the runtime, and this finalizer stops it.
         self._finalizer = weakref.finalize(self, _stop_unclosed, self.engine, self._profiler)
+
+    def _check_kv_fits(self, kv_tokens: int, block_size: int) -> None:
+        """Refuse a KV size that the device's whole memory could not hold, before trying to allocate it."""
+        from .engine.kv_cache import kv_block_bytes
+
+        blocks = -(-kv_tokens // block_size)
+        pools = [self.cfg.thinker.text] + ([self.cfg.talker.text] if self.model.has_talker else [])
+        need = sum(blocks * kv_block_bytes(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim,
+                                           self.dtype) for c in pools)
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > total:
+            raise ValueError(f"kv_cache_tokens={kv_tokens} needs {need / 2 ** 30:.1f} GiB of KV cache, more than "
+                             f"the {self.device.type} device's {total / 2 ** 30:.1f} GiB of memory")
 
     def _plan_kv_tokens(self, max_batch_size: int, fraction: float, block_size: int) -> int:
         from .engine.kv_cache import kv_block_bytes
@@ -191,12 +210,15 @@ class Runtime:
     def closed(self) -> bool:
         return self._closed
 
-    def _check_open(self) -> None:
-        if self._closed:
+    def _live(self) -> Engine:
+        """The engine, for a call on an open runtime; RuntimeError at once after close() (or a device fault).
+        Callers keep the returned engine: ``self.engine`` becomes None when close() frees it."""
+        engine = self.engine
+        if self._closed or engine is None:
             raise RuntimeError("this omni_rt.Runtime is closed: create a new one")
-        fault = self.engine.fault
-        if fault is not None:
-            raise DeviceFault(f"the runtime hit a device fault and must be recreated: {fault}")
+        if engine.fault is not None:
+            raise DeviceFault(f"the runtime hit a device fault and must be recreated: {engine.fault}")
+        return engine
 
     def close(self) -> None:
         """End every request in flight or queued (with a RuntimeError), stop and join the engine thread and free
@@ -207,7 +229,7 @@ class Runtime:
             self._closed = True
         self._finalizer.detach()
         self.engine.shutdown()
-        self._final_stats = self._stats()   # stats() keeps answering (from this snapshot) after close
+        self._final_stats = self._stats(self.engine)   # stats() keeps answering (from this snapshot) after close
         self._final_memory = self.model.weight_memory()
         if self._profiler:
             self._profiler.stop()
@@ -219,7 +241,7 @@ class Runtime:
             torch.cuda.empty_cache()
 
     def __enter__(self) -> "Runtime":
-        self._check_open()
+        self._live()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -229,46 +251,37 @@ class Runtime:
         """Cheap, thread-safe counters (api.md): KV blocks and speech slots free/total, requests running and
         waiting, and ``fault`` (None, or what killed the runtime). After ``close()`` it returns the counters as
         the runtime left them (every request ended, every block and slot returned); it never raises."""
-        if self._closed:
+        engine = self.engine
+        if engine is None or self._final_stats is not None:
             return dict(self._final_stats)
-        return self._stats()
+        return self._stats(engine)
 
-    def _stats(self) -> dict:
-        e = self.engine
-        sp = e.speech
-        fault = e.fault
-        return {
-            "kv_free_blocks": e.pool.num_free_blocks(), "kv_total_blocks": e.pool.num_blocks,
-            "talker_kv_free_blocks": sp.pool.num_free_blocks() if sp is not None else 0,
-            "talker_kv_total_blocks": sp.pool.num_blocks if sp is not None else 0,
-            "speech_slots_free": len(sp.slots) if sp is not None else 0,
-            "speech_slots_total": e.max_batch_size if sp is not None else 0,
-            "running": len(e.running), "waiting": len(e.waiting),
-            "fault": None if fault is None else f"{type(fault).__name__}: {fault}",
-        }
+    @staticmethod
+    def _stats(e: Engine) -> dict:
+        return e.stats()
 
     def encode_audio(self, wav_16k: np.ndarray | str | os.PathLike) -> torch.Tensor:
         """The AuT encoder output for one audio: (n_tokens, output_dim)."""
-        self._check_open()
+        model = self._live().model
         wav = load_audio(wav_16k, "wav_16k")
         mel = audio_mod.log_mel(wav, device=self.device, n_mels=self.cfg.thinker.audio.num_mel_bins)
         with torch.inference_mode():
-            return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
+            return model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
 
     def memory(self) -> dict[str, int]:
         """Weight bytes per component as loaded (actual dtypes: FP8 codes and scales where kept): thinker,
         audio_tower, vision (when the checkpoint has one), talker, code_predictor, code2wav (absent without a
         talker), and total. After ``close()`` (which frees them): the figures the runtime had."""
-        if self._closed:
+        engine = self.engine
+        if engine is None:
             return dict(self._final_memory)
-        return self.model.weight_memory()
+        return engine.model.weight_memory()
 
     def encode_image(self, image: Any, deepstack: bool = False
                      ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """The vision encoder output for one image (path, PIL image or uint8 (H, W, 3) array):
         (n_tokens, out_hidden_size); with ``deepstack=True`` also the deepstack features, one
         (n_tokens, out_hidden_size) per tap layer."""
-        self._check_open()
         visual = self._require_vision("encode_image")
         pixel_values, grid = vision_mod.preprocess_images([image], self.vision_preprocess)
         with torch.inference_mode():
@@ -276,7 +289,7 @@ class Runtime:
         return (out, taps) if deepstack else out
 
     def _require_vision(self, what: str):
-        visual = self.model.thinker.visual
+        visual = self._live().model.thinker.visual
         if visual is None:
             raise ValueError(f"{what}: this checkpoint has no vision tower (thinker_config.vision_config is "
                              f"absent), so it cannot take images or video")
@@ -284,18 +297,17 @@ class Runtime:
 
     def stage_times(self, reset: bool = False) -> dict[str, float]:
         """Engine wall time per stage in ms, summed since the start (or the last reset)."""
-        self._check_open()
-        snap = self.engine.timer.snapshot()
+        engine = self._live()
+        snap = engine.timer.snapshot()
         if reset:
-            self.engine.timer.reset()
+            engine.timer.reset()
         return snap
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request in flight; its KV blocks and decoder state are freed at the engine's next step.
         Returns False when no request with this id is in flight."""
         check_str("request_id", request_id)
-        self._check_open()
-        return self.engine.abort(request_id)
+        return self._live().abort(request_id)
 
     def generate(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                  thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
@@ -304,10 +316,12 @@ class Runtime:
 
         use_audio_in_video: a video file's own audio track is heard too, interleaved by time (chat messages;
         a Prompt carries its own flag)."""
-        req = self._submit(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
+        chunks = self._submit(RequestStream, prompt, speaker, return_audio, thinker, talker, request_id,
+                              use_audio_in_video)
+        req = chunks.request
         text, ids, audio, reasoning = [], [], [], []
         last = None
-        with RequestStream(self.engine, req) as chunks:
+        with chunks:
             for chunk in chunks:
                 text.append(chunk.text_delta)
                 reasoning.append(chunk.reasoning_delta)
@@ -332,29 +346,32 @@ class Runtime:
 
         Arguments are validated by this call. Closing the stream, or dropping it before the last chunk
         (leaving the loop early), aborts the request."""
-        return RequestStream(self.engine, self._submit(prompt, speaker, return_audio, thinker, talker,
-                                                         request_id, use_audio_in_video))
+        return self._submit(RequestStream, prompt, speaker, return_audio, thinker, talker, request_id,
+                            use_audio_in_video)
 
     def astream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                 thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
                 request_id: str | None = None, use_audio_in_video: bool | None = None) -> AsyncRequestStream:
         """Async ``stream`` (``async for chunk in rt.astream(...)``); cancelling the consuming task, closing the
         stream or dropping it aborts the request. No executor thread waits on the engine."""
-        return AsyncRequestStream(self.engine, self._submit(prompt, speaker, return_audio, thinker, talker,
-                                                              request_id, use_audio_in_video))
+        return self._submit(AsyncRequestStream, prompt, speaker, return_audio, thinker, talker, request_id,
+                            use_audio_in_video)
 
     # ------------------------------------------------------------------------------------------ internals
-    def _submit(self, prompt, speaker, return_audio, thinker, talker, request_id,
-                use_audio_in_video: bool | None = None) -> EngineRequest:
+    def _submit(self, handle, prompt, speaker, return_audio, thinker, talker, request_id,
+                use_audio_in_video: bool | None = None):
+        """Validate, build and submit a request; returns ``handle(engine, request)`` (a stream that owns it)."""
         t_call = time.perf_counter()
-        self._check_open()
+        engine = self._live()
         req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
         req.t_submit = t_call  # metrics count from the call (audio loading and tokenizing included)
-        self.engine.submit(req)
-        return req
+        engine.submit(req)
+        # The handle exists only once the request is in: a refused submit (say, a request id already in
+        # flight) must never leave a handle whose finalizer would abort someone else's request.
+        return handle(engine, req)
 
     def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id,
-                      use_audio_in_video: bool | None = None) -> EngineRequest:
+                      use_audio_in_video: bool | None = None) -> Request:
         """Validate every argument (TypeError/ValueError/FileNotFoundError naming it) and build the request:
         nothing invalid reaches the engine thread."""
         if return_audio is None:
@@ -384,13 +401,15 @@ class Runtime:
         if prepared.vision:
             self._check_vision_fits(prepared, thinker_p.max_new_tokens)
         stop = thinker_p.stop_token_ids if thinker_p.stop_token_ids is not None else [self.cfg.im_end_token_id]
-        return EngineRequest(
-            request_id=request_id, prompt=ids, audios=audios, thinker_params=thinker_p, talker_params=talker_p,
-            speaker_id=speaker_id, thinker_stop_ids=frozenset(int(t) for t in stop),
-            thinker_seed=thinker_p.seed if thinker_p.seed is not None else random.getrandbits(63),
-            talker_seed=(talker_p.seed if talker_p and talker_p.seed is not None else random.getrandbits(63)),
-            detok=IncrementalDetokenizer(self.tokenizer), text_out=self._text_output(ids, thinker_p),
-            vision=prepared.vision)
+        thinker_seq = Sequence(-1, thinker_p, stop, _seed(thinker_p), prompt_ids=ids)
+        talker_seq = None
+        if talker_p is not None:
+            talker_stop = (talker_p.stop_token_ids if talker_p.stop_token_ids is not None
+                           else [self.cfg.talker.codec_eos_token_id])
+            talker_seq = Sequence(-1, talker_p, talker_stop, _seed(talker_p))
+        return Request(request_id=request_id, thinker=thinker_seq, audios=audios, talker=talker_seq,
+                       speaker_id=speaker_id, detok=IncrementalDetokenizer(self.tokenizer),
+                       text_out=self._text_output(ids, thinker_p), vision=prepared.vision)
 
     def _text_output(self, prompt_ids: list[int], params: SamplingParams) -> TextOutput:
         """Text side of a request: stop strings and, when the tokenizer has think tags, the reasoning span (on
@@ -472,7 +491,11 @@ def plan_kv_tokens(cfg: OmniConfig, free_bytes: int, dtype: torch.dtype, has_tal
 
     tc = cfg.thinker.text
     # The talker's pools and activations come out of the same memory: keep a share for them.
-    share = 0.8 if has_talker else 1.0
+    share = EngineConfig.talker_memory_share if has_talker else 1.0
     blocks = plan_num_blocks(int(free_bytes * share), tc.num_hidden_layers, block_size, tc.num_key_value_heads,
                              tc.head_dim, dtype, fraction)
     return blocks * block_size
+
+
+def _seed(p: SamplingParams) -> int:
+    return p.seed if p.seed is not None else random.getrandbits(63)

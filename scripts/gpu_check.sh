@@ -54,5 +54,22 @@ run build $PY -m pip install -q --no-index --no-deps --no-build-isolation -e .
 run gpu_tests $PY -m pytest -m gpu tests -q -p no:cacheprovider --junitxml="$REPORT/gpu_tests.xml"
 run kernel_bench $PY -m pytest benchmarks --benchmark-only -q -p no:cacheprovider --benchmark-json="$REPORT/bench.json"
 run e2e_bench $PY -m omni_rt bench --synthetic full --concurrency 1,4,6 --json "$REPORT/e2e.json"
+# Graphs are loud: every graphed stage must replay a captured graph; an eager fallback fails the check.
+GRAPHS_RC=0
+if [ "$DRY" = 0 ]; then
+  $PY - > "$REPORT/graphs.txt" 2>&1 <<'PYEOF'
+import sys, torch, omni_rt
+from omni_rt.testing import build_synthetic_model
+model = build_synthetic_model("tiny", torch.bfloat16, "cuda")
+with omni_rt.Runtime(model, device="cuda", max_batch_size=4) as rt:
+    report = rt.engine.stages.graph_report()
+    print("graph replay per stage:", report)
+sys.exit(0 if report and all(report.values()) else 1)
+PYEOF
+  GRAPHS_RC=$?
+  cat "$REPORT/graphs.txt"
+  [ "$GRAPHS_RC" = 0 ] || echo "FAIL: a stage fell back to eager (see graphs.txt)" | tee -a "$REPORT/steps.log"
+fi
 echo "report in $REPORT" | tee -a "$REPORT/steps.log"
 if [ "$DRY" = 1 ]; then echo "[gpu-check dry-run] ok: would run the steps above"; rm -rf "$REPORT"; fi
+exit "$GRAPHS_RC"

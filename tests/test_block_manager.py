@@ -14,7 +14,7 @@ import re
 import numpy as np
 import pytest
 
-from omni_rt.engine.block_manager import OutOfBlocksError, PyBlockManager, make_block_manager
+from block_manager_ref import OutOfBlocksError, PyBlockManager
 
 IMPLS = ["cpp", "py"]
 OOB = re.compile(r"^out of KV blocks: need \d+, \d+ free of \d+$")
@@ -69,21 +69,34 @@ def check_invariants(bm) -> None:
 
 
 # -- targeted cases ------------------------------------------------------------------------------------------
-def test_make_block_manager_picks_implementation():
-    assert isinstance(make_block_manager(4, 2, prefer_cpp=False), PyBlockManager)
-    assert isinstance(make_block_manager(4, 2, prefer_cpp=True), _cpp_module().BlockManager)
-
-
-def test_make_block_manager_falls_back_with_build_hint(monkeypatch):
-    import omni_rt.engine.block_manager as mod
+def test_pool_without_the_extension_names_the_build_command(monkeypatch):
+    import omni_rt._ext as ext
+    import omni_rt.engine.kv_cache as kv
 
     def missing():
-        raise ImportError("omni_rt._C ... is not built. Build it with `pip install -e . --no-build-isolation`")
+        raise ImportError("omni_rt._C (the C++ paged-KV block manager) is not built. Build it with "
+                          "`pip install -e . --no-build-isolation` or `python setup.py build_ext --inplace`")
 
-    monkeypatch.setattr(mod, "load_ext", missing)
-    with pytest.warns(RuntimeWarning, match="not built.*pip install -e"):
-        bm = mod.make_block_manager(4, 2)
-    assert isinstance(bm, PyBlockManager)
+    monkeypatch.setattr(kv, "load_ext", missing)
+    with pytest.raises(ImportError, match="build_ext --inplace"):
+        kv.KVCachePool(1, 4, 2, 1, 8)
+    import inspect
+
+    assert "build_ext --inplace" in inspect.getsource(ext)   # the real message names the build command too
+
+
+def test_truncate_undoes_appends(impl):
+    bm = make(impl, 8, 3)
+    bm.allocate(1, 4)                     # blocks 0, 1
+    bm.append(1, 5)                       # 9 tokens: blocks 0, 1, 2
+    assert bm.truncate(1, 4) == [2] and bm.num_tokens(1) == 4 and bm.block_table(1) == [0, 1]
+    assert bm.num_last_tokens(1) == 0 and bm.slot_mapping(1) == []
+    bm.append_batch([1])
+    assert bm.slot_mapping(1) == [4] and bm.num_tokens(1) == 5
+    assert bm.truncate(1, 0) == [0, 1] and bm.block_table(1) == [] and bm.num_free_blocks() == 8
+    with pytest.raises(ValueError):
+        bm.truncate(1, 1)
+    check_invariants(bm)
 
 
 def test_out_of_blocks_error_is_shared_and_a_memory_error():

@@ -3,7 +3,7 @@ reference equals the sampler's noise; odd widths, one row, seeds above 2^32, wid
 import pytest
 import torch
 
-from omni_rt.engine import sampler
+from omni_rt import sampling as sampler
 from omni_rt.kernels import force_triton
 from omni_rt.kernels.counter_uniform import counter_uniform, counter_uniform_ref
 

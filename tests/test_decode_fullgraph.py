@@ -134,14 +134,13 @@ def test_decode_step_compiles_fullgraph_and_matches_eager(model):
         with graph_safe():
             traced = compiled(view)  # re-writes the same K/V into the same slots, then reads them
     assert torch.equal(traced["next_ids"][:3], eager["next_ids"][:3])
-    assert torch.equal(traced["embeds"], eager["embeds"])
     assert rel_err(traced["tap"][:3], eager["tap"][:3]) <= PARITY["hidden_rel"]
     assert torch.isfinite(traced["tap"]).all()  # the padding row stays finite too
 
 
 def test_decode_step_matches_the_eager_runner(model):
     """The step's numbers equal DecoderRunner.decode + logits + sample (what the engine runs on CPU)."""
-    from omni_rt.engine.sampler import SamplingTensors, sample
+    from omni_rt.sampling import SamplingTensors, sample
 
     tap_layer = 1
     with torch.inference_mode():
@@ -158,7 +157,6 @@ def test_decode_step_matches_the_eager_runner(model):
         st = SamplingTensors.build(params, [1, 1, 1], [5, 6, 7], "cpu")
         ref_ids = sample(model.thinker.logits(hidden), st)
     assert torch.equal(out["next_ids"], ref_ids)
-    assert torch.equal(out["embeds"], embeds)
     # Batch 3 runs padded to 4: the matmuls see another M, so allow summation-order differences.
     assert rel_err(out["tap"], tap) <= PARITY["hidden_rel"]
     assert pool.context_lens([0, 1, 2]).tolist() == [len(p) + 1 for p in PROMPTS]

@@ -7,7 +7,7 @@ import torch
 
 import omni_rt
 from omni_rt.bench import question_prompt, spoken_question
-from omni_rt.models.omni import build_synthetic_model
+from omni_rt.testing import build_synthetic_model
 
 
 @pytest.fixture(scope="module")
@@ -32,4 +32,4 @@ def test_released_layout_end_to_end(rt):
     audio = [c.audio for c in chunks if c.audio.size]
     assert audio[0].size == 1365
     assert np.array_equal(np.concatenate(audio), out.audio)
-    assert rt.engine.pool.num_free_blocks() == rt.engine.pool.num_blocks
+    assert rt.stats()["kv_free_blocks"] == rt.stats()["kv_total_blocks"]

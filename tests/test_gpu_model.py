@@ -13,10 +13,10 @@ import torch
 
 from omni_rt.engine.kv_cache import KVCachePool
 from omni_rt.engine.model_runner import DecoderRunner, text_positions
-from omni_rt.engine.text_generation import generate_text
 from omni_rt.models.omni import load_model
 from omni_rt.request import SamplingParams
 
+from _engine import generate_text
 from _tolerances import PARITY, rel_err
 
 pytestmark = pytest.mark.gpu
@@ -57,10 +57,8 @@ def test_fp32_gpu_equals_cpu_with_tf32_off(models):
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     greedy = [SamplingParams(temperature=0.0, max_new_tokens=24).resolved("thinker")] * len(PROMPTS)
-    cpu = generate_text(models["cpu32"].thinker, _runner(models["cpu32"], "cpu", torch.float32), PROMPTS, greedy,
-                        default_stop_ids=[450])
-    gpu = generate_text(models["gpu32"].thinker, _runner(models["gpu32"], "cuda", torch.float32), PROMPTS, greedy,
-                        default_stop_ids=[450])
+    cpu = generate_text(models["cpu32"], PROMPTS, greedy)
+    gpu = generate_text(models["gpu32"], PROMPTS, greedy, device="cuda")
     assert [s.output for s in gpu] == [s.output for s in cpu]
     for p in PROMPTS:
         assert rel_err(_teacher_forced_logits(models["gpu32"], p, "cuda", torch.float32),
@@ -71,8 +69,7 @@ def test_bf16_teacher_forced_agreement(models):
     greedy = [SamplingParams(temperature=0.0, max_new_tokens=48, stop_token_ids=[]).resolved("thinker")]
     agree, total, worst = 0, 0, 0.0
     for p in PROMPTS:
-        seq = p + generate_text(models["cpu32"].thinker, _runner(models["cpu32"], "cpu", torch.float32), [p],
-                                greedy)[0].output
+        seq = p + generate_text(models["cpu32"], [p], greedy)[0].output
         ref = _teacher_forced_logits(models["cpu32"], seq, "cpu", torch.float32)[len(p) - 1:]
         ours = _teacher_forced_logits(models["gpu16"], seq, "cuda", torch.bfloat16)[len(p) - 1:]
         agree += int((ours.argmax(-1) == ref.argmax(-1)).sum())

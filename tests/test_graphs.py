@@ -17,11 +17,11 @@ import torch
 from omni_rt.engine.graphs import GraphRunner, ThinkerDecodeGraphs, batch_buckets
 from omni_rt.engine.kv_cache import KVCachePool
 from omni_rt.engine.model_runner import DecoderRunner, text_positions
-from omni_rt.engine.text_generation import _sample as plain_sample
-from omni_rt.engine.text_generation import TextSequence, generate_text
+from omni_rt.engine.sequence import Sequence
 from omni_rt.models.omni import load_model
 from omni_rt.request import SamplingParams
 
+from _engine import generate_text
 from _tolerances import PARITY, rel_err
 
 PROMPTS = [[449, 11, 5, 100, 200, 300, 42, 450, 5, 449, 12, 5],
@@ -136,19 +136,25 @@ def _params(i):
 def _generate_with_graphs(model, graphs, runner, prompts, steps, seeds):
     """Prefill eagerly, then ``steps`` decode steps through ``graphs``; returns each sequence's tokens."""
     device = model.thinker.lm_head.weight.device
-    seqs = [TextSequence(i, list(p), _resolved(i, steps, seeds[i]), frozenset(), seeds[i])
-            for i, p in enumerate(prompts)]
-    embeds = [model.thinker.embed(torch.tensor(s.prompt, device=device)) for s in seqs]
+    from omni_rt.sampling import SamplingTensors, sample
+
+    seqs = [Sequence(i, _resolved(i, steps, seeds[i]), (), seeds[i], prompt_ids=p) for i, p in enumerate(prompts)]
+    embeds = [model.thinker.embed(torch.tensor(s.prompt_ids, device=device)) for s in seqs]
     hidden, _ = runner.prefill([s.seq_id for s in seqs], embeds,
-                               [text_positions(0, len(s.prompt), device) for s in seqs])
-    for s, tok in zip(seqs, plain_sample(model.thinker, torch.stack([h[-1] for h in hidden]), seqs)):
+                               [text_positions(0, len(s.prompt_ids), device) for s in seqs])
+    logits = model.thinker.logits(torch.stack([h[-1] for h in hidden]))
+    seen = torch.zeros(logits.shape, dtype=torch.bool)
+    for i, s in enumerate(seqs):
+        seen[i, s.prompt_ids] = True
+    st = SamplingTensors.build([s.params for s in seqs], [0] * len(seqs), [s.seed for s in seqs], device)
+    for s, tok in zip(seqs, sample(logits, st, seen).tolist()):
         s.push(tok)
     for _ in range(steps - 1):
         penalty = any(s.params.repetition_penalty != 1.0 for s in seqs)
         out = graphs.decode([s.seq_id for s in seqs], [s.output[-1] for s in seqs],
-                            [len(s.prompt) + len(s.output) - 1 for s in seqs], [s.params for s in seqs],
+                            [s.next_position() for s in seqs], [s.params for s in seqs],
                             [len(s.output) for s in seqs], [s.seed for s in seqs],
-                            [s.prompt + s.output for s in seqs] if penalty else None)
+                            [s.prompt_ids + s.output for s in seqs] if penalty else None)
         for s, tok in zip(seqs, out["next_ids"].tolist()):
             s.push(tok)
     return [s.output for s in seqs]
@@ -170,18 +176,18 @@ def test_thinker_decode_through_static_buffers_equals_plain_generation(cpu_model
         graphs = ThinkerDecodeGraphs(cpu_model.thinker, pool, max_batch_size=4, max_model_len=64)
         ours = _generate_with_graphs(cpu_model, graphs, DecoderRunner(cpu_model.thinker.forward, pool), prompts,
                                      steps, seeds)
-        ref_pool = _pool(cpu_model, "cpu")
-        ref = generate_text(cpu_model.thinker, DecoderRunner(cpu_model.thinker.forward, ref_pool), prompts,
-                            [_resolved(i, steps, seeds[i]) for i in range(batch)])
+        ref = generate_text(cpu_model, prompts, [_resolved(i, steps, seeds[i]) for i in range(batch)])
     assert ours == [s.output for s in ref]
     assert graphs.runner.replays == 0
 
 
 def test_engine_keeps_the_eager_decode_on_cpu(cpu_model):
+    from omni_rt.engine.config import EngineConfig
     from omni_rt.engine.engine import Engine
 
-    engine = Engine(cpu_model, torch.device("cpu"), torch.float32, 2, 256, cuda_graphs=True)
-    assert engine.decode_graphs is None
+    engine = Engine(cpu_model, EngineConfig(max_batch_size=2, kv_cache_tokens=256, cuda_graphs=True),
+                    torch.device("cpu"), torch.float32)
+    assert engine.stages.decode_graphs is None and engine.stages.graph_report() == {}
 
 
 # ------------------------------------------------------------------------------------------- GPU
@@ -218,7 +224,6 @@ def test_graph_replay_equals_eager_for_each_bucket(gpu_model):
             torch.cuda.synchronize()
             replay = graphs.runner.outputs
             assert torch.equal(replay["next_ids"][:n], eager["next_ids"][:n]), n
-            assert torch.equal(replay["embeds"][:n], eager["embeds"][:n]), n
             assert rel_err(replay["tap"][:n], eager["tap"][:n]) <= 1e-6, n
 
 
@@ -280,7 +285,7 @@ def test_runtime_outputs_identical_with_and_without_cuda_graphs(text_ckpt):
     for cuda_graphs in (True, False):
         with omni_rt.Runtime(text_ckpt, device="cuda", dtype=torch.float32, cuda_graphs=cuda_graphs,
                              max_batch_size=4) as rt:
-            assert (rt.engine.decode_graphs is not None) == cuda_graphs
+            assert (rt.engine.stages.decode_graphs is not None) == cuda_graphs
             results = [None] * len(prompts)
 
             def run(i):
@@ -293,7 +298,7 @@ def test_runtime_outputs_identical_with_and_without_cuda_graphs(text_ckpt):
                 t.join()
             solo = rt.generate(prompts[1], thinker=params[1]).token_ids
             if cuda_graphs:
-                assert rt.engine.decode_graphs.runner.replays > 0
+                assert rt.engine.stages.decode_graphs.runner.replays > 0
             outputs[cuda_graphs] = (results, solo)
     assert outputs[True] == outputs[False]
 

@@ -11,8 +11,16 @@ import random
 import pytest
 import torch
 
-from omni_rt.engine.block_manager import OutOfBlocksError, PyBlockManager
-from omni_rt.engine.kv_cache import KVCachePool, kv_block_bytes, plan_num_blocks
+from block_manager_ref import OutOfBlocksError, PyBlockManager
+from omni_rt.engine.kv_cache import KVCachePool as _KVCachePool
+from omni_rt.engine.kv_cache import kv_block_bytes, plan_num_blocks
+
+
+def KVCachePool(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype=torch.bfloat16, device="cpu",
+                prefer_cpp=True):
+    """The pool over the C++ manager, or over the Python specification (the oracle) when prefer_cpp is False."""
+    manager = None if prefer_cpp else PyBlockManager(num_blocks, block_size)
+    return _KVCachePool(num_layers, num_blocks, block_size, num_kv_heads, head_dim, dtype, device, manager=manager)
 
 
 @pytest.fixture(params=[True, False], ids=["cpp", "py"])
@@ -83,11 +91,11 @@ def test_out_of_blocks_leaves_pool_unchanged(prefer_cpp):
     pool = KVCachePool(2, 3, 2, 1, 4, dtype=torch.float32, prefer_cpp=prefer_cpp)
     pool.add_sequence(0, 3)
     pool.kv.normal_()
-    pool.fork(0, 1)
+    pool.manager.fork(0, 1)
     pool.add_sequence(2, 1)                             # 3 of 3 blocks used
     kv_before = pool.kv.clone()
-    assert not pool.can_allocate(1) and pool.can_allocate(0)
-    assert not pool.can_append([0, 1]) and not pool.can_extend(2, 2) and pool.can_extend(2, 1)
+    assert not pool.manager.can_allocate(1) and pool.manager.can_allocate(0)
+    assert not pool.manager.can_append_batch([0, 1]) and not pool.manager.can_append(2, 2) and pool.manager.can_append(2, 1)
     with pytest.raises(OutOfBlocksError, match=r"out of KV blocks: need 1, 0 free of 3"):
         pool.append_token([0, 1])                       # one COW needed, no block left
     with pytest.raises(MemoryError):
@@ -141,24 +149,24 @@ def test_write_and_read_back_through_pages(prefer_cpp, block_size, monkeypatch):
         r = rng.random()
         if not live or r < 0.2:
             n = rng.randint(1, 11)
-            if not pool.can_allocate(n):
+            if not pool.manager.can_allocate(n):
                 continue
             truth[next_id] = torch.empty(layers, 2, 0, heads, dim)
             write([next_id], pool.add_sequence(next_id, n), [n])
             next_id += 1
         elif r < 0.35:
             parent = rng.choice(live)
-            pool.fork(parent, next_id)
+            pool.manager.fork(parent, next_id)
             truth[next_id] = truth[parent].clone()
             next_id += 1
             forks += 1
         elif r < 0.5:
             i, c = rng.choice(live), rng.randint(1, 5)
-            if pool.can_extend(i, c):
+            if pool.manager.can_append(i, c):
                 write([i], pool.extend(i, c), [c])
         elif r < 0.85:
             batch = rng.sample(live, rng.randint(1, len(live)))
-            if pool.can_append(batch):
+            if pool.manager.can_append_batch(batch):
                 write(batch, pool.append_token(batch), [1] * len(batch))
         else:
             i = rng.choice(live)

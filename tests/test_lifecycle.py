@@ -72,7 +72,7 @@ def test_context_manager_and_every_call_after_close_raises_at_once(text_ckpt):
 
 def test_close_fails_in_flight_and_queued_requests_and_frees_memory(text_ckpt):
     rt = omni_rt.Runtime(text_ckpt, device="cpu", max_batch_size=1)
-    kv = weakref.ref(rt.engine.pool.kv)
+    kv = weakref.ref(rt.engine.stages.thinker_pool.kv)
     engine = weakref.ref(rt.engine)
     running = rt.stream(prompt(1, 2), thinker=LONG)
     next(running)                                     # admitted and decoding
@@ -94,7 +94,7 @@ def test_close_fails_in_flight_and_queued_requests_and_frees_memory(text_ckpt):
 
     t = threading.Thread(target=run_async)
     t.start()
-    wait_until(lambda: len(rt.engine.waiting) == 2, "two requests queued")
+    wait_until(lambda: rt.stats()["waiting"] == 2, "two requests queued")
     rt.close()
     for s in (running, queued):
         with pytest.raises(RuntimeError, match="closed before this request finished"):
@@ -187,6 +187,14 @@ def test_dropped_streams_cancel_their_request(text_ckpt):
         del done
         assert not rt.engine.requests["reused"].cancelled
         again.close()
+        # a refused submit (same id in flight) leaves no handle behind that could abort the running one
+        first = rt.stream(prompt(7), thinker=LONG, request_id="dup")
+        with pytest.raises(ValueError, match="already in flight"):
+            rt.stream(prompt(7), thinker=LONG, request_id="dup")
+        gc.collect()
+        assert not rt.engine.requests["dup"].cancelled
+        first.close()
+        assert rt.engine.requests["dup"].cancelled
 
 
 def test_unclosed_runtime_is_collected_and_stops_its_thread(text_ckpt):

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import omni_rt
-from omni_rt.engine.engine import CancelledRequest
+from omni_rt.errors import CancelledRequest
 from omni_rt.testing import make_checkpoint, tiny_config
 
 IM_START, IM_END, USER, ASSISTANT, NL = 449, 450, 11, 12, 198
@@ -40,7 +40,8 @@ GREEDY = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=16)
 
 
 def free_blocks(rt):
-    return rt.engine.pool.num_free_blocks(), rt.engine.pool.num_blocks
+    st = rt.stats()
+    return st["kv_free_blocks"], st["kv_total_blocks"]
 
 
 def test_generate_text_only(rt):
@@ -119,7 +120,7 @@ def test_leaving_the_stream_loop_cancels_and_frees(rt):
         break
     # the abort is processed at the engine's next step
     for _ in range(200):
-        if rt.engine.pool.num_free_blocks() == rt.engine.pool.num_blocks and "leave" not in rt.engine.requests:
+        if free_blocks(rt)[0] == free_blocks(rt)[1] and "leave" not in rt.engine.requests:
             break
         threading.Event().wait(0.01)
     f, n = free_blocks(rt)

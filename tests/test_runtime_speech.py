@@ -126,9 +126,10 @@ def test_concurrent_speaking_requests_equal_solo(rt, question):
         assert a.token_ids == b.token_ids and np.array_equal(a.codes, b.codes)
         # ids and codes exactly; the waveform to fp32 rounding (batched convs sum in another order)
         assert a.audio.shape == b.audio.shape and np.abs(a.audio - b.audio).max() <= PARITY["code2wav_abs"]
-    assert rt.engine.speech.pool.num_free_blocks() == rt.engine.speech.pool.num_blocks
-    assert rt.engine.pool.num_free_blocks() == rt.engine.pool.num_blocks
-    assert len(rt.engine.speech.slots) == rt.engine.max_batch_size
+    st = rt.stats()
+    assert st["talker_kv_free_blocks"] == st["talker_kv_total_blocks"]
+    assert st["kv_free_blocks"] == st["kv_total_blocks"]
+    assert st["speech_slots_free"] == st["speech_slots_total"] == 4
 
 
 def test_sampled_speech_is_seeded(rt, question):
@@ -150,8 +151,9 @@ def test_unknown_speaker_and_cancellation(rt, question):
         if "cut" not in rt.engine.requests:
             break
         threading.Event().wait(0.01)
-    assert rt.engine.speech.pool.num_free_blocks() == rt.engine.speech.pool.num_blocks
-    assert len(rt.engine.speech.slots) == rt.engine.max_batch_size
+    st = rt.stats()
+    assert st["talker_kv_free_blocks"] == st["talker_kv_total_blocks"]
+    assert st["speech_slots_free"] == st["speech_slots_total"] == 4
 
 
 def test_code_predictor_through_the_graph_runner_equals_eager(tiny_checkpoint, question):
@@ -163,7 +165,7 @@ def test_code_predictor_through_the_graph_runner_equals_eager(tiny_checkpoint, q
     with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=3) as plain:
         expected = [plain.generate(question, thinker=T_GREEDY, talker=k) for k in (K_GREEDY, k_sampled)]
     with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=3) as graphed:
-        stage = graphed.engine.speech
+        stage = graphed.engine.stages
         stage.frame_graph = code_predictor_graphs(graphed.model.talker.code_predictor, 3, "cpu", torch.float32,
                                                   use_graphs=False)
         got = [graphed.generate(question, thinker=T_GREEDY, talker=k) for k in (K_GREEDY, k_sampled)]
@@ -186,8 +188,8 @@ def test_small_prefill_budget_spreads_prefills_over_steps_with_same_output(tiny_
                 return original(*a, **k)
             runner.prefill = counted
 
-        spy(chunked.engine.runner, "thinker")
-        spy(chunked.engine.speech.runner, "talker")
+        spy(chunked.engine.stages.thinker_runner, "thinker")
+        spy(chunked.engine.stages.talker_runner, "talker")
         out = chunked.generate(question, speaker="chelsie", thinker=T_GREEDY, talker=K_GREEDY)
         assert calls["thinker"] >= len(question.token_ids) // 8   # one budgeted chunk per engine step
         assert calls["talker"] >= 4
@@ -204,7 +206,7 @@ def test_code2wav_through_the_graph_runner_equals_eager(tiny_checkpoint, questio
     with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=3) as plain:
         expected = [plain.generate(p, speaker=s, thinker=T_GREEDY, talker=K_GREEDY) for p, s in jobs]
     with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=3) as graphed:
-        stage = graphed.engine.speech
+        stage = graphed.engine.stages
         stage.c2w_graph = code2wav_graphs(graphed.model.code2wav, 3, frames=1, use_graphs=False)
         results = [None, None]
 

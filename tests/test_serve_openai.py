@@ -379,7 +379,7 @@ def test_device_fault_makes_health_503(tiny_checkpoint):
             def explode(*a, **k):
                 raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-            broken.engine.runner.decode = explode   # test-only injection of a device fault
+            broken.engine.stages.thinker_runner.decode = explode   # test-only injection of a device fault
             body = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 20}
             r = httpx.post(f"{url}/v1/chat/completions", json=body, timeout=TIMEOUT)
             assert r.status_code == 503 and r.json()["error"]["code"] == "device_fault"

@@ -28,10 +28,10 @@ def text_prompt(*words):
 
 
 def all_free(rt) -> bool:
-    e = rt.engine
-    return (e.pool.num_free_blocks() == e.pool.num_blocks
-            and e.speech.pool.num_free_blocks() == e.speech.pool.num_blocks
-            and len(e.speech.slots) == e.max_batch_size and not e.requests)
+    st = rt.stats()
+    return (st["kv_free_blocks"] == st["kv_total_blocks"]
+            and st["talker_kv_free_blocks"] == st["talker_kv_total_blocks"]
+            and st["speech_slots_free"] == st["speech_slots_total"] and not st["running"] and not st["waiting"])
 
 
 def wait_idle(rt, tries=500):
@@ -98,7 +98,7 @@ def test_hundred_mixed_partly_cancelled_requests_free_everything(rt):
                     break
                 if mode == "abort" and n == 1:
                     rt.abort(f"r{i}")
-        except omni_rt.engine.engine.CancelledRequest:
+        except omni_rt.CancelledRequest:
             pass
         except Exception as e:  # noqa: BLE001 - collected and asserted below
             errors.append(e)
@@ -147,15 +147,15 @@ def test_bad_requests_fail_alone(rt):
 
 
 def test_host_error_in_one_requests_stage_fails_only_it(rt, monkeypatch):
-    stage = rt.engine.speech
-    original = stage.on_token
+    engine = rt.engine
+    original = engine._push_token
 
-    def flaky(req, tokens, finished):
+    def flaky(req, token):
         if req.request_id == "victim":
             raise RuntimeError("feed construction failed for this request")
-        return original(req, tokens, finished)
+        return original(req, token)
 
-    monkeypatch.setattr(stage, "on_token", flaky)
+    monkeypatch.setattr(engine, "_push_token", flaky)
     g = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=5)
     out = {}
 
@@ -180,7 +180,7 @@ def test_device_fault_is_sticky(tiny_checkpoint):
         def explode(*a, **k):
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
 
-        broken.engine.runner.decode = explode
+        broken.engine.stages.thinker_runner.decode = explode
         long = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=50)
         with pytest.raises(DeviceFault, match="must be recreated"):
             broken.generate(text_prompt(1, 2), thinker=long, return_audio=False)

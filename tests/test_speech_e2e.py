@@ -7,10 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from omni_rt.engine.speech import generate_speech
+import types
+
+import omni_rt
 from omni_rt.models.omni import load_model
 from omni_rt.request import SamplingParams
 
+from _engine import audio_of, make_engine, make_request, run
 from _tolerances import PARITY
 from test_thinker import audio_prompt, hf_features, speech_like
 
@@ -44,12 +47,16 @@ def reference(hf_tiny, ids, speaker, thinker_max, talker_max, eos=IM_END, **kwar
     return seqs[0, len(ids):].tolist(), captured["codes"][0], wav.flatten()
 
 
-def ours(model, ids, speaker, thinker_max, talker_max, eos=IM_END, audio=None):
-    return generate_speech(model, ids, audio, speaker=speaker,
-                           thinker_params=SamplingParams(temperature=0.0, max_new_tokens=thinker_max,
-                                                         stop_token_ids=[eos]),
-                           talker_params=SamplingParams(temperature=0.0, max_new_tokens=talker_max),
-                           block_size=8, max_prefill_tokens=16)
+def ours(model, ids, speaker, thinker_max, talker_max, eos=IM_END, audio=None, talker=None):
+    """The engine (8-token KV pages, 16-token prefill budget) on one speaking request."""
+    req = make_request(model, "r", ids, SamplingParams(temperature=0.0, max_new_tokens=thinker_max, stop_token_ids=[eos]),
+                       talker or SamplingParams(temperature=0.0, max_new_tokens=talker_max), speaker,
+                       audios=[audio] if audio is not None else ())
+    run(make_engine(model, kv_block_size=8, max_prefill_tokens=16), [req])
+    g = model.cfg.talker.num_code_groups
+    return types.SimpleNamespace(token_ids=req.output, thinker_finish_reason=req.finish_reason,
+                                 codes=torch.from_numpy(req.all_codes(g)), code0=req.talker.output,
+                                 wav=torch.from_numpy(audio_of(req)))
 
 
 def assert_same(out, ref_ids, ref_codes, ref_wav):
@@ -93,9 +100,7 @@ def test_audio_prompt_cut_by_length(model, hf_tiny):
                                             feature_attention_mask=mask)
     assert len(ref_ids) == 5 and IM_END not in ref_ids
     assert_speaks(ref_codes, ref_wav)
-    with torch.inference_mode():
-        audio = model.thinker.audio_tower(feats[0, :, :int(mask.sum())], [int(mask.sum())])
-    out = ours(model, ids, "Ethan", 5, 22, audio=audio)
+    out = ours(model, ids, "Ethan", 5, 22, audio=wav)
     assert out.thinker_finish_reason == "length"
     assert_same(out, ref_ids, ref_codes, ref_wav)
 
@@ -118,22 +123,21 @@ def test_unknown_speaker_lists_valid_ones(model):
 
 def test_no_talker_asked_for_audio_is_a_clear_error(tiny_checkpoint, hf_tiny):
     text_only = load_model(tiny_checkpoint, torch.float32, "cpu", with_talker=False)
-    with pytest.raises(ValueError, match="no talker"):
-        generate_speech(text_only, TEXT, thinker_params=SamplingParams(temperature=0.0, max_new_tokens=4))
-    out = generate_speech(text_only, TEXT, return_audio=False,
-                          thinker_params=SamplingParams(temperature=0.0, max_new_tokens=4))
+    greedy = SamplingParams(temperature=0.0, max_new_tokens=4)
+    with omni_rt.Runtime(text_only, device="cpu") as rt:
+        with pytest.raises(ValueError, match="no talker"):
+            rt.generate(omni_rt.Prompt(token_ids=TEXT), thinker=greedy, return_audio=True)
+        out = rt.generate(omni_rt.Prompt(token_ids=TEXT), return_audio=False, thinker=greedy)
     ref = hf_tiny.thinker.generate(torch.tensor([TEXT]), max_new_tokens=4, do_sample=False,
                                    eos_token_id=IM_END)[0, len(TEXT):].tolist()
-    assert out.token_ids == ref and out.codes is None and out.wav is None
+    assert out.token_ids == ref and out.codes is None and out.audio is None
 
 
 def test_sampled_speech_is_seeded(model):
-    def run(seed):
-        return generate_speech(model, TEXT, speaker="aiden",
-                               thinker_params=SamplingParams(temperature=0.0, max_new_tokens=3),
-                               talker_params=SamplingParams(seed=seed, max_new_tokens=6))
+    def run_seed(seed):
+        return ours(model, TEXT, "aiden", 3, 6, talker=SamplingParams(seed=seed, max_new_tokens=6))
 
-    a, b, c = run(11), run(11), run(12)
+    a, b, c = run_seed(11), run_seed(11), run_seed(12)
     assert torch.equal(a.codes, b.codes) and torch.equal(a.wav, b.wav)
     assert a.codes.shape == (model.cfg.talker.num_code_groups, 5)
     assert not torch.equal(a.codes, c.codes)

@@ -9,13 +9,13 @@ import torch
 
 from omni_rt.engine.kv_cache import KVCachePool
 from omni_rt.engine.model_runner import DecoderRunner, text_positions
-from omni_rt.engine.speech import (TalkerTextFeed, code_predictor_step, new_talker_request, talker_decode_step,
-                                   talker_prefill)
+from omni_rt.models.talker import TalkerTextFeed
 from omni_rt.kernels import force_triton
 from omni_rt.models.code_predictor import FrameSampling
 from omni_rt.models.omni import load_model
 from omni_rt.request import SamplingParams
 
+from _engine import make_engine, make_request, run
 from _tolerances import PARITY, rel_err
 
 IM_START, IM_END, SYSTEM, USER, ASSISTANT, NL = 449, 450, 10, 11, 12, 5
@@ -196,19 +196,28 @@ def test_feed_waits_for_thinker_tokens(model):
 
 
 def _run_frames(model, ids, frames, block_size, max_prefill_tokens):
-    x, hid = thinker_states(model, ids)
-    feed = TalkerTextFeed(model, ids, x, hid, model.cfg.talker.speaker("aiden"), [IM_END], 16)
-    feed.push([70, 71, 72, 73], finished=True)
-    req = new_talker_request(3, feed, SamplingParams(temperature=0.0, max_new_tokens=64))
-    runner = talker_runner(model, block_size, max_prefill_tokens)
-    talker_prefill(model, runner, [req])
-    hiddens = [req.last_hidden]
-    for _ in range(frames):
-        code_predictor_step(model, [req])
-        assert talker_decode_step(model, runner, [req]) == [req]
-        hiddens.append(req.last_hidden)
-    runner.free(3)
-    assert runner.pool.num_free_blocks() == runner.pool.num_blocks
+    """The engine on one speaking request (thinker 4 tokens, talker frames + 1 steps); returns (request, the
+    talker's post-norm hidden of every step: prefill's last position, then each decode step)."""
+    engine = make_engine(model, kv_block_size=block_size, max_prefill_tokens=max_prefill_tokens)
+    hiddens = []
+    prefill, decode = engine.stages.talker_prefill, engine.stages.talker_decode
+
+    def spy_prefill(*a):
+        out = prefill(*a)
+        hiddens.extend(h.clone() for h in out)
+        return out
+
+    def spy_decode(*a):
+        out = decode(*a)
+        hiddens.extend(out.clone())
+        return out
+
+    engine.stages.talker_prefill, engine.stages.talker_decode = spy_prefill, spy_decode
+    req = make_request(model, "r", ids, SamplingParams(temperature=0.0, max_new_tokens=4),
+                       SamplingParams(temperature=0.0, max_new_tokens=frames + 1), speaker="aiden")
+    run(engine, [req])
+    st = engine.stats()
+    assert st["talker_kv_free_blocks"] == st["talker_kv_total_blocks"]
     return req, torch.stack(hiddens)
 
 
@@ -219,8 +228,8 @@ def test_triton_forced_talker_and_code_predictor_match_torch(model):
     with force_triton():
         tri, h_tri = _run_frames(model, ids, 2, block_size=5, max_prefill_tokens=9)
     assert rel_err(h_tri, h_ref) <= 1e-4
-    assert tri.code0 == ref.code0 and torch.equal(tri.codes(), ref.codes())
-    assert ref.codes().shape == (model.cfg.talker.num_code_groups, 2)
+    assert tri.talker.output == ref.talker.output and (tri.all_codes(16) == ref.all_codes(16)).all()
+    assert ref.all_codes(model.cfg.talker.num_code_groups).shape == (model.cfg.talker.num_code_groups, 2)
 
 
 def test_speaker_names():
@@ -240,38 +249,31 @@ def _feed(model, ids, speaker, gen, finished=True):
     return feed
 
 
-def _drive(model, runner, reqs, steps):
-    for _ in range(steps):
-        code_predictor_step(model, reqs)
-        talker_decode_step(model, runner, reqs)
-
-
 def test_batched_steps_equal_solo_and_late_text_waits(model):
-    """Two requests share the talker steps (varlen prefill, batched frame, batched decode) and match their solo
-    runs; a request whose thinker is behind waits (its frame is done, its decode step does not run)."""
+    """Two speaking requests share the talker steps (varlen prefill, batched frame, batched decode) and match
+    their solo runs; a request whose thinker is behind waits (the scheduler's readiness predicate: its frame
+    is done, its decode step does not run until the thinker token it needs exists)."""
+    from omni_rt.engine.scheduler import Scheduler
+
     a_ids, b_ids = MULTI_TURN[23:], MULTI_TURN[8:16] + MULTI_TURN[30:]
-    a_gen, b_gen = [70, 71, 72, 73, 74, 75], [80, 81, 82, IM_END]
     params = SamplingParams(temperature=0.0, max_new_tokens=9)
-    solo = []
-    for i, (ids, spk, gen) in enumerate(((a_ids, "aiden", a_gen), (b_ids, "ethan", b_gen))):
-        req = new_talker_request(i, _feed(model, ids, spk, gen), params)
-        runner = talker_runner(model)
-        talker_prefill(model, runner, [req])
-        _drive(model, runner, [req], 12)
-        assert req.finished and runner.pool.num_free_blocks() == runner.pool.num_blocks  # freed on finish
-        solo.append(req)
-    a = new_talker_request(0, _feed(model, a_ids, "aiden", a_gen[:2], finished=False), params)
-    b = new_talker_request(1, _feed(model, b_ids, "ethan", b_gen), params)
-    runner = talker_runner(model, block_size=3)
-    talker_prefill(model, runner, [a, b])
-    _drive(model, runner, [a, b], 2)
-    # a's thinker has tokens 0..1: step 0 (needs token 1) ran, step 1 (needs token 2) waits with its frame ready
-    assert len(a.code0) == 2 and len(a.frames) == 2 and a.pending is not None
-    assert len(b.code0) == 3
-    a.feed.push(a_gen[2:], finished=True)
-    _drive(model, runner, [a, b], 12)
-    assert runner.pool.num_free_blocks() == runner.pool.num_blocks
-    for got, want in zip((a, b), solo):
-        assert got.code0 == want.code0 and torch.equal(got.codes(), want.codes())
-        assert got.finish_reason == want.finish_reason
-    assert a.codes().shape[1] == len(a.code0) - 1
+    jobs = [(a_ids, "aiden", SamplingParams(temperature=0.0, max_new_tokens=6)),
+            (b_ids, "ethan", SamplingParams(temperature=0.0, max_new_tokens=4))]
+    solo = [run(make_engine(model), [make_request(model, f"s{i}", ids, tp, params, spk)])[0]
+            for i, (ids, spk, tp) in enumerate(jobs)]
+    engine = make_engine(model, kv_block_size=3)
+    batch = run(engine, [make_request(model, f"b{i}", ids, tp, params, spk) for i, (ids, spk, tp) in enumerate(jobs)])
+    st = engine.stats()
+    assert st["talker_kv_free_blocks"] == st["talker_kv_total_blocks"]
+    for got, want in zip(batch, solo):
+        assert got.talker.output == want.talker.output
+        assert (got.all_codes(16) == want.all_codes(16)).all()
+        assert got.talker.finish_reason == want.talker.finish_reason
+    assert batch[0].all_codes(16).shape[1] == len(batch[0].talker.output) - 1
+    # late text: a's thinker has tokens 0..1, the talker made 2 code 0s (frames done): step 1 needs token 2
+    late = make_request(model, "late", a_ids, jobs[0][2], params, "aiden")
+    late.feed = _feed(model, a_ids, "aiden", [70, 71], finished=False)
+    late.talker.output = [5, 6]
+    assert not Scheduler.talker_ready(late)
+    late.feed.push([72])
+    assert Scheduler.talker_ready(late)

@@ -8,11 +8,11 @@ import torch
 
 from omni_rt.engine.kv_cache import KVCachePool
 from omni_rt.engine.model_runner import DecoderRunner, text_positions
-from omni_rt.engine.text_generation import generate_text
 from omni_rt.kernels import force_triton
 from omni_rt.models.omni import load_model
 from omni_rt.request import SamplingParams
 
+from _engine import generate_text
 from _tolerances import PARITY, rel_err
 
 IM_START, IM_END, USER, ASSISTANT, NL = 449, 450, 11, 12, 5
@@ -118,55 +118,47 @@ def _greedy(max_new_tokens=24):
 @pytest.mark.parametrize("which", [0, 1, 2, "audio"])
 def test_greedy_ids_equal_reference_generate(model, hf_tiny, which):
     kwargs = {}
-    audio = None
+    audios = ()
     if which == "audio":
         wav = speech_like(4.3, seed=1)
         feats, mask = hf_features(wav)
         ids = audio_prompt(model.thinker.audio_tower.num_audio_tokens(int(mask.sum())))
         kwargs = dict(input_features=feats, feature_attention_mask=mask)
-        with torch.inference_mode():
-            audio = our_audio_embeds(model, wav)
+        audios = (wav,)
     else:
         ids = TEXT_PROMPTS[which]
     ref = hf_tiny.thinker.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False,
                                    eos_token_id=IM_END, **kwargs)[0, len(ids):].tolist()
-    runner = make_runner(model, max_prefill_tokens=16)  # several prefill chunks for the audio prompt
-    out = generate_text(model.thinker, runner, [ids], [_greedy()], [audio], default_stop_ids=[IM_END])[0]
+    # several prefill chunks for the audio prompt; generate_text checks every KV block came back
+    out = generate_text(model, [ids], [_greedy()], [audios], max_prefill_tokens=16)[0]
     assert out.output == ref
-    assert runner.pool.num_free_blocks() == runner.pool.num_blocks
 
 
 def test_batch_equals_solo_and_returns_blocks(model):
     params = [_greedy(20), _greedy(7), _greedy(13)]
-    solo = []
-    for ids, p in zip(TEXT_PROMPTS, params):
-        runner = make_runner(model)
-        solo.append(generate_text(model.thinker, runner, [ids], [p], default_stop_ids=[IM_END])[0].output)
-    runner = make_runner(model, block_size=5)  # block size that divides none of the lengths
-    batch = generate_text(model.thinker, runner, TEXT_PROMPTS, params, default_stop_ids=[IM_END])
+    solo = [generate_text(model, [ids], [p])[0].output for ids, p in zip(TEXT_PROMPTS, params)]
+    # block size that divides none of the lengths; generate_text checks every KV block came back
+    batch = generate_text(model, TEXT_PROMPTS, params, kv_block_size=5)
     assert [s.output for s in batch] == solo
     assert [len(s.output) for s in batch] == [20, 7, 13]
-    assert runner.pool.num_free_blocks() == runner.pool.num_blocks
 
 
 def test_stop_id_ends_sequence(model):
     ids = TEXT_PROMPTS[0]
-    runner = make_runner(model)
-    first = generate_text(model.thinker, runner, [ids], [_greedy(8)], default_stop_ids=[IM_END])[0].output
+    first = generate_text(model, [ids], [_greedy(8)])[0].output
     stop = first[3]
     p = SamplingParams(temperature=0.0, max_new_tokens=8, stop_token_ids=[stop]).resolved("thinker")
-    out = generate_text(model.thinker, runner, [ids], [p])[0]
+    out = generate_text(model, [ids], [p])[0]
     assert out.output == first[: first.index(stop) + 1] and out.finish_reason == "stop"
 
 
 def test_sampling_is_seeded_and_batch_independent(model):
     p = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=1234, max_new_tokens=12).resolved("thinker")
-    runner = make_runner(model)
-    a = generate_text(model.thinker, runner, [TEXT_PROMPTS[0]], [p])[0].output
-    b = generate_text(model.thinker, runner, [TEXT_PROMPTS[1], TEXT_PROMPTS[0]], [_greedy(5), p])[1].output
+    a = generate_text(model, [TEXT_PROMPTS[0]], [p])[0].output
+    b = generate_text(model, [TEXT_PROMPTS[1], TEXT_PROMPTS[0]], [_greedy(5), p])[1].output
     assert a == b
     q = SamplingParams(temperature=0.8, top_k=20, top_p=0.9, seed=99, max_new_tokens=12).resolved("thinker")
-    c = generate_text(model.thinker, runner, [TEXT_PROMPTS[0]], [q])[0].output
+    c = generate_text(model, [TEXT_PROMPTS[0]], [q])[0].output
     assert c != a  # another seed gives another draw (12 tokens from a ~flat distribution)
 
 
@@ -174,7 +166,7 @@ def test_triton_forced_matches_torch_path(model):
     """The tiny thinker with every Triton kernel forced on under the interpreter: launcher/layout check."""
     ids = TEXT_PROMPTS[2]
     runner = make_runner(model, block_size=4, max_prefill_tokens=5)
-    ref = generate_text(model.thinker, runner, [ids], [_greedy(3)], default_stop_ids=[IM_END])[0].output
+    ref = generate_text(model, [ids], [_greedy(3)], kv_block_size=4, max_prefill_tokens=5)[0].output
     with torch.inference_mode():
         x = model.thinker.embed(torch.tensor(ids))
         h_ref, _ = runner.prefill([0], [x], [text_positions(0, len(ids), "cpu")])
@@ -184,6 +176,6 @@ def test_triton_forced_matches_torch_path(model):
         with torch.inference_mode():
             h_tri, _ = runner.prefill([0], [x], [text_positions(0, len(ids), "cpu")])
             runner.free(0)
-        out = generate_text(model.thinker, runner, [ids], [_greedy(3)], default_stop_ids=[IM_END])[0].output
+        out = generate_text(model, [ids], [_greedy(3)], kv_block_size=4, max_prefill_tokens=5)[0].output
     assert rel_err(h_tri[0], h_ref[0]) <= 1e-4
     assert out == ref

@@ -1,85 +1,75 @@
-"""The engine: one thread that owns the device and interleaves every request's stages.
+"""The engine: one thread that owns the device and runs every request's stages in one step.
 
 Each ``step()``:
-1. admits waiting requests while a batch slot is free and the KV pool can reserve the request's whole
-   length (prompt + max_new_tokens), so a running request can never run out of pages mid-way; a request
-   that could never fit is refused with a clear error, others wait (back-pressure);
-2. runs at most ``max_prefill_tokens`` of thinker prefill (chunked, so a long audio prompt does not stall the
-   requests that are already decoding);
-3. runs one batched thinker decode step for every decoding request;
-4. runs one speech step (talker step → code-predictor frame → streaming Code2Wav) for every speaking request
-   whose next thinker token is available — so the first audio packet leaves after the first talker frame,
-   while the thinker is still generating;
-5. emits text deltas and audio chunks to each request's queue and retires finished or cancelled requests,
-   returning their KV blocks and decoder state at once.
+1. admits waiting requests (``Scheduler``: a free slot and both KV pools can reserve the request's whole
+   length) and encodes their audio / embeds their prompt — a request whose own inputs are bad fails alone;
+2. runs thinker prefill chunks within the step's token budget; a request whose prompt completes samples its
+   first token, which at once builds its talker prompt (``models.talker.TalkerTextFeed``);
+3. runs, in one transaction: the talker prefill chunks (rest of the budget), the speech frame for every
+   speaking request (talker decode + code-0 sampling for those whose next text entry is known, the
+   code-predictor frame, one streaming Code2Wav step), then one batched thinker decode step — so a request's
+   first audio packet leaves in the same step as its thinker's first token, before that step's thinker decode;
+4. reads back everything the step produced (ids, codes, PCM) in one synchronisation, commits it, emits text
+   deltas and audio chunks, and retires finished or cancelled requests, returning their blocks and slot.
 
-Failure isolation: host-side errors in one request's own work (bad audio, unknown speaker, a token-count
-mismatch) fail that request only. An error inside a batched device computation is treated as a device fault:
-it is sticky and fails every request in flight; the Runtime must be recreated.
+Commit on success: stages compute into fresh tensors; KV appends are journaled and device state (Code2Wav
+state, codec inputs, seen code-0 ids) and host state change only when a transaction succeeded. A failure that
+is not a device fault (CUDA error, out of memory) is rolled back and the transaction retried for each of its
+requests alone: the one that fails again fails by itself, the others advance exactly once. A device fault is
+sticky: every request fails and ``stats()["fault"]`` says why.
 """
 from __future__ import annotations
 
-import collections
-import random
+import itertools
 import threading
 import time
 import traceback
-import warnings
-from typing import Callable
 
+import numpy as np
 import torch
 
-from .. import audio as audio_mod
-from ..errors import DeviceFault
-from ..models.omni import OmniModel
+from ..errors import CancelledRequest, DeviceFault
+from ..models.layers import text_positions
+from ..models.talker import TalkerTextFeed
 from ..profiling import StageTimer, census_stage
 from ..request import StreamChunk
-from .graphs import ThinkerDecodeGraphs
-from .kv_cache import KVCachePool
-from ..models.mrope import decode_positions, multimodal_positions
-from .model_runner import DecoderRunner, text_positions
-from .requests import EngineRequest, Phase
-from .sampler import SamplingTensors, sample
+from ..sampling import to_device
+from .config import EngineConfig
+from .scheduler import Scheduler
+from .sequence import Request
+from .stages import Stages, readback
 from .text_output import TextStep
+
+_TALKER_SEQ_BASE = 1 << 40  # talker KV sequence ids live apart from the thinker's
+
+
+def is_device_fault(e: BaseException) -> bool:
+    """Only real device failures poison the runtime; anything else is attributable to a request."""
+    if isinstance(e, (torch.cuda.OutOfMemoryError, DeviceFault)):
+        return True
+    accel = getattr(torch, "AcceleratorError", None)
+    if accel is not None and isinstance(e, accel):
+        return True
+    text = str(e)
+    return any(s in text for s in ("CUDA error", "CUBLAS_STATUS", "cuDNN error", "device-side assert"))
 
 
 class Engine:
-    def __init__(self, model: OmniModel, device: torch.device, dtype: torch.dtype, max_batch_size: int,
-                 kv_tokens: int, block_size: int = 16, max_prefill_tokens: int = 4096,
-                 max_model_len: int = 32768, speech_factory: Callable | None = None, cuda_graphs: bool = False):
-        self.model, self.device, self.dtype = model, device, dtype
-        self.cfg = model.cfg
-        self.max_batch_size = max_batch_size
-        self.max_prefill_tokens = max_prefill_tokens
-        self.max_model_len = max_model_len
-        tc = self.cfg.thinker.text
-        num_blocks = max(1, -(-kv_tokens // block_size))
-        self.pool = KVCachePool(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads,
-                                tc.head_dim, dtype, device)
-        self.runner = DecoderRunner(model.thinker.forward, self.pool, max_prefill_tokens)
-        # Thinker decode through CUDA graphs (one per batch bucket), only on CUDA; CPU keeps the eager path.
-        self.cuda_graphs = cuda_graphs and torch.device(device).type == "cuda"
-        self.decode_graphs = None
-        if cuda_graphs and torch.device(device).type == "cuda":
-            try:
-                self.decode_graphs = ThinkerDecodeGraphs(model.thinker, self.pool, max_batch_size, max_model_len)
-                self.decode_graphs.capture()
-            except Exception as e:  # never lose the runtime to a capture problem: decode eagerly instead
-                warnings.warn(f"CUDA-graph capture of the thinker decode step failed ({e!r}); "
-                              f"falling back to eager decode", RuntimeWarning, stacklevel=2)
-                self.decode_graphs = None
-        self.speech = speech_factory(self) if (speech_factory is not None and model.has_talker) else None
-        self.tap_layer = self.cfg.talker.accept_hidden_layer if model.has_talker else None
-        self.vocab = tc.vocab_size
-        self.waiting: collections.deque[EngineRequest] = collections.deque()
-        self.running: list[EngineRequest] = []
-        self.requests: dict[str, EngineRequest] = {}
-        self._next_seq = 0
+    def __init__(self, model, cfg: EngineConfig, device: torch.device, dtype: torch.dtype):
+        self.model, self.cfg, self.device, self.dtype = model, cfg, torch.device(device), dtype
+        self.stages = Stages(model, cfg, device, dtype)
+        self.sched = Scheduler(cfg, self.stages.thinker_pool, self.stages.talker_pool)
+        self.tap_layer = model.cfg.talker.accept_hidden_layer if model.has_talker else None
+        self.vocab = model.cfg.thinker.text.vocab_size
+        self.groups = model.cfg.talker.num_code_groups if model.has_talker else 0
+        self.requests: dict[str, Request] = {}
+        self._ids = itertools.count()
         self._lock = threading.Condition()
         self._stop = False
         self.fault: BaseException | None = None
         self._thread: threading.Thread | None = None
-        self.timer = StageTimer()   # wall time per stage, summed over steps (and NVTX ranges)
+        self.timer = StageTimer()
+        self.warmup_s = 0.0
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> None:
@@ -101,17 +91,21 @@ class Engine:
     def closed(self) -> bool:
         return self._stop
 
-    def submit(self, req: EngineRequest) -> None:
+    def submit(self, req: Request) -> None:
         if self.fault is not None:
             raise DeviceFault(f"the runtime hit a device fault and must be recreated: {self.fault}")
-        self._check_fits(req)
+        self.sched.check_fits(req)
         with self._lock:
             if self._stop:  # checked under the lock the loop drains under: no request can slip past the drain
                 raise RuntimeError("the runtime is closed: create a new omni_rt.Runtime")
             if req.request_id in self.requests:
                 raise ValueError(f"request id {req.request_id!r} is already in flight")
+            n = next(self._ids)
+            req.thinker.seq_id = n
+            if req.talker is not None:
+                req.talker.seq_id = _TALKER_SEQ_BASE + n
             self.requests[req.request_id] = req
-            self.waiting.append(req)
+            self.sched.waiting.append(req)
             self._lock.notify_all()
 
     def abort(self, request_id: str) -> bool:
@@ -124,284 +118,347 @@ class Engine:
             self._lock.notify_all()
             return True
 
-    def _check_fits(self, req: EngineRequest) -> None:
-        total = len(req.prompt) + req.thinker_params.max_new_tokens
-        if total > self.max_model_len:
-            raise ValueError(f"prompt ({len(req.prompt)} tokens) + max_new_tokens "
-                             f"({req.thinker_params.max_new_tokens}) = {total} exceeds max_model_len "
-                             f"{self.max_model_len}")
-        need = self.pool.manager.blocks_for_tokens(total)
-        if need > self.pool.num_blocks:
-            raise ValueError(f"request needs {need} KV blocks ({total} tokens) but the pool has only "
-                             f"{self.pool.num_blocks}; lower max_new_tokens or raise the KV memory")
-        if self.speech is not None and req.speaking:
-            self.speech.check_fits(req)
+    def stats(self) -> dict:
+        """The engine's accounting (cheap and thread-safe: a few counters read under the engine's lock)."""
+        with self._lock:
+            return self._snapshot()
+
+    def _snapshot(self) -> dict:
+        th, tk = self.stages.thinker_pool, self.stages.talker_pool
+        return {"kv_free_blocks": th.num_free_blocks(), "kv_total_blocks": th.num_blocks,
+                "talker_kv_free_blocks": tk.num_free_blocks() if tk else 0,
+                "talker_kv_total_blocks": tk.num_blocks if tk else 0,
+                "speech_slots_free": len(self.sched.free_slots) if tk else 0,
+                "speech_slots_total": self.cfg.max_batch_size if tk else 0,
+                "running": len(self.sched.running), "waiting": len(self.sched.waiting),
+                "fault": None if self.fault is None else f"{type(self.fault).__name__}: {self.fault}"}
 
     # -------------------------------------------------------------------------------------------- loop
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._stop and not self.waiting and not self.running:
+                while not self._stop and not self.sched.waiting and not self.sched.running:
                     self._lock.wait()
                 if self._stop:
                     break
             try:
                 self.step()
-            except BaseException as e:  # a fault in batched device work: sticky, fails everything in flight
+            except BaseException as e:  # a device fault: sticky, fails everything in flight
                 self._fail_all(e)
-        # Closed with requests still in flight: end their streams instead of leaving consumers waiting.
         closed = RuntimeError("the runtime was closed before this request finished")
         with self._lock:
-            running, waiting = list(self.running), list(self.waiting)
-            self.waiting.clear()
+            running, waiting = list(self.sched.running), list(self.sched.waiting)
+            self.sched.waiting.clear()
             self.requests.clear()
         for req in running:  # return their KV blocks and speech slots, so the final stats show them free
             try:
                 self._release(req)
             except Exception:  # noqa: BLE001 - a faulted engine's bookkeeping may be gone; the streams still end
                 pass
-        self.running.clear()
+        self.sched.running.clear()
         for req in running + waiting:
             req.out.put(StreamChunk(req.request_id, finished=True, error=closed))
-
-    def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
 
     @torch.inference_mode()
     def step(self) -> None:
         self._reap_cancelled()
         with self.timer("admit"):
-            self._admit()
-        with self.timer("thinker_prefill"):
-            self._prefill_step()
-        with self.timer("thinker_decode"):
-            self._decode_step()
-        if self.speech is not None:
-            with self.timer("speech"):
-                self._speech_step()
+            for req in self.sched.admit():
+                self._guard(req, self._prepare, req)
+        plan, budget = self.sched.thinker_prefill(self.cfg.max_prefill_tokens)
+        if plan:
+            with self.timer("thinker_prefill"):
+                self._transaction(self._prefill_phase, [r for r, _ in plan], dict((id(r), n) for r, n in plan))
+        for r in self.sched.running:
+            if r.talker is not None and r.talker.embeds is None and self.sched.talker_prompt_ready(r):
+                self._guard(r, lambda r=r: self._set_talker_prompt(r))
+        talker_plan = self.sched.talker_prefill(budget) if self.stages.talker_pool is not None else []
+        speech = self.sched.talker_decode() if self.stages.talker_pool is not None else []
+        flush = self.sched.flush() if self.stages.talker_pool is not None else []
+        decode = self.sched.thinker_decode()
+        reqs = list({id(r): r for r in [r for r, _ in talker_plan] + speech + flush + decode}.values())
+        if reqs:
+            with self.timer("step"):
+                self._transaction(self._main_phase, reqs,
+                                  (dict((id(r), n) for r, n in talker_plan), {id(r) for r in speech},
+                                   {id(r) for r in flush}, {id(r) for r in decode}))
         self._retire()
 
-    # ------------------------------------------------------------------------------------------ admission
-    def _outstanding(self) -> int:
-        """Blocks promised to running requests for their whole length but not allocated yet."""
-        total = 0
-        for r in self.running:
-            if r.thinker_finished or r.reserved_blocks == 0:
-                continue
-            held = (self.pool.manager.blocks_for_tokens(self.pool.num_tokens(r.seq_id))
-                    if self.pool.has_seq(r.seq_id) else 0)
-            total += max(0, r.reserved_blocks - held)
-        return total
+    @staticmethod
+    def _set_talker_prompt(r: Request) -> None:
+        r.talker.set_prompt(*r.feed.prefill())
+        r.talker.rope_delta = r.feed.rope_delta   # TM-RoPE talker prompts (images/video in the user turns)
 
-    def _blocks_for(self, req: EngineRequest) -> int:
-        return self.pool.manager.blocks_for_tokens(len(req.prompt) + req.thinker_params.max_new_tokens)
+    # ------------------------------------------------------------------------------------- transactions
+    def _transaction(self, phase, reqs: list[Request], plan) -> None:
+        """Run ``phase(reqs, plan)`` → commit; on a request-attributable failure roll the KV back and retry
+        each request alone, failing only those that fail again."""
+        try:
+            commit = self._attempt(phase, reqs, plan)
+        except Exception as e:
+            if is_device_fault(e):
+                raise
+            if len(reqs) == 1:
+                self._fail(reqs[0], e)
+                return
+            for r in reqs:
+                self._guard(r, lambda r=r: self._attempt(phase, [r], plan)())
+            return
+        commit()  # host bookkeeping and device writes of a step that succeeded: never retried
 
-    def _admit(self) -> None:
-        while self.waiting and len(self.running) < self.max_batch_size:
-            req = self.waiting[0]
-            need = self._blocks_for(req)
-            if need > self.pool.num_free_blocks() - self._outstanding():
-                break  # back-pressure: wait for running requests to return blocks
-            if self.speech is not None and req.speaking and not self.speech.can_admit(req):
-                break
-            self.waiting.popleft()
-            try:
-                self._prepare(req)
-            except Exception as e:  # this request's own inputs are bad: fail it alone
-                self._fail(req, e)
-                continue
-            req.seq_id = self._next_seq
-            self._next_seq += 1
-            req.reserved_blocks = need
-            req.phase = Phase.PREFILL
-            self.running.append(req)
-            if self.speech is not None and req.speaking:
-                self.speech.admit(req)
+    def _attempt(self, phase, reqs: list[Request], plan):
+        pools = (("thinker", self.stages.thinker_pool), ("talker", self.stages.talker_pool))
+        marks = [(pool, seq.seq_id, pool.num_tokens(seq.seq_id) if pool.has_seq(seq.seq_id) else None)
+                 for r in reqs for name, pool in pools if pool is not None
+                 for seq in [r.thinker if name == "thinker" else r.talker] if seq is not None]
+        try:
+            commit = phase(reqs, plan)
+        except BaseException:
+            for pool, sid, n in marks:  # undo this attempt's KV appends (their page contents are rewritten later)
+                if n is None and pool.has_seq(sid):
+                    pool.free(sid)
+                elif n is not None and pool.has_seq(sid) and pool.num_tokens(sid) > n:
+                    pool.truncate(sid, n)
+            raise
+        return commit
 
-    def _prepare(self, req: EngineRequest) -> None:
-        """Encode the request's audios and build its prompt embeddings (host-checked, per request)."""
-        thinker = self.model.thinker
-        audio_embeds = None
-        counts: list[int] = []
-        if req.audios:
-            n_mels = self.cfg.thinker.audio.num_mel_bins
-            mels = [audio_mod.log_mel(a, device=self.device, n_mels=n_mels) for a in req.audios]
-            lens = [m.shape[1] for m in mels]
-            counts = [int(thinker.audio_tower.num_audio_tokens(n)) for n in lens]
-            pads = sum(1 for t in req.prompt if t == self.cfg.thinker.audio_token_id)
-            if pads != sum(counts):
-                raise ValueError(f"the prompt has {pads} <|audio_pad|> tokens but its audios give {sum(counts)} "
-                                 f"({counts}); expand each audio's pad run to its token count")
-            with self.timer("audio_encode"), census_stage("audio_encode"):
-                audio_embeds = thinker.audio_tower(torch.cat(mels, dim=1).to(self.dtype), lens)
-        elif any(t == self.cfg.thinker.audio_token_id for t in req.prompt):
-            raise ValueError("the prompt has <|audio_pad|> tokens but no audio was given")
-        if max(req.prompt) >= self.vocab:
-            raise ValueError(f"token id {max(req.prompt)} is outside the vocabulary ({self.vocab})")
-        ids = torch.tensor(req.prompt, device=self.device)
-        image_embeds = video_embeds = None
-        th = self.cfg.thinker
+    def _guard(self, req: Request, fn, *args) -> None:
+        """Run one request's own work; a failure that is not a device fault fails that request alone."""
+        try:
+            fn(*args)
+        except Exception as e:
+            if is_device_fault(e):
+                raise
+            self._fail(req, e)
+
+    # -------------------------------------------------------------------------------------------- phases
+    def _prepare(self, req: Request) -> None:
+        """Encode the request's audios, images and videos and embed its prompt (host-checked, per request)."""
+        seq, th = req.thinker, self.model.cfg.thinker
+        ids = seq.prompt_ids
+        if max(ids) >= self.vocab:
+            raise ValueError(f"token id {max(ids)} is outside the vocabulary ({self.vocab})")
+        with self.timer("audio_encode"):
+            audio, counts = self.stages.audio_encode(req)
+        ids_t = to_device(ids, torch.long, self.device)
+        image = video = None
         if req.vision:
-            if thinker.visual is None:
-                raise ValueError("this checkpoint has no vision tower, so it cannot take images or video")
-            merge = th.vision.spatial_merge_size
-            # Validates every pad run against its medium (a ValueError naming the item) before any encoding.
-            positions, req.rope_delta = multimodal_positions(req.prompt, th, merge, counts,
-                                                             [v.item for v in req.vision])
-            req.positions = positions.to(self.device)
             with self.timer("vision_encode"):
-                feats, taps = thinker.visual.encode([(v.pixel_values, v.item.grid) for v in req.vision], self.dtype)
-            image_embeds, video_embeds, req.deepstack = _scatter_vision(
-                ids, [v.item.kind for v in req.vision], feats, taps, th.image_token_id, th.video_token_id)
+                positions, seq.rope_delta, image, video, req.deepstack = self.stages.vision_encode(req, ids_t, counts)
         else:
-            if any(t in (th.image_token_id, th.video_token_id) for t in req.prompt):
+            if any(t in (th.image_token_id, th.video_token_id) for t in ids):
                 raise ValueError("the prompt has <|image_pad|> / <|video_pad|> tokens but no image or video was "
                                  "given")
-            req.positions = text_positions(0, len(req.prompt), self.device)
-        req.embeds = thinker.embed(ids, audio_embeds, image_embeds, video_embeds)
-        req.audio_embeds = audio_embeds
+            positions = text_positions(0, len(ids), self.device)
+        seq.set_prompt(self.model.thinker.embed(ids_t, audio, image, video), positions)
 
-    # ------------------------------------------------------------------------------------------ thinker
-    def _tap(self, reqs: list[EngineRequest]) -> int | None:
-        return self.tap_layer if any(r.speaking for r in reqs) else None
+    def _prefill_phase(self, reqs: list[Request], counts: dict):
+        n = [counts[id(r)] for r in reqs]
+        tap = self.tap_layer if any(r.speaking for r in reqs) else None
+        ids, taps = self.stages.thinker_prefill(reqs, n, tap)
+        host = readback(self.device, {"ids": ids})
 
-    def _prefill_step(self) -> None:
-        todo = [r for r in self.running if r.phase == Phase.PREFILL and not r.cancelled]
-        if not todo:
-            return
-        budget = self.max_prefill_tokens
-        batch, chunks, positions, deepstack = [], [], [], []
-        for r in todo:
-            if budget <= 0:
-                break
-            n = min(len(r.prompt) - r.prefilled, budget)
-            budget -= n
-            batch.append(r)
-            chunks.append(r.embeds[r.prefilled: r.prefilled + n])
-            positions.append(r.positions[:, r.prefilled: r.prefilled + n])
-            deepstack.append(_deepstack_slice(r.deepstack, r.prefilled, n))
-        with census_stage("thinker_prefill"):
-            hidden, taps = self.runner.prefill([r.seq_id for r in batch], chunks, positions, self._tap(batch),
-                                               deepstack if any(d is not None for d in deepstack) else None)
-            finished = [j for j, (r, c) in enumerate(zip(batch, chunks)) if r.prefilled + c.shape[0] == len(r.prompt)]
-            tokens = (self._sample_device(self.model.thinker.logits(torch.stack([hidden[j][-1] for j in finished])),
-                                          [batch[j] for j in finished]) if finished else None)
-        for r, tap, c in zip(batch, taps, chunks):
-            r.prefilled += c.shape[0]
-            if r.speaking and tap is not None:
-                r.prompt_taps.append(tap)
-        if finished:
-            for j, tok in zip(finished, tokens.tolist()):   # the step's read-back
-                batch[j].phase = Phase.DECODE
-                self._push_token(batch[j], tok)
+        def commit():
+            done = []
+            for r, k, t in zip(reqs, n, taps):
+                r.thinker.prefilled += k
+                if r.speaking and t is not None:
+                    r.taps.append(t)
+                if r.thinker.prefilled == r.thinker.prompt_len:
+                    done.append(r)
+                    r.deepstack = None
+                    if not r.speaking:
+                        r.thinker.embeds = None
+            for r, tok in zip(done, host.get("ids", [])):
+                self._guard(r, self._push_token, r, int(tok))
+        return commit
 
-    def _decode_step(self) -> None:
-        active = [r for r in self.running if r.phase == Phase.DECODE and not r.thinker_finished
-                  and not r.cancelled]
-        if not active:
-            return
-        if self.decode_graphs is not None:
-            params = [r.thinker_params for r in active]
-            seen = ([r.prompt + r.output for r in active]
-                    if any(p.repetition_penalty != 1.0 for p in params) else None)
-            out = self.decode_graphs.decode([r.seq_id for r in active], [r.output[-1] for r in active],
-                                            [float(decode_positions([len(r.prompt) + len(r.output) - 1],
-                                                                    [r.rope_delta], "cpu")[0, 0])
-                                             for r in active], params,
-                                            [len(r.output) for r in active], [r.thinker_seed for r in active], seen)
-            for r, tok in zip(active, out["next_ids"].tolist()):
-                self._push_token(r, tok)
-            return
-        ids = torch.tensor([r.output[-1] for r in active], device=self.device)
-        pos = decode_positions([len(r.prompt) + len(r.output) - 1 for r in active], [r.rope_delta for r in active],
-                               self.device)
-        with census_stage("thinker_decode"):
-            embeds = self.model.thinker.embed(ids)
-            hidden, _ = self.runner.decode([r.seq_id for r in active], embeds, pos)
-            tokens = self._sample_device(self.model.thinker.logits(hidden), active)
-        for r, tok in zip(active, tokens.tolist()):
-            self._push_token(r, tok)
+    def _main_phase(self, reqs: list[Request], plan):
+        talker_counts, speech, flush, decode = plan
+        st = self.stages
+        out: dict[str, torch.Tensor] = {}
+        # 1. talker prefill chunks; a completed prompt gives the first code 0 in this step's frame
+        pre = [r for r in reqs if id(r) in talker_counts]
+        rows, hidden = [], []
+        if pre:
+            last = st.talker_prefill(pre, [talker_counts[id(r)] for r in pre])
+            for r, h in zip(pre, last):
+                if r.talker.prefilled + talker_counts[id(r)] == r.talker.prompt_len:
+                    rows.append(r)
+                    hidden.append(h[None])
+        # 2. the speech frame: talker decode → code 0 → code-predictor frame → Code2Wav
+        dec = [r for r in reqs if id(r) in speech]
+        if dec:
+            hidden.append(st.talker_decode(dec, to_device([r.slot for r in dec], torch.long, self.device)))
+            rows += dec
+        framed, vocode = [], []
+        if rows:
+            slots = to_device([r.slot for r in rows], torch.long, self.device)
+            h = torch.cat(hidden)
+            # code 0 belongs to the talker step that made its hidden state (the per-token stage when any decoded)
+            with census_stage("talker_decode" if dec else "talker_prefill"):
+                code0 = st.sample_code0(rows, h, slots)
+            out["code0"] = code0
+            # the last allowed code 0 never gets residual codes (T talker steps → T − 1 frames)
+            keep = [i for i, r in enumerate(rows) if len(r.talker.output) + 1 < r.talker.params.max_new_tokens]
+            framed = [rows[i] for i in keep]
+            if framed:
+                idx = to_device(keep, torch.long, self.device)
+                frames, nxt = st.code_predictor_frame(framed, h.index_select(0, idx), code0.index_select(0, idx))
+                out["frames"], out["next_embed"] = frames, nxt
+                vocode = [(j, r) for j, r in enumerate(framed)
+                          if r.vocoded or len(r.held) + 1 >= self.cfg.first_chunk_frames]
+        groups = self._vocode_groups(vocode, out.get("frames"), [r for r in reqs if id(r) in flush])
+        c2w = []
+        for g, (members, codes) in enumerate(groups):
+            audio, state = st.code2wav_step(members, codes, to_device([r.slot for r in members], torch.long,
+                                                                      self.device))
+            out[f"audio{g}"], out[f"codes{g}"] = audio, codes
+            c2w.append((members, state))
+        # 3. the thinker decode step (after the speech frame: a first packet never waits for it)
+        th = [r for r in reqs if id(r) in decode]
+        if th:
+            out["next_ids"] = st.thinker_decode(th)
+        host = readback(self.device, {k: v for k, v in out.items() if k not in ("next_embed",)})
 
-    def _sample_device(self, logits: torch.Tensor, reqs: list[EngineRequest]) -> torch.Tensor:
-        """logits (B, vocab) -> next ids (B,) on the device (no read-back)."""
-        params = [r.thinker_params for r in reqs]
-        st = SamplingTensors.build(params, [len(r.output) for r in reqs], [r.thinker_seed for r in reqs],
-                                   self.device)
-        seen = None
-        if any(p.repetition_penalty != 1.0 for p in params):
-            seen = torch.zeros(len(reqs), logits.shape[-1], dtype=torch.bool, device=self.device)
-            for i, r in enumerate(reqs):
-                seen[i, torch.tensor(r.prompt + r.output, device=self.device)] = True
-        return sample(logits, st, seen)
+        def commit():
+            self._commit_speech(pre, talker_counts, rows, framed, out.get("next_embed"), c2w, host)
+            for r, tok in zip(th, host.get("next_ids", [])):
+                self._guard(r, self._push_token, r, int(tok))
+        return commit
 
-    def _push_token(self, req: EngineRequest, token: int) -> None:
-        req.push_token(token)
+    def _vocode_groups(self, vocode, frames, flush):
+        """Code2Wav batches: requests with the same number of new frames (held ones + this step's) stream
+        together → [(members, codes (B, G, n))]."""
+        by_n: dict[int, list] = {}
+        for j, r in vocode:
+            by_n.setdefault(len(r.held) + 1, []).append((r, j))
+        for r in flush:
+            by_n.setdefault(len(r.held), []).append((r, None))
+        groups = []
+        for n, items in by_n.items():
+            codes = []
+            for r, j in items:
+                parts = [to_device(np.stack(r.held, axis=1), torch.long, self.device)] if r.held else []
+                if j is not None:
+                    parts.append(frames[j][:, None])
+                codes.append(torch.cat(parts, dim=1))
+            groups.append(([r for r, _ in items], torch.stack(codes)))
+        return groups
+
+    def _commit_speech(self, pre, talker_counts, rows, framed, next_embed, c2w, host) -> None:
+        st = self.stages
+        for r in pre:
+            r.talker.prefilled += talker_counts[id(r)]
+            if r.talker.prefilled == r.talker.prompt_len:
+                r.talker.embeds = None
+        code0 = host.get("code0", [])
+        stop = {id(r): int(c) in r.talker.stop_ids for r, c in zip(rows, code0)}
+        if rows:
+            st.seen.index_put_((to_device([r.slot for r in rows], torch.long, self.device),
+                                to_device(code0, torch.long, self.device)), torch.tensor(True, device=self.device))
+        kept = [j for j, r in enumerate(framed) if not stop[id(r)]]
+        if kept:
+            st.codec_embed.index_copy_(0, to_device([framed[j].slot for j in kept], torch.long, self.device),
+                                       next_embed.index_select(0, to_device(kept, torch.long, self.device)))
+        frames = host.get("frames")
+        new_frame = {id(framed[j]): frames[j] for j in kept}
+        vocoded = set()
+        for g, (members, state) in enumerate(c2w):
+            audio, codes = host[f"audio{g}"], host[f"codes{g}"]
+            ok = [i for i, r in enumerate(members) if not stop.get(id(r), False)]
+            if not ok:
+                continue
+            st.c2w_state.scatter_(to_device([members[i].slot for i in ok], torch.long, self.device),
+                                  state.select(to_device(ok, torch.long, self.device)))
+            for i in ok:
+                r = members[i]
+                pcm = audio[i] if r.vocoded else audio[i][self.model.code2wav.delay:]
+                r.codes.append(codes[i])
+                r.vocoded += codes[i].shape[1]
+                r.held = []
+                vocoded.add(id(r))
+                self._emit_audio(r, np.ascontiguousarray(pcm, dtype=np.float32))
+        for r, c in zip(rows, code0):
+            r.talker.push(int(c))
+            if id(r) in new_frame and id(r) not in vocoded:
+                r.held.append(new_frame[id(r)])
+            if r.talker.finished:
+                self.sched.free_seq("talker", r.talker)
+
+    def _push_token(self, req: Request, token: int) -> None:
+        """Commit one thinker token: stop/length rule and stop strings, the talker's recipe, the text delta."""
+        seq = req.thinker
+        first = not seq.output
+        seq.push(token)
         if req.text_out is None:   # plain detokenizing: every id is settled at once
-            step = TextStep(text=req.detok.push([token]), release=[token], finished=req.thinker_finished)
+            step = TextStep(text=req.detok.push([token]), release=[token], finished=seq.finished)
         else:
-            step = req.text_out.push(token, final=req.thinker_finished)
-            if step.stopped:
-                req.stop_here("stop")   # a stop string: the thinker ends here
-        if req.thinker_finished:
-            self.runner.free(req.seq_id)  # the talker only needs the saved embeddings, not the thinker KV
-            req.phase = Phase.DONE
-        if self.speech is not None and req.speaking and req.error is None and (step.release or step.finished):
-            try:
-                self.speech.on_token(req, step.release, step.finished)
-            except Exception as e:  # this request's own speech setup failed: fail it alone
-                self._fail(req, e)
-                return
+            step = req.text_out.push(token, final=seq.finished)
+            if step.stopped and seq.finish_reason is None:
+                seq.finish_reason = "stop"   # a stop string: the thinker ends here
+        now = time.perf_counter()
+        if first:
+            req.t_first_token = now
+        if seq.finished:
+            req.t_thinker_done = now
+            self.sched.free_seq("thinker", seq)
+        if req.speaking and not req.talker.finished and (step.release or step.finished):
+            if req.feed is None:
+                taps = torch.cat(req.taps) if req.taps else None
+                if taps is None or taps.shape[0] != seq.prompt_len:
+                    raise RuntimeError("the thinker's accept-layer hidden states were not captured for every "
+                                       "prompt position")
+                req.feed = TalkerTextFeed(self.model, seq.prompt_ids, seq.embeds, taps, req.speaker_id,
+                                          seq.stop_ids, seq.params.max_new_tokens,
+                                          vision=[v.item for v in req.vision])
+                req.taps, seq.embeds = [], None
+            req.feed.push(step.release, step.finished)
+            if not req.talker.started and req.feed.silent:
+                req.talker.finish_reason = "silent"  # a one-token answer: nothing for the talker to voice
+                self.sched.free_seq("talker", req.talker)
         req.out.put(StreamChunk(req.request_id, text_delta=step.text, token_ids=[token],
                                 reasoning_delta=step.reasoning))
 
-    # ------------------------------------------------------------------------------------------ speech
-    def _speech_step(self) -> None:
-        speaking = [r for r in self.running if r.speaking and not r.cancelled and self.speech.active(r)]
-        if not speaking:
-            return
-        for r, pcm in self.speech.step(speaking):
-            if pcm is not None and pcm.size:
-                if r.t_first_audio is None:
-                    r.t_first_audio = time.perf_counter()
-                r.audio_samples += pcm.size
-                r.out.put(StreamChunk(r.request_id, audio=pcm))
+    def _emit_audio(self, req: Request, pcm: np.ndarray) -> None:
+        if pcm.size:
+            if req.t_first_audio is None:
+                req.t_first_audio = time.perf_counter()
+            req.audio_samples += pcm.size
+            req.out.put(StreamChunk(req.request_id, audio=pcm))
 
     # ------------------------------------------------------------------------------------------ retire
-    def _request_done(self, req: EngineRequest) -> bool:
-        if not req.thinker_finished:
-            return False
-        return self.speech is None or not req.speaking or self.speech.finished(req)
-
-    def _release(self, req: EngineRequest) -> None:
-        self.runner.free(req.seq_id)
-        if self.speech is not None and req.speaking:
-            self.speech.release(req)
-        req.reserved_blocks = 0
-        if req in self.running:
-            self.running.remove(req)
+    def _release(self, req: Request) -> None:
+        if req.slot >= 0 and self.stages.talker_pool is not None:
+            slot = to_device([req.slot], torch.long, self.device)
+            self.stages.c2w_state.scatter_(slot, self.stages.fresh_c2w)
+            self.stages.seen[req.slot] = False
+        self.sched.release(req)
         with self._lock:
             self.requests.pop(req.request_id, None)
 
     def _retire(self) -> None:
-        for req in list(self.running):
-            if self._request_done(req):
+        for req in list(self.sched.running):
+            if req.done:
                 tail = req.detok.push([], final=True) if req.text_out is None else ""
                 self._release(req)
                 req.out.put(StreamChunk(req.request_id, text_delta=tail, finished=True, metrics=req.metrics()))
 
     def _reap_cancelled(self) -> None:
-        for req in [r for r in self.running if r.cancelled]:
+        for req in [r for r in self.sched.running if r.cancelled]:
             self._release(req)
             req.out.put(StreamChunk(req.request_id, finished=True, metrics=req.metrics(),
                                     error=CancelledRequest(f"request {req.request_id} was aborted")))
         with self._lock:
-            for req in [r for r in self.waiting if r.cancelled]:
-                self.waiting.remove(req)
+            for req in [r for r in self.sched.waiting if r.cancelled]:
+                self.sched.waiting.remove(req)
                 self.requests.pop(req.request_id, None)
                 req.out.put(StreamChunk(req.request_id, finished=True,
                                         error=CancelledRequest(f"request {req.request_id} was aborted")))
 
-    def _fail(self, req: EngineRequest, error: BaseException) -> None:
+    def _fail(self, req: Request, error: BaseException) -> None:
+        if req.error is not None:
+            return
         req.error = error
         self._release(req)
         req.out.put(StreamChunk(req.request_id, finished=True, error=error))
@@ -412,58 +469,10 @@ class Engine:
         fault = DeviceFault(f"engine step failed ({detail}); every request in flight was failed and the "
                             f"runtime must be recreated")
         fault.__cause__ = error
-        for req in list(self.running) + list(self.waiting):
+        for req in list(self.sched.running) + list(self.sched.waiting):
             req.out.put(StreamChunk(req.request_id, finished=True, error=fault))
-        self.running.clear()
-        self.waiting.clear()
+        self.sched.running.clear()
+        self.sched.waiting.clear()
         with self._lock:
             self.requests.clear()
             self._stop = True
-
-
-def _deepstack_slice(deepstack, start: int, n: int):
-    """A request's deepstack (mask over its prompt, features over its visual tokens) for prompt tokens
-    [start, start + n): a prefill chunk may begin or end inside an image."""
-    if deepstack is None:
-        return None
-    mask, feats = deepstack
-    before = int(mask[:start].sum())
-    inside = mask[start: start + n]
-    count = int(inside.sum())
-    if count == 0:
-        return None
-    return inside, [f[before: before + count] for f in feats]
-
-
-def _scatter_vision(ids: torch.Tensor, kinds: list[str], feats: list[torch.Tensor], taps: list[list[torch.Tensor]],
-                    image_id: int, video_id: int):
-    """Image and video features in pad order, and the deepstack features joined in *position* order (images and
-    videos interleaved as they appear, as the reference's joint masks do, modeling ≈ 2025-2039)."""
-    img = [f for f, k in zip(feats, kinds) if k == "image"]
-    vid = [f for f, k in zip(feats, kinds) if k == "video"]
-    image_embeds = torch.cat(img) if img else None
-    video_embeds = torch.cat(vid) if vid else None
-    is_img, is_vid = ids == image_id, ids == video_id
-    mask = is_img | is_vid
-    joint_img = is_img[mask]
-    joint = []
-    for j in range(len(taps[0]) if taps else 0):
-        ti = [t[j] for t, k in zip(taps, kinds) if k == "image"]
-        tv = [t[j] for t, k in zip(taps, kinds) if k == "video"]
-        ref = (ti or tv)[0]
-        out = ref.new_zeros(int(mask.sum()), ref.shape[-1])
-        if ti:
-            out[joint_img] = torch.cat(ti)
-        if tv:
-            out[~joint_img] = torch.cat(tv)
-        joint.append(out)
-    return image_embeds, video_embeds, ((mask, joint) if joint else None)
-
-
-class CancelledRequest(Exception):
-    """The request was aborted (abort(), leaving the stream loop, or cancelling the astream task)."""
-
-
-def new_seed() -> int:
-    return random.getrandbits(63)
-

@@ -32,7 +32,7 @@ from ..models.code2wav import Code2WavState
 from ..models.layers import AttentionMetadata
 from ..profiling import census_graphed, census_stage
 from .kv_cache import KVCachePool
-from .sampler import SamplingTensors, sample
+from ..sampling import SamplingTensors, sample
 
 logger = logging.getLogger(__name__)
 
@@ -207,8 +207,7 @@ class ThinkerDecodeStep:
     Inputs (B = batch): input_ids (B,) int64; positions (3, B) float32; slot_mapping (B,) int64;
     block_tables (B, max_blocks) int32; context_lens (B,) int32; temperature, top_p, repetition_penalty (B,)
     float32; top_k, seeds, steps (B,) int64; seen (B, vocab) bool (ids seen so far, for the repetition
-    penalty; all False leaves the scores untouched). Outputs: next_ids (B,) int64, embeds (B, H) (the input
-    tokens' embeddings, which the talker consumes), and tap (B, H) when ``tap_layer`` is set.
+    penalty; all False leaves the scores untouched). Outputs: next_ids (B,) int64 and tap (B, H) when ``tap_layer`` is set.
     """
 
     def __init__(self, thinker, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], tap_layer: int | None = None):
@@ -228,7 +227,7 @@ class ThinkerDecodeStep:
         st = SamplingTensors(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
                              repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"])
         next_ids = sample(self.thinker.logits(hidden), st, b["seen"])
-        return {"next_ids": next_ids, "embeds": embeds, "tap": tap}
+        return {"next_ids": next_ids, "tap": tap}
 
 
 class ThinkerDecodeGraphs:
@@ -281,7 +280,7 @@ class ThinkerDecodeGraphs:
         input_ids[i] is the last token of seq_ids[i], at text position positions[i]; params:
         SamplingParams-like objects; steps: tokens generated so far (the sampler's counter); seen_ids: per row,
         the prompt + output ids when some row has a repetition penalty, else None. Returns next_ids (n,) int64,
-        embeds (n, H) (and tap (n, H) with a tap layer): views valid until the next call.
+        (and tap (n, H) with a tap layer): views valid until the next call.
         """
         values = self.inputs_for(seq_ids, input_ids, positions, params, steps, seeds, seen_ids)
         return self.runner.run(len(seq_ids), values)

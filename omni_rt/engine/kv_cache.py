@@ -16,7 +16,13 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .block_manager import OutOfBlocksError, make_block_manager
+from .._ext import load_ext
+
+try:
+    from omni_rt._C import OutOfBlocksError  # the block manager's own exception (a MemoryError)
+except ImportError:  # _C not built: KVCachePool says how to build it
+    class OutOfBlocksError(MemoryError):
+        """Not enough free KV blocks for the request; the block manager's state is unchanged."""
 
 __all__ = ["KVCachePool", "OutOfBlocksError", "kv_block_bytes", "plan_num_blocks"]
 
@@ -62,13 +68,14 @@ class KVCachePool:
         num_layers, num_blocks, block_size, num_kv_heads, head_dim: page geometry; the pool holds
             ``num_blocks * block_size`` token slots per layer.
         dtype, device: of the page tensors.
-        prefer_cpp: use the C++ block manager (falls back to the Python one with a warning if not built).
+        manager: the block manager (default: the C++ ``omni_rt._C.BlockManager``; an ImportError naming the build
+            command when it is not built). Tests pass the Python specification here.
 
     Attributes:
         kv: (2, num_layers, num_blocks, block_size, num_kv_heads, head_dim), zero-initialised so padded reads
             of never-written slots see finite values.
         k_caches, v_caches: per layer, (num_blocks, block_size, num_kv_heads, head_dim) views of ``kv``.
-        manager: the block manager (interface: omni_rt.engine.block_manager.PyBlockManager).
+        manager: the block manager (interface: omni_rt._C.BlockManager).
 
     Per-step methods return device tensors: slot mappings int64, block tables and context lengths int32.
     Running out of blocks raises OutOfBlocksError (a MemoryError) and changes nothing.
@@ -76,12 +83,12 @@ class KVCachePool:
 
     def __init__(self, num_layers: int, num_blocks: int, block_size: int, num_kv_heads: int, head_dim: int,
                  dtype: torch.dtype = torch.bfloat16, device: torch.device | str = "cpu",
-                 prefer_cpp: bool = True) -> None:
+                 manager=None) -> None:
         for name, v in (("num_layers", num_layers), ("block_size", block_size), ("num_kv_heads", num_kv_heads),
                         ("head_dim", head_dim)):
             if v < 1:
                 raise ValueError(f"{name} must be >= 1, got {v}")
-        self.manager = make_block_manager(num_blocks, block_size, prefer_cpp=prefer_cpp)
+        self.manager = manager if manager is not None else load_ext().BlockManager(num_blocks, block_size)
         self.num_layers = num_layers
         self.num_blocks = num_blocks
         self.block_size = block_size
@@ -110,18 +117,6 @@ class KVCachePool:
     def num_used_blocks(self) -> int:
         return self.manager.num_used_blocks()
 
-    def can_allocate(self, num_tokens: int) -> bool:
-        """Whether a new sequence of num_tokens tokens fits."""
-        return self.manager.can_allocate(num_tokens)
-
-    def can_extend(self, seq_id: int, num_tokens: int) -> bool:
-        """Whether num_tokens more tokens fit for seq_id (counting a copy-on-write block)."""
-        return self.manager.can_append(seq_id, num_tokens)
-
-    def can_append(self, seq_ids: Sequence[int]) -> bool:
-        """Whether one more token for each of seq_ids (distinct) fits."""
-        return self.manager.can_append_batch(list(seq_ids))
-
     def has_seq(self, seq_id: int) -> bool:
         return self.manager.has_seq(seq_id)
 
@@ -149,9 +144,9 @@ class KVCachePool:
         self._copy_blocks(self.manager.append_batch(ids))
         return self._slots(ids, len(ids))
 
-    def fork(self, parent_id: int, child_id: int) -> None:
-        """child_id shares parent_id's pages (prefix sharing); writes copy on demand."""
-        self.manager.fork(parent_id, child_id)
+    def truncate(self, seq_id: int, num_tokens: int) -> int:
+        """Undo appends: keep seq_id's first num_tokens tokens (a failed step's rollback); returns blocks freed."""
+        return len(self.manager.truncate(seq_id, num_tokens))
 
     def free(self, seq_id: int) -> int:
         """Release seq_id's pages; returns how many blocks became free (shared ones stay with their owners)."""

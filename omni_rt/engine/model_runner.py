@@ -10,20 +10,11 @@ from typing import Callable, Sequence
 
 import torch
 
-from ..models.layers import AttentionMetadata
+from ..models.layers import AttentionMetadata, text_positions  # noqa: F401 - text_positions re-exported
 from .kv_cache import KVCachePool, OutOfBlocksError
 
 # forward(embeds (tokens, H), positions (3, tokens), kv_caches, meta, tap_layer) -> (normed (tokens, H), tap)
 ForwardFn = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
-
-
-def text_positions(start: int, length: int, device) -> torch.Tensor:
-    """M-RoPE positions (3, length) for text and audio tokens: the same index on t, h and w.
-
-    transformers' get_rope_index gives plain cumulative positions for prompts without images or videos
-    (audio tokens included), so rows are equal and rope_deltas is 0.
-    """
-    return torch.arange(start, start + length, device=device, dtype=torch.long).expand(3, length)
 
 
 def _deepstack_chunk(items: list, starts: list[int], lens: list[int], device

@@ -24,7 +24,14 @@ from torch import nn
 
 from ..config import CodePredictorConfig
 from ..kernels.qk_norm_rope import qk_norm_rope
+from ..sampling import SamplingTensors, sample
 from .layers import DenseMLP, RMSNorm, Rotary
+
+# The residual codes' fixed sampling whenever the talker samples (reference prepare_inputs_for_generation:
+# top_k 50, top_p 0.8, temperature 1; greedy when the talker is greedy). The seed is the talker's, salted so
+# the two draws of one step are independent.
+CP_TOP_K, CP_TOP_P, CP_TEMPERATURE = 50, 0.8, 1.0
+CP_SEED_SALT = 0x5DEECE66D
 
 
 @dataclasses.dataclass
@@ -65,6 +72,22 @@ class FrameSampling:
     top_p: torch.Tensor
     seeds: torch.Tensor
     frame_index: torch.Tensor
+
+    @classmethod
+    def for_talker(cls, talker_temperatures, talker_seeds, frame_index, device=None) -> "FrameSampling | None":
+        """The code predictor's sampling for rows whose talker samples with ``talker_temperatures`` (host
+        lists; seeds and frame indices per row), or None when every row is greedy (the argmax path)."""
+        if all(t == 0 for t in talker_temperatures):
+            return None
+        f32, i64 = torch.float32, torch.int64
+        n = len(talker_temperatures)
+        return cls(temperature=torch.tensor([CP_TEMPERATURE if t > 0 else 0.0 for t in talker_temperatures],
+                                            dtype=f32, device=device),
+                   top_k=torch.full((n,), CP_TOP_K, dtype=i64, device=device),
+                   top_p=torch.full((n,), CP_TOP_P, dtype=f32, device=device),
+                   seeds=torch.tensor([(s ^ CP_SEED_SALT) & ((1 << 63) - 1) for s in talker_seeds], dtype=i64,
+                                      device=device),
+                   frame_index=torch.tensor(list(frame_index), dtype=i64, device=device))
 
 
 class CodePredictorAttention(nn.Module):
@@ -160,8 +183,6 @@ def _pick(logits: torch.Tensor, sampling: FrameSampling | None, j: int, groups: 
     """logits (B, vocab) → code j (B,) int64: argmax, or the sampler's per-row draw (no host sync)."""
     if sampling is None:
         return logits.argmax(dim=-1)
-    from ..engine.sampler import SamplingTensors, sample
-
     st = SamplingTensors(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
                          repetition_penalty=torch.ones_like(sampling.temperature), seeds=sampling.seeds,
                          steps=sampling.frame_index * groups + j)

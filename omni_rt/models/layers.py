@@ -15,8 +15,19 @@ from torch import nn
 from ..kernels import fp8_linear as _fp8
 from ..kernels import qk_norm_rope as _qk_norm_rope
 from ..kernels import rms_norm as _rms_norm
+from ..sampling import to_device  # noqa: F401 - re-exported for the models
 from ..kernels import paged_attention as _paged
 from ..kernels import prefill_attention as _prefill
+
+
+def text_positions(start: int, length: int, device=None) -> torch.Tensor:
+    """M-RoPE positions (3, length) float32 for text and audio tokens: the same index on t, h and w.
+
+    transformers' get_rope_index gives plain cumulative positions for prompts without images or videos (audio
+    tokens included), so the rows are equal. Positions are float32 everywhere (video makes TM-RoPE positions
+    fractional); position·inv_freq is computed in fp32 from them, never through an integer-indexed table.
+    """
+    return torch.arange(start, start + length, dtype=torch.float32, device=device).expand(3, length)
 
 
 class FP8Linear(nn.Module):
@@ -88,7 +99,7 @@ class Rotary(nn.Module):
         self.axis = axis
 
     def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions: (3, tokens) or (tokens,) integer → cos, sin: (tokens, head_dim) in ``dtype``."""
+        """positions: (3, tokens) or (tokens,), float32 (or integer) → cos, sin: (tokens, head_dim) in ``dtype``."""
         if self.inv_freq is None or self.inv_freq.device != positions.device:
             self.materialize_buffers(positions.device)
         if positions.dim() == 1:

@@ -205,3 +205,41 @@ def random_state_dict(config: str | dict | OmniConfig, seed: int = 0, dtype: tor
 
 
 __all__ = ["make_checkpoint", "random_state_dict", "random_tensor"]
+
+
+def build_synthetic_model(config, dtype: torch.dtype, device: str | torch.device, seed: int = 0,
+                          with_talker: bool = True, fp8: bool = False) -> OmniModel:
+    """Random weights of a named/dict config built directly on ``device`` (no files): for full-size benchmarks,
+    where writing ~70 GB of bf16 to disk would be slow and bulky. ``fp8``: eligible weights quantized to
+    block FP8 as they are drawn, and kept FP8."""
+    from ..loader import assign_parameters
+    from ..models.omni import OmniModel
+    from .configs import resolve_config
+
+    cfg = config if isinstance(config, OmniConfig) else OmniConfig.from_dict(resolve_config(config))
+    with torch.device("meta"):
+        model = OmniModel(cfg, with_talker=with_talker, fp8=fp8)
+    wanted = ("thinker.",) + (("talker.", "code2wav.") if model.has_talker else ())
+    weights = ((n, t) for n, t in random_state_dict(cfg, seed, dtype, device) if n.startswith(wanted))
+    if fp8:
+        weights = _quantized(weights, set(dict(model.named_parameters())))
+    assign_parameters(model, weights, strict=True)
+    return model.eval()
+
+
+def _quantized(weights, params: set[str]):
+    """(name, tensor) stream → FP8 codes + scales for every parameter that has a ``*_scale_inv`` slot."""
+    from ..quant import quantize_blockwise, quantize_parts, scale_name
+
+    for name, t in weights:
+        if scale_name(name) not in params:
+            yield name, t
+            continue
+        if name.endswith("gate_up_proj"):
+            half = t.shape[-2] // 2
+            q, s = quantize_parts(t, (half, half))
+        else:
+            q, s = quantize_blockwise(t)
+        del t
+        yield name, q
+        yield scale_name(name), s

@@ -1,8 +1,8 @@
 """Paged-KV block manager: which KV page (block) holds which token of which sequence.
 
-``PyBlockManager`` is the specification and the fallback; ``omni_rt._C.BlockManager`` (csrc/) implements
-the same interface and hands out the same block ids for the same operations (tests replay random
-operation sequences on both).  ``make_block_manager`` picks one.
+``PyBlockManager`` is the specification: the oracle the package's one block manager, ``omni_rt._C.BlockManager``
+(csrc/), is checked against — both hand out the same block ids for the same operations (tests replay random
+operation sequences on both).
 
 Model
 -----
@@ -29,21 +29,13 @@ Counts are methods (``num_free_blocks()``, ``num_used_blocks()``, ``num_seqs()``
 """
 from __future__ import annotations
 
-import warnings
 from collections.abc import Sequence
 
 import numpy as np
 
-from omni_rt._ext import load_ext
+from omni_rt.engine.kv_cache import OutOfBlocksError  # one exception class for both implementations
 
-try:
-    # One exception class for both implementations, so callers catch the same thing whichever runs.
-    from omni_rt._C import OutOfBlocksError
-except ImportError:
-    class OutOfBlocksError(MemoryError):
-        """Not enough free KV blocks for the request; the block manager's state is unchanged."""
-
-__all__ = ["OutOfBlocksError", "PyBlockManager", "make_block_manager"]
+__all__ = ["OutOfBlocksError", "PyBlockManager"]
 
 _INT32_MAX = 2**31 - 1
 
@@ -231,6 +223,24 @@ class PyBlockManager:
         freed.reverse()
         return freed
 
+    def truncate(self, seq_id: int, num_tokens: int) -> list[int]:
+        """Shrink seq_id to its first num_tokens tokens (undo of appends); frees the blocks past them
+        last-to-first, leaves an empty last step; returns the freed blocks in table order."""
+        s = self._get(seq_id)
+        if not 0 <= num_tokens <= s.num_tokens:
+            raise ValueError(f"truncate: num_tokens must be in [0, {s.num_tokens}], got {num_tokens}")
+        keep = self.blocks_for_tokens(num_tokens)
+        freed = []
+        while len(s.blocks) > keep:
+            b = s.blocks.pop()
+            self._ref[b] -= 1
+            if self._ref[b] == 0:
+                self._free.append(b)
+                freed.append(b)
+        freed.reverse()
+        s.num_tokens, s.last_start, s.last_count = num_tokens, num_tokens, 0
+        return freed
+
     # -- queries ---------------------------------------------------------------------------------------
     def block_table(self, seq_id: int) -> list[int]:
         return list(self._get(seq_id).blocks)
@@ -323,17 +333,3 @@ class PyBlockManager:
         while len(s.blocks) < total:
             s.blocks.append(self._take_block())
         s.num_tokens += num_tokens
-
-
-def make_block_manager(num_blocks: int, block_size: int, prefer_cpp: bool = True):
-    """A block manager with num_blocks blocks of block_size slots.
-
-    prefer_cpp: use omni_rt._C.BlockManager; when the extension is not built, warn (with how to build it)
-    and use PyBlockManager, which behaves identically but costs more Python time per step.
-    """
-    if prefer_cpp:
-        try:
-            return load_ext().BlockManager(num_blocks, block_size)
-        except ImportError as e:
-            warnings.warn(f"{e} Falling back to the Python block manager.", RuntimeWarning, stacklevel=2)
-    return PyBlockManager(num_blocks, block_size)

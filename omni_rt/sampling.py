@@ -17,7 +17,18 @@ import torch
 
 # counter_uniform(seeds, steps, n) -> (batch, n) float64: U(0, 1) as a pure function of (seed, step, column);
 # one Triton launch on CUDA, the same integer hash in torch ops elsewhere (bit-identical).
-from ..kernels.counter_uniform import counter_uniform  # noqa: F401  (used below, re-exported)
+from .kernels.counter_uniform import counter_uniform  # noqa: F401  (used below, re-exported)
+
+
+def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
+    """Host values (list / numpy) → a device tensor without blocking the host: staged through pinned memory
+    and copied with ``non_blocking=True`` on CUDA (a pageable copy would wait for the device); plain on CPU."""
+    host = torch.as_tensor(values, dtype=dtype)
+    device = torch.device(device) if device is not None else host.device
+    if device.type != "cuda":
+        return host.to(device)
+    return host.pin_memory().to(device, non_blocking=True)
+
 
 @dataclasses.dataclass
 class SamplingTensors:
@@ -38,12 +49,12 @@ class SamplingTensors:
         """params: objects with temperature/top_k/top_p/repetition_penalty attributes (SamplingParams)."""
         f32, i64 = torch.float32, torch.int64
         return cls(
-            temperature=torch.tensor([p.temperature for p in params], dtype=f32, device=device),
-            top_k=torch.tensor([p.top_k or 0 for p in params], dtype=i64, device=device),
-            top_p=torch.tensor([p.top_p for p in params], dtype=f32, device=device),
-            repetition_penalty=torch.tensor([p.repetition_penalty for p in params], dtype=f32, device=device),
-            seeds=torch.tensor(seeds, dtype=i64, device=device),
-            steps=torch.tensor(steps, dtype=i64, device=device),
+            temperature=to_device([p.temperature for p in params], f32, device),
+            top_k=to_device([p.top_k or 0 for p in params], i64, device),
+            top_p=to_device([p.top_p for p in params], f32, device),
+            repetition_penalty=to_device([p.repetition_penalty for p in params], f32, device),
+            seeds=to_device(list(seeds), i64, device),
+            steps=to_device(list(steps), i64, device),
             all_greedy=all(p.temperature == 0 for p in params),
         )
 
