@@ -1,6 +1,6 @@
 """omni_rt: an inference runtime for the Qwen3-Omni model family.
 
-Public names: Runtime, Prompt, SamplingParams, audio, testing, CheckpointError, ConfigError.
+Public names: Runtime, Prompt, SamplingParams, audio, vision, testing, CheckpointError, ConfigError.
 Heavy submodules load lazily so ``import omni_rt`` stays cheap and never touches a device.
 """
 from __future__ import annotations
@@ -19,6 +19,7 @@ _LAZY = {
     "StreamChunk": ("omni_rt.request", "StreamChunk"),
     "OmniConfig": ("omni_rt.config", "OmniConfig"),
     "audio": ("omni_rt.audio", None),
+    "vision": ("omni_rt.vision", None),
     "testing": ("omni_rt.testing", None),
 }
 

@@ -145,6 +145,8 @@ class Runtime:
         self.max_model_len = max_model_len or min(tc.max_position_embeddings, 32768)
         if kv_cache_tokens is None:
             kv_cache_tokens = self._plan_kv_tokens(max_batch_size, gpu_memory_utilization, kv_block_size)
+        else:
+            self._check_kv_fits(kv_cache_tokens, kv_block_size)
         self.engine_config = EngineConfig(
             max_batch_size=max_batch_size, max_model_len=self.max_model_len, max_prefill_tokens=max_prefill_tokens,
             kv_block_size=kv_block_size, kv_cache_tokens=kv_cache_tokens, first_chunk_frames=first_chunk_frames,
@@ -153,6 +155,8 @@ class Runtime:
         self.warmup_s = self.engine.warmup_s   # graph capture + warm-up of every batch bucket at start-up
         self._has_talker = self.model.has_talker
         self._closed = False
+        self._final_stats: dict | None = None
+        self._final_memory: dict | None = None
         self._close_lock = threading.Lock()
         self._profiler = TorchProfiler(profile_dir) if profile_dir else None
         if self._profiler:
@@ -161,6 +165,22 @@ class Runtime:
         # A runtime dropped without close() (or alive at interpreter exit) still stops its engine thread: the
         # thread holds only the engine, never the runtime, and this finalizer stops it.
         self._finalizer = weakref.finalize(self, _stop_unclosed, self.engine, self._profiler)
+
+    def _check_kv_fits(self, kv_tokens: int, block_size: int) -> None:
+        """Refuse a KV size that the device's whole memory could not hold, before trying to allocate it."""
+        from .engine.kv_cache import kv_block_bytes
+
+        blocks = -(-kv_tokens // block_size)
+        pools = [self.cfg.thinker.text] + ([self.cfg.talker.text] if self.model.has_talker else [])
+        need = sum(blocks * kv_block_bytes(c.num_hidden_layers, block_size, c.num_key_value_heads, c.head_dim,
+                                           self.dtype) for c in pools)
+        if self.device.type == "cuda":
+            total = torch.cuda.get_device_properties(self.device).total_memory
+        else:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        if need > total:
+            raise ValueError(f"kv_cache_tokens={kv_tokens} needs {need / 2 ** 30:.1f} GiB of KV cache, more than "
+                             f"the {self.device.type} device's {total / 2 ** 30:.1f} GiB of memory")
 
     def _plan_kv_tokens(self, max_batch_size: int, fraction: float, block_size: int) -> int:
         from .engine.kv_cache import kv_block_bytes
@@ -190,12 +210,15 @@ class Runtime:
     def closed(self) -> bool:
         return self._closed
 
-    def _check_open(self) -> None:
-        if self._closed:
+    def _live(self) -> Engine:
+        """The engine, for a call on an open runtime; RuntimeError at once after close() (or a device fault).
+        Callers keep the returned engine: ``self.engine`` becomes None when close() frees it."""
+        engine = self.engine
+        if self._closed or engine is None:
             raise RuntimeError("this omni_rt.Runtime is closed: create a new one")
-        fault = self.engine.fault
-        if fault is not None:
-            raise DeviceFault(f"the runtime hit a device fault and must be recreated: {fault}")
+        if engine.fault is not None:
+            raise DeviceFault(f"the runtime hit a device fault and must be recreated: {engine.fault}")
+        return engine
 
     def close(self) -> None:
         """End every request in flight or queued (with a RuntimeError), stop and join the engine thread and free
@@ -206,7 +229,7 @@ class Runtime:
             self._closed = True
         self._finalizer.detach()
         self.engine.shutdown()
-        self._final_stats = self._stats()   # stats() keeps answering (from this snapshot) after close
+        self._final_stats = self._stats(self.engine)   # stats() keeps answering (from this snapshot) after close
         self._final_memory = self.model.weight_memory()
         if self._profiler:
             self._profiler.stop()
@@ -218,7 +241,7 @@ class Runtime:
             torch.cuda.empty_cache()
 
     def __enter__(self) -> "Runtime":
-        self._check_open()
+        self._live()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -228,35 +251,37 @@ class Runtime:
         """Cheap, thread-safe counters (api.md): KV blocks and speech slots free/total, requests running and
         waiting, and ``fault`` (None, or what killed the runtime). After ``close()`` it returns the counters as
         the runtime left them (every request ended, every block and slot returned); it never raises."""
-        if self._closed:
+        engine = self.engine
+        if engine is None or self._final_stats is not None:
             return dict(self._final_stats)
-        return self._stats()
+        return self._stats(engine)
 
-    def _stats(self) -> dict:
-        return self.engine.stats()
+    @staticmethod
+    def _stats(e: Engine) -> dict:
+        return e.stats()
 
     def encode_audio(self, wav_16k: np.ndarray | str | os.PathLike) -> torch.Tensor:
         """The AuT encoder output for one audio: (n_tokens, output_dim)."""
-        self._check_open()
+        model = self._live().model
         wav = load_audio(wav_16k, "wav_16k")
         mel = audio_mod.log_mel(wav, device=self.device, n_mels=self.cfg.thinker.audio.num_mel_bins)
         with torch.inference_mode():
-            return self.model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
+            return model.thinker.audio_tower(mel.to(self.dtype), [mel.shape[1]])
 
     def memory(self) -> dict[str, int]:
         """Weight bytes per component as loaded (actual dtypes: FP8 codes and scales where kept): thinker,
         audio_tower, vision (when the checkpoint has one), talker, code_predictor, code2wav (absent without a
         talker), and total. After ``close()`` (which frees them): the figures the runtime had."""
-        if self._closed:
+        engine = self.engine
+        if engine is None:
             return dict(self._final_memory)
-        return self.model.weight_memory()
+        return engine.model.weight_memory()
 
     def encode_image(self, image: Any, deepstack: bool = False
                      ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
         """The vision encoder output for one image (path, PIL image or uint8 (H, W, 3) array):
         (n_tokens, out_hidden_size); with ``deepstack=True`` also the deepstack features, one
         (n_tokens, out_hidden_size) per tap layer."""
-        self._check_open()
         visual = self._require_vision("encode_image")
         pixel_values, grid = vision_mod.preprocess_images([image], self.vision_preprocess)
         with torch.inference_mode():
@@ -264,7 +289,7 @@ class Runtime:
         return (out, taps) if deepstack else out
 
     def _require_vision(self, what: str):
-        visual = self.model.thinker.visual
+        visual = self._live().model.thinker.visual
         if visual is None:
             raise ValueError(f"{what}: this checkpoint has no vision tower (thinker_config.vision_config is "
                              f"absent), so it cannot take images or video")
@@ -272,18 +297,17 @@ class Runtime:
 
     def stage_times(self, reset: bool = False) -> dict[str, float]:
         """Engine wall time per stage in ms, summed since the start (or the last reset)."""
-        self._check_open()
-        snap = self.engine.timer.snapshot()
+        engine = self._live()
+        snap = engine.timer.snapshot()
         if reset:
-            self.engine.timer.reset()
+            engine.timer.reset()
         return snap
 
     def abort(self, request_id: str) -> bool:
         """Cancel a request in flight; its KV blocks and decoder state are freed at the engine's next step.
         Returns False when no request with this id is in flight."""
         check_str("request_id", request_id)
-        self._check_open()
-        return self.engine.abort(request_id)
+        return self._live().abort(request_id)
 
     def generate(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                  thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
@@ -292,10 +316,12 @@ class Runtime:
 
         use_audio_in_video: a video file's own audio track is heard too, interleaved by time (chat messages;
         a Prompt carries its own flag)."""
-        req = self._submit(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
+        chunks = self._submit(RequestStream, prompt, speaker, return_audio, thinker, talker, request_id,
+                              use_audio_in_video)
+        req = chunks.request
         text, ids, audio, reasoning = [], [], [], []
         last = None
-        with RequestStream(self.engine, req) as chunks:
+        with chunks:
             for chunk in chunks:
                 text.append(chunk.text_delta)
                 reasoning.append(chunk.reasoning_delta)
@@ -320,26 +346,29 @@ class Runtime:
 
         Arguments are validated by this call. Closing the stream, or dropping it before the last chunk
         (leaving the loop early), aborts the request."""
-        return RequestStream(self.engine, self._submit(prompt, speaker, return_audio, thinker, talker,
-                                                         request_id, use_audio_in_video))
+        return self._submit(RequestStream, prompt, speaker, return_audio, thinker, talker, request_id,
+                            use_audio_in_video)
 
     def astream(self, prompt: Prompt | list[dict], speaker: str = "ethan", return_audio: bool | None = None,
                 thinker: SamplingParams | None = None, talker: SamplingParams | None = None,
                 request_id: str | None = None, use_audio_in_video: bool | None = None) -> AsyncRequestStream:
         """Async ``stream`` (``async for chunk in rt.astream(...)``); cancelling the consuming task, closing the
         stream or dropping it aborts the request. No executor thread waits on the engine."""
-        return AsyncRequestStream(self.engine, self._submit(prompt, speaker, return_audio, thinker, talker,
-                                                              request_id, use_audio_in_video))
+        return self._submit(AsyncRequestStream, prompt, speaker, return_audio, thinker, talker, request_id,
+                            use_audio_in_video)
 
     # ------------------------------------------------------------------------------------------ internals
-    def _submit(self, prompt, speaker, return_audio, thinker, talker, request_id,
-                use_audio_in_video: bool | None = None) -> Request:
+    def _submit(self, handle, prompt, speaker, return_audio, thinker, talker, request_id,
+                use_audio_in_video: bool | None = None):
+        """Validate, build and submit a request; returns ``handle(engine, request)`` (a stream that owns it)."""
         t_call = time.perf_counter()
-        self._check_open()
+        engine = self._live()
         req = self._make_request(prompt, speaker, return_audio, thinker, talker, request_id, use_audio_in_video)
         req.t_submit = t_call  # metrics count from the call (audio loading and tokenizing included)
-        self.engine.submit(req)
-        return req
+        engine.submit(req)
+        # The handle exists only once the request is in: a refused submit (say, a request id already in
+        # flight) must never leave a handle whose finalizer would abort someone else's request.
+        return handle(engine, req)
 
     def _make_request(self, prompt, speaker, return_audio, thinker, talker, request_id,
                       use_audio_in_video: bool | None = None) -> Request:

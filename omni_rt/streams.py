@@ -34,6 +34,11 @@ class _Handle:
     def request_id(self) -> str:
         return self._req.request_id
 
+    @property
+    def request(self):
+        """The engine-side request (codes, finish reason) this stream reads."""
+        return self._req
+
     def _take(self, chunk: StreamChunk) -> StreamChunk:
         """Mark the stream done on its last chunk; raise the request's error if the chunk carries one."""
         if chunk.finished or chunk.error is not None:

@@ -354,3 +354,61 @@ def test_fuzz_config_dicts(edits):
         assert all(0 <= v < kv for v in parsed.talker.speaker_id.values())
         assert model.talker is not None
     assert math.isfinite(parsed.thinker.text.rms_norm_eps)
+
+
+# --------------------------------------------------------------------------------------------- Runtime options
+@pytest.fixture(scope="module")
+def tiny_model(tiny_checkpoint):
+    from omni_rt.models.omni import load_model
+
+    return load_model(tiny_checkpoint, torch.float32, "cpu")
+
+
+runtime_options = st.fixed_dictionaries({}, optional={
+    "kv_block_size": mostly(st.sampled_from([1, 7, 16, 32]), st.one_of(st.integers(-2, 0), st.just(16.0),
+                                                                       st.just(10 ** 9), junk())),
+    "kv_cache_tokens": mostly(st.one_of(st.none(), st.integers(64, 4096)),
+                              st.one_of(st.integers(-5, 0), st.just(10 ** 15), st.floats(), junk())),
+    "max_model_len": mostly(st.one_of(st.none(), st.integers(32, 512)),
+                            st.one_of(st.integers(-3, 0), st.just(10 ** 9), st.just(64.0), junk())),
+    "max_batch_size": mostly(st.integers(1, 6), st.one_of(st.integers(-1, 0), st.just(10 ** 8), st.just("4"))),
+    "max_prefill_tokens": mostly(st.integers(1, 64), st.one_of(st.integers(-1, 0), st.just(2.5))),
+    "first_chunk_frames": mostly(st.integers(1, 3), st.one_of(st.just(0), st.just("1"))),
+    "gpu_memory_utilization": mostly(st.floats(0.1, 1.0), st.one_of(floats_any(), junk())),
+    "cuda_graphs": mostly(st.booleans(), st.sampled_from(["yes", 1, None])),
+})
+
+
+@settings(FUZZ, max_examples=30)
+@given(options=runtime_options)
+@example(options={"kv_block_size": 0})
+@example(options={"kv_cache_tokens": -5})
+@example(options={"max_model_len": -1})
+@example(options={"kv_cache_tokens": 10 ** 15})
+@example(options={"max_batch_size": "4"})
+def test_fuzz_runtime_options(rt, tiny_model, options):
+    """Runtime options (on an already built model, so no checkpoint is read per example)."""
+    before = {t for t in __import__("threading").enumerate()}
+    try:
+        runtime = omni_rt.Runtime(tiny_model, device="cpu", **options)
+    except CLEAR as e:
+        event(f"refused: {type(e).__name__}: {str(e)[:48]}")
+    else:
+        event("served")
+        with runtime:
+            try:
+                out = runtime.generate(HEALTHY, thinker=HEALTHY_PARAMS, return_audio=False)
+            except ValueError as e:   # a request the chosen KV size cannot hold is refused, and says why
+                assert "KV" in str(e) or "max_model_len" in str(e), e
+            else:
+                assert out.token_ids == rt._healthy_reference
+            try:
+                speech = runtime.generate(HEALTHY, thinker=omni_rt.SamplingParams(temperature=0.0, max_new_tokens=2),
+                                          talker=omni_rt.SamplingParams(temperature=0.0, max_new_tokens=3))
+            except ValueError as e:
+                assert "KV" in str(e) or "max_model_len" in str(e), e
+            else:
+                assert speech.codes is not None and speech.audio is not None
+    leaked = [t for t in __import__("threading").enumerate() if t not in before and t.is_alive()]
+    assert not leaked, leaked
+    assert_healthy(rt)

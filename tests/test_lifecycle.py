@@ -187,6 +187,14 @@ def test_dropped_streams_cancel_their_request(text_ckpt):
         del done
         assert not rt.engine.requests["reused"].cancelled
         again.close()
+        # a refused submit (same id in flight) leaves no handle behind that could abort the running one
+        first = rt.stream(prompt(7), thinker=LONG, request_id="dup")
+        with pytest.raises(ValueError, match="already in flight"):
+            rt.stream(prompt(7), thinker=LONG, request_id="dup")
+        gc.collect()
+        assert not rt.engine.requests["dup"].cancelled
+        first.close()
+        assert rt.engine.requests["dup"].cancelled
 
 
 def test_unclosed_runtime_is_collected_and_stops_its_thread(text_ckpt):

@@ -163,6 +163,7 @@ def test_speech_needs_an_assistant_turn(rt):
     (dict(kv_block_size=16.0), TypeError, "kv_block_size"),
     (dict(kv_cache_tokens=-5), ValueError, "kv_cache_tokens"),
     (dict(kv_cache_tokens="lots"), TypeError, "kv_cache_tokens"),
+    (dict(kv_cache_tokens=10 ** 15), ValueError, "kv_cache_tokens=.* GiB"),   # refused before allocating
     (dict(max_model_len=-1), ValueError, "max_model_len"),
     (dict(max_model_len=10 ** 9), ValueError, "max_position_embeddings"),
     (dict(max_batch_size=0), ValueError, "max_batch_size"),

@@ -89,3 +89,30 @@ def test_runtime_encode_image(tiny_checkpoint, hf_tiny):
 def test_wrong_pixel_shape_is_refused(ours):
     with pytest.raises(ValueError, match="pixel_values"):
         ours.thinker.visual(torch.zeros(10, 1536), torch.tensor([[1, 4, 4]]))
+
+
+def test_triton_forced_block_window_attention_path(ours, hf_tiny):
+    """The CUDA path (one block-window attention launch over every frame, max_seqlen from the grids) under the
+    Triton interpreter: same output as the reference."""
+    from omni_rt.kernels import force_triton
+
+    rng = np.random.default_rng(5)
+    pv_i, g_i = vision.preprocess_images([rng.integers(0, 256, (37, 53, 3), dtype=np.uint8),
+                                          rng.integers(0, 256, (20, 300, 3), dtype=np.uint8)])
+    with force_triton():
+        _compare(ours, hf_tiny, pv_i, g_i)
+
+
+def test_encode_in_frame_groups_equals_one_call(ours):
+    rng = np.random.default_rng(6)
+    pv_v, g_v, _ = vision.preprocess_video(rng.integers(0, 256, (6, 20, 30, 3), dtype=np.uint8), 2.0)
+    pv_i, g_i = vision.preprocess_images([rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)])
+    media = [(pv_i, tuple(g_i[0].tolist())), (pv_v, tuple(g_v[0].tolist()))]
+    with torch.no_grad():
+        whole, taps = ours.thinker.visual.encode(media, torch.float32)
+        grouped, taps_g = ours.thinker.visual.encode(media, torch.float32, max_patches=int(g_v[0, 1] * g_v[0, 2]))
+        direct, _ = ours.thinker.visual(torch.cat([pv_i, pv_v]), torch.cat([g_i, g_v]))
+    for a, b in zip(whole, grouped):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(torch.cat(whole), direct, rtol=1e-5, atol=1e-6)
+    assert [t[0].shape for t in taps] == [t[0].shape for t in taps_g]

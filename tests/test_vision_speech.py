@@ -99,3 +99,34 @@ def test_image_and_audio_speech_follows_the_thinker_rule_patched_reference(rt, h
               feature_attention_mask=fa["attention_mask"])
     finally:
         del talker_cfg.audio_config
+
+
+def test_concurrent_mixed_modality_speech_equals_solo(rt):
+    import threading
+
+    t = np.arange(16000 * 2) / 16000
+    wav = (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    prompts = [
+        [{"role": "user", "content": [{"type": "image", "image": IMG}, {"type": "text", "text": "What is it?"}]}],
+        [{"role": "user", "content": [{"type": "video", "video": FRAMES, "fps": 2.5}]}],
+        [{"role": "user", "content": [{"type": "audio", "audio": wav}, {"type": "text", "text": "Hi"}]}],
+        [{"role": "user", "content": [{"type": "image", "image": IMG[:40]}, {"type": "audio", "audio": wav}]}],
+    ]
+    talker = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=12)
+
+    def run(p):
+        out = rt.generate(p, return_audio=True, thinker=THINKER, talker=talker)
+        return out.token_ids, out.codes.tolist()
+
+    solo = [run(p) for p in prompts]
+    results = [None] * len(prompts)
+
+    def go(i):
+        results[i] = run(prompts[i])
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert results == solo
