@@ -41,5 +41,6 @@ bench:
 	$(PY) -m pytest benchmarks --benchmark-only --benchmark-json=$(REPORT)/bench.json
 
 # One command for a lent GPU machine (offline; keeps its own torch/triton): see scripts/gpu_check.sh.
+# Its Python: the env.sh choice when it exists (an active env, or a .venv made by make install), else python3.
 gpu-check:
-	bash scripts/gpu_check.sh --report $(REPORT)
+	P=$(PY); test -x "$$P" || P=python3; PYTHON=$$P bash scripts/gpu_check.sh --report $(REPORT)

@@ -10,7 +10,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=$(bash scripts/env.sh --ensure)
 echo "[install] python: $PY ($(bash scripts/env.sh --print | sed -n 's/^MODE=//p'))"
-PIP="$PY -m pip install -q --disable-pip-version-check"
+# --no-compile: byte-compiling every installed file (ray, transformers: thousands) costs minutes on 2 cores;
+# Python compiles what it imports on first use.
+PIP="$PY -m pip install -q --disable-pip-version-check --no-compile"
 
 if ! "$PY" -c "import torch" 2>/dev/null; then
   echo "[install] torch not found: installing torch==2.13.0 (CPU wheel)"

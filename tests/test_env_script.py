@@ -23,10 +23,13 @@ def env_print(**env) -> dict[str, str]:
 
 
 def fake_env(tmp_path: Path, name: str) -> Path:
-    """A folder shaped like an environment whose bin/python is this interpreter."""
+    """A folder shaped like an environment whose bin/python runs this interpreter. A wrapper script, not a symlink:
+    a symlink to a virtualenv's python in a folder without pyvenv.cfg would start the base interpreter instead."""
     prefix = tmp_path / name
     (prefix / "bin").mkdir(parents=True)
-    (prefix / "bin" / "python").symlink_to(sys.executable)
+    py = prefix / "bin" / "python"
+    py.write_text(f'#!/bin/sh\nexec "{sys.executable}" "$@"\n')
+    py.chmod(0o755)
     return prefix
 
 

@@ -441,3 +441,42 @@ def test_reasoning_content_from_a_thinking_template(tiny_checkpoint, tmp_path):
                                                     stream=True))
             assert "".join(getattr(ch.choices[0].delta, "reasoning_content", None) or "" for ch in chunks
                            if ch.choices) == ref.reasoning
+
+
+def test_image_url_data_url_and_local_path(client, rt, tmp_path):
+    """image_url parts: a base64 data: URL (decoded by the server) and a local file path give the reply the Runtime
+    gives for the same pixels; network URLs are refused (tested above)."""
+    from PIL import Image
+
+    img = (np.random.default_rng(0).random((40, 56, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "img.png"
+    Image.fromarray(img).save(path)
+    ref = rt.generate([{"role": "user", "content": [{"type": "image", "image": img},
+                                                    {"type": "text", "text": "What is this?"}]}],
+                      return_audio=False, thinker=omni_rt.SamplingParams(temperature=0.0, max_new_tokens=4))
+    data_url = "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode()
+    for url in (data_url, str(path)):
+        r = client.chat.completions.create(model="tiny", temperature=0, max_tokens=4, messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
+                                         {"type": "text", "text": "What is this?"}]}])
+        assert r.choices[0].message.content == ref.text
+
+
+def test_first_audio_delta_leaves_before_the_reply_is_done(client, rt):
+    """SSE order: the first audio delta comes while the thinker is still producing text (after the first talker
+    frame), not after the reply."""
+    n_tokens = 40
+    ref = expected(rt, voice="ethan", max_new_tokens=n_tokens)
+    assert len(ref.token_ids) == n_tokens       # the thinker runs long (no early <|im_end|>) on this prompt
+    order = []
+    for chunk in client.chat.completions.create(model="tiny", messages=question_messages(),
+                                                modalities=["text", "audio"], audio={"voice": "ethan", "format": "pcm16"},
+                                                temperature=0, max_tokens=n_tokens, stream=True):
+        if chunk.choices:
+            d = chunk.choices[0].delta
+            if d.content:
+                order.append("text")
+            if field(getattr(d, "audio", None), "data"):
+                order.append("audio")
+    first_audio = order.index("audio")
+    assert order[first_audio + 1:].count("text") >= order.count("text") // 2 > 0, order

@@ -50,6 +50,13 @@ def url(rt):
         yield base.replace("http://", "ws://") + "/v1/realtime"
 
 
+@pytest.fixture(scope="module")
+def short_url(rt):
+    # short replies (8 talker steps) for the turns that run to completion
+    with live_server(create_app(rt, model_name="tiny", talker_max_new_tokens=8)) as base:
+        yield base.replace("http://", "ws://") + "/v1/realtime"
+
+
 class Client:
     def __init__(self, url, **kw):
         self.ws = ws_sync.connect(url, open_timeout=30, max_size=None, **kw)
@@ -91,9 +98,9 @@ def kv_free(rt, seconds=30):
     return False
 
 
-def test_full_spoken_turn_with_server_vad(url, rt):
+def test_full_spoken_turn_with_server_vad(short_url, rt):
     pcm, meta = clip()
-    c = Client(url)
+    c = Client(short_url)
     try:
         assert c.recv()["type"] == "session.created"
         c.send("session.update", session={"type": "realtime", "output_modalities": ["audio"],
@@ -119,6 +126,7 @@ def test_full_spoken_turn_with_server_vad(url, rt):
         assert audio and all(base64.b64decode(e["delta"]) for e in audio)
         assert types.index("response.output_audio.delta") > types.index("response.created")
         assert done["response"]["output"][0]["content"][0]["transcript"] == transcript
+        assert 1 <= done["response"]["usage"]["output_tokens"] <= 8
         # the conversation is kept: a text turn on top of the spoken one answers in the same session
         c.send("conversation.item.create", item={"type": "message", "role": "user",
                                                  "content": [{"type": "input_text", "text": "Thank you."}]})
@@ -191,8 +199,8 @@ def test_beta_names_and_barge_in(url, rt):
     assert kv_free(rt)
 
 
-def test_bad_events_are_error_events(url):
-    c = Client(url)
+def test_bad_events_are_error_events(short_url):
+    c = Client(short_url)
     try:
         c.until("session.created")
         c.send("input_audio_buffer.append", audio="%%%")

@@ -12,6 +12,8 @@ and the code-0 ids seen so far (repetition penalty).
 """
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 
 import numpy as np
@@ -22,10 +24,14 @@ from ..sampling import SamplingTensors, sample, to_device
 from ..models.code_predictor import FrameSampling
 from ..models.mrope import multimodal_positions
 from .config import EngineConfig
-from .graphs import ThinkerDecodeGraphs, code2wav_graphs, code_predictor_graphs, state_from, state_names
+from .graphs import (ThinkerDecodeGraphs, code2wav_graphs, code_predictor_graphs, speech_frame_graphs, state_from,
+                     state_names)
 from .kv_cache import KVCachePool
 from .model_runner import DecoderRunner
 from .sequence import Request, Sequence
+
+
+logger = logging.getLogger(__name__)
 
 
 def _capture_or_none(name: str, build):
@@ -74,22 +80,23 @@ class Stages:
                                         tc.num_key_value_heads, tc.head_dim, dtype, device)
         self.thinker_runner = DecoderRunner(model.thinker.forward, self.thinker_pool, cfg.max_prefill_tokens)
         graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        t0 = time.perf_counter()   # start-up warm-up: graph capture (each bucket runs once eagerly first)
         self.decode_graphs = None
         if graphs:
             self.decode_graphs = _capture_or_none("thinker_decode", lambda: ThinkerDecodeGraphs(
                 model.thinker, self.thinker_pool, cfg.max_batch_size, cfg.max_model_len))
         self.talker_pool = self.talker_runner = None
-        self.frame_graph = self.c2w_graph = None
+        self.frame_graph = self.c2w_graph = self.speech_graph = None
         if model.has_talker:
             kc = model.cfg.talker.text
             self.talker_pool = KVCachePool(kc.num_hidden_layers, cfg.kv_blocks, cfg.kv_block_size,
                                            kc.num_key_value_heads, kc.head_dim, dtype, device)
             self.talker_runner = DecoderRunner(model.talker.forward, self.talker_pool, cfg.max_prefill_tokens)
-            S = cfg.max_batch_size
-            self.c2w_state = model.code2wav.init_state(S, device, dtype)
+            S = cfg.max_batch_size   # slot pools have one more row: the scratch slot of graph padding rows
+            self.c2w_state = model.code2wav.init_state(S + 1, device, dtype)
             self.fresh_c2w = model.code2wav.init_state(1, device, dtype)
-            self.codec_embed = torch.zeros(S, kc.hidden_size, device=device, dtype=dtype)
-            self.seen = torch.zeros(S, kc.vocab_size, dtype=torch.bool, device=device)
+            self.codec_embed = torch.zeros(S + 1, kc.hidden_size, device=device, dtype=dtype)
+            self.seen = torch.zeros(S + 1, kc.vocab_size, dtype=torch.bool, device=device)
             self.suppress = model.talker.suppress_mask(device)
             self._workspaces: dict[int, object] = {}
             if graphs:
@@ -99,6 +106,11 @@ class Stages:
                     model.talker.code_predictor, S, device, dtype))
                 self.c2w_graph = _capture_or_none("code2wav_step", lambda: code2wav_graphs(
                     model.code2wav, S, frames=1))
+                self.speech_graph = _capture_or_none("speech_frame", lambda: self.speech_frame_runner())
+        self.warmup_s = time.perf_counter() - t0
+        if graphs:
+            logger.info("warm-up: CUDA graphs captured for every batch bucket (%s) in %.1f s", self.graph_report(),
+                        self.warmup_s)
 
     def graph_report(self) -> dict[str, bool]:
         """Per graphed stage: True when it replays a captured graph, False when it fell back to eager."""
@@ -106,7 +118,8 @@ class Stages:
             return {}
         report = {"thinker_decode": self.decode_graphs is not None}
         if self.model.has_talker:
-            report |= {"code_predictor_frame": self.frame_graph is not None, "code2wav_step": self.c2w_graph is not None}
+            report |= {"code_predictor_frame": self.frame_graph is not None, "code2wav_step": self.c2w_graph is not None,
+                       "speech_frame": self.speech_graph is not None}
         return report
 
     # --------------------------------------------------------------------------------------- thinker
@@ -232,6 +245,46 @@ class Stages:
             out = self.frame_graph.run(len(reqs), values)
             codes, nxt = out["codes"].clone(), out["next_embed"].clone()  # static outputs: copy before reuse
         return torch.cat((code0[:, None], codes), dim=1), nxt
+
+    def speech_frame_runner(self, use_graphs: bool = True):
+        """The steady-state speech frame behind a GraphRunner (block tables wide enough for any talker length)."""
+        tokens = self.cfg.max_model_len + 9 + self.cfg.max_model_len  # prompt bound + 9 + generous talker room
+        max_blocks = min(self.talker_pool.num_blocks, -(-tokens // self.cfg.kv_block_size))
+        return speech_frame_graphs(self.model, self.talker_pool, self, self.cfg.max_batch_size, max_blocks,
+                                   use_graphs=use_graphs)
+
+    def speech_frame(self, reqs: list[Request]) -> dict:
+        """One speech frame for steady-state rows (each consumes its next text entry and vocodes one frame)
+        through ``speech_graph`` → code0 (B,), frames (B, G), next_embed (B, H), audio (B, T), state (new)."""
+        seqs = [r.talker for r in reqs]
+        ids = [s.seq_id for s in seqs]
+        f32, i64 = torch.float32, torch.int64
+        entries = torch.stack([r.feed.entry(len(s.output) - 1) for r, s in zip(reqs, seqs)]).to(self.dtype)
+        pool = self.talker_pool
+        cp = FrameSampling.for_talker([s.params.temperature for s in seqs], [s.seed for s in seqs],
+                                      [len(s.output) for s in seqs], self.device)
+        values = {
+            "slots": to_device([r.slot for r in reqs], i64, self.device), "entries": entries,
+            "positions": to_device([s.next_position() for s in seqs], f32, self.device).expand(3, -1),
+            "slot_mapping": pool.append_token(ids),
+            "block_tables": lambda buf: pool.block_tables(ids, out=buf),
+            "context_lens": lambda buf: pool.context_lens(ids, out=buf),
+            "temperature": to_device([s.params.temperature for s in seqs], f32, self.device),
+            "top_p": to_device([s.params.top_p for s in seqs], f32, self.device),
+            "repetition_penalty": to_device([s.params.repetition_penalty for s in seqs], f32, self.device),
+            "top_k": to_device([s.params.top_k or 0 for s in seqs], i64, self.device),
+            "seeds": to_device([s.seed for s in seqs], i64, self.device),
+            "steps": to_device([len(s.output) for s in seqs], i64, self.device),
+        }
+        if cp is not None:
+            values.update(cp_temperature=cp.temperature, cp_top_k=cp.top_k, cp_top_p=cp.top_p, cp_seeds=cp.seeds,
+                          frame_index=cp.frame_index)
+        res = self.speech_graph.run(len(reqs), values)
+        n_conv, n_tail = len(self.c2w_state.conv), len(self.c2w_state.tail)
+        state = state_from(res, n_conv, n_tail, prefix="new_").select(torch.arange(len(reqs), device=self.device))
+        # outputs of a replay are views of static buffers: copy what outlives the next replay
+        return {"code0": res["code0"].clone(), "frames": res["frames"].clone(),
+                "next_embed": res["next_embed"].clone(), "audio": res["audio"].clone(), "state": state}
 
     def code2wav_step(self, reqs: list[Request], codes: torch.Tensor, slots: torch.Tensor):
         """codes (B, G, n) more frames for each request's stream → (audio (B, n·T) float32, new state)."""

@@ -257,7 +257,7 @@ class RealtimeSession:
         rt = self.state.rt
         item_id = _id("item")
         base = {"response_id": rid, "item_id": item_id, "output_index": 0, "content_index": 0}
-        status, text, frames, err = "completed", [], 0, None
+        status, text, frames, err, n_tokens = "completed", [], 0, None, 0
         instr = instructions if isinstance(instructions, str) else self.instructions
         messages = ([{"role": "system", "content": [{"type": "text", "text": instr}]}] if instr else []) \
             + self.conversation
@@ -275,6 +275,7 @@ class RealtimeSession:
                               return_audio=audio, thinker=thinker, talker=talker, request_id=rid)
             try:
                 async for c in agen:
+                    n_tokens += len(c.token_ids)
                     if c.text_delta:
                         text.append(c.text_delta)
                         name = (self._name("response.output_audio_transcript.delta", "response.audio_transcript.delta")
@@ -317,7 +318,8 @@ class RealtimeSession:
             await self.send({"type": "response.done", "response": {
                 "id": rid, "object": "realtime.response", "status": status, "output": [item],
                 "status_details": None if status == "completed" else {"type": status},
-                "usage": {"output_tokens": len(text), "output_token_details": {"audio_tokens": frames}}}})
+                "usage": {"output_tokens": n_tokens, "output_token_details": {"text_tokens": n_tokens,
+                                                                            "audio_tokens": frames}}}})
         except Exception:  # noqa: BLE001 - the socket is gone
             pass
 
