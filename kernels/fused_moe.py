@@ -45,7 +45,8 @@ import triton.language as tl
 from . import KernelSpec, graph_safe_enabled, use_triton
 
 __all__ = [
-    "fused_moe", "fused_moe_ref", "fused_moe_static", "shared_expert_moe", "shared_expert_moe_ref", "route", "moe_align",
+    "fused_moe", "fused_moe_ref", "fused_moe_static", "shared_expert_moe", "shared_expert_moe_ref", "route",
+    "route_ref", "moe_align",
     "get_config", "DEFAULT_CONFIG", "COMPILE_SPECS",
 ]
 
@@ -159,6 +160,13 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True):
         raise ValueError(f"router_logits must be (tokens, E), got {tuple(router_logits.shape)}")
     if not 1 <= top_k <= router_logits.shape[1]:
         raise ValueError(f"top_k={top_k} must be in [1, E={router_logits.shape[1]}]")
+    if use_triton(router_logits):
+        return _route_triton(router_logits, top_k, norm_topk_prob)
+    return route_ref(router_logits, top_k, norm_topk_prob)
+
+
+def route_ref(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True):
+    """PyTorch :func:`route` (the CPU path and the tests' truth)."""
     probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:
@@ -166,13 +174,23 @@ def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True):
     return weights.to(router_logits.dtype), ids
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
-    """Sort (token, k) assignments by expert and pad each expert's group to a multiple of ``block_m``.
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, sparse: bool | None = None):
+    """Group the (token, k) assignments into blocks of ``block_m`` rows that each belong to one expert.
+
+    Two layouts, both with shapes that depend only on (M, top_k, E, block_m):
+
+    - dense (``sparse=False``): sorted by expert, each expert's group padded to a multiple of ``block_m``
+      (prefill: every expert's weights are read once);
+    - sparse (``sparse=True``; the default when M*top_k < E, i.e. decode): no sort — assignment j gets block j
+      alone (row 0 = j, the rest padding). ``M*top_k`` blocks instead of ``cdiv(M*top_k + E*(block_m-1),
+      block_m)``, so the GEMM grids hold only working programs; a token pair sharing an expert reads its
+      weights twice, which few tokens (M*top_k < E) rarely do. One launch on the Triton path.
 
     topk_ids: (M, top_k) integer expert ids in [0, E). Returns, all on ``topk_ids.device``:
 
-    - ``sorted_ids``: (M*top_k + E*(block_m-1),) int32, flat assignment indices ``m*top_k + k`` grouped by
-      expert (stable within an expert); padding slots hold the sentinel ``M*top_k``.
+    - ``sorted_ids``: (num_blocks*block_m,) int32, flat assignment indices ``m*top_k + k`` (dense: grouped by
+      expert, stable within an expert); padding slots hold the sentinel ``M*top_k``. Every block the GEMMs
+      load is inside the tensor.
     - ``expert_ids``: (cdiv(len(sorted_ids), block_m),) int32, the expert of each block, -1 for blocks past
       the padded end (the GEMM kernels skip them).
     - ``num_post_pad``: (1,) int32, padded length actually used.
@@ -186,6 +204,10 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
         raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
     device = topk_ids.device
     n_assign = topk_ids.numel()
+    if sparse is None:
+        sparse = n_assign < num_experts
+    if sparse:
+        return _moe_align_sparse(topk_ids, block_m)
     max_padded = n_assign + num_experts * (block_m - 1)
     num_blocks = (max_padded + block_m - 1) // block_m
 
@@ -202,7 +224,8 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     sorted_expert = flat[order]
     rank = torch.arange(n_assign, device=device) - cnt_start[sorted_expert]
     dest = pad_start[sorted_expert] + rank
-    sorted_ids = torch.full((max_padded,), n_assign, dtype=torch.int32, device=device)
+    # num_blocks * block_m entries (not max_padded): the last block's BLOCK_M-row load stays in bounds.
+    sorted_ids = torch.full((num_blocks * block_m,), n_assign, dtype=torch.int32, device=device)
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
 
     block_start = torch.arange(num_blocks, device=device, dtype=torch.int64) * block_m
@@ -212,9 +235,82 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, expert_ids, total.to(torch.int32)
 
 
+def _moe_align_sparse(topk_ids: torch.Tensor, block_m: int):
+    """The sparse layout of :func:`moe_align` (one block per assignment)."""
+    n = topk_ids.numel()
+    device = topk_ids.device
+    if use_triton(topk_ids) and n > 0:
+        sorted_ids = torch.empty(n * block_m, dtype=torch.int32, device=device)
+        expert_ids = torch.empty(n, dtype=torch.int32, device=device)
+        total = torch.empty(1, dtype=torch.int32, device=device)
+        ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+        _moe_align_sparse_kernel[(n,)](ids, sorted_ids, expert_ids, total, n, BLOCK_M=block_m, num_warps=1)
+        return sorted_ids, expert_ids, total
+    sorted_ids = torch.full((n, block_m), n, dtype=torch.int32, device=device)
+    sorted_ids[:, 0] = torch.arange(n, dtype=torch.int32, device=device)
+    total = torch.full((1,), n * block_m, dtype=torch.int32, device=device)
+    return sorted_ids.view(-1), topk_ids.reshape(-1).to(torch.int32), total
+
+
+def _route_triton(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
+    m, e = router_logits.shape
+    weights = torch.empty((m, top_k), dtype=router_logits.dtype, device=router_logits.device)
+    ids = torch.empty((m, top_k), dtype=torch.int64, device=router_logits.device)
+    if m == 0:
+        return weights, ids
+    if router_logits.stride(-1) != 1:
+        router_logits = router_logits.contiguous()
+    block_e = triton.next_power_of_2(e)
+    _route_kernel[(m,)](router_logits, weights, ids, e, router_logits.stride(0), weights.stride(0), ids.stride(0),
+                        TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_E=block_e, NORM=norm_topk_prob,
+                        num_warps=1 if block_e <= 256 else 4)
+    return weights, ids
+
+
 # --------------------------------------------------------------------------------------------------------
 # Triton kernels
 # --------------------------------------------------------------------------------------------------------
+
+@triton.jit
+def _route_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, stride_w, stride_i,
+                  TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, NORM: tl.constexpr):
+    # One token: fp32 softmax over the experts, top-k by repeated argmax (lowest index first on ties), the
+    # renormalisation in fp32, weights rounded to the logits' dtype. One launch for route()'s five ops.
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK_E)
+    mask = offs < E
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=mask, other=float("-inf")).to(tl.float32)
+    x = x - tl.max(x, axis=0)
+    p = tl.where(mask, tl.exp(x), 0.0)
+    p = p / tl.sum(p, axis=0)
+    p = tl.where(mask, p, -1.0)
+    k_offs = tl.arange(0, BLOCK_K)
+    vals = tl.zeros([BLOCK_K], dtype=tl.float32)
+    idxs = tl.zeros([BLOCK_K], dtype=tl.int32)
+    for kk in tl.static_range(TOP_K):
+        best = tl.max(p, axis=0)
+        idx = tl.min(tl.where(p == best, offs, BLOCK_E), axis=0)
+        vals = tl.where(k_offs == kk, best, vals)
+        idxs = tl.where(k_offs == kk, idx, idxs)
+        p = tl.where(offs == idx, -1.0, p)
+    if NORM:
+        vals = vals / tl.sum(vals, axis=0)
+    kmask = k_offs < TOP_K
+    tl.store(ids_ptr + row * stride_i + k_offs, idxs.to(tl.int64), mask=kmask)
+    tl.store(w_ptr + row * stride_w + k_offs, vals.to(w_ptr.dtype.element_ty), mask=kmask)
+
+
+@triton.jit
+def _moe_align_sparse_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, total_ptr, n_assign,
+                             BLOCK_M: tl.constexpr):
+    # Assignment j owns block j: row 0 is j, the other rows the sentinel n_assign.
+    j = tl.program_id(0)
+    if j == 0:
+        tl.store(total_ptr, n_assign * BLOCK_M)
+    tl.store(expert_ids_ptr + j, tl.load(ids_ptr + j).to(tl.int32))
+    offs = tl.arange(0, BLOCK_M)
+    tl.store(sorted_ids_ptr + j.to(tl.int64) * BLOCK_M + offs, tl.where(offs == 0, j, n_assign).to(tl.int32))
+
 
 @triton.jit
 def _grouped_pid(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -626,4 +722,24 @@ def _compile_specs() -> list[KernelSpec]:
     return specs
 
 
-COMPILE_SPECS: list[KernelSpec] = _compile_specs()
+def _routing_specs() -> list[KernelSpec]:
+    specs = []
+    # thinker 128 experts top-8, talker 128 top-6 (bf16 logits); the tiny/small fp32 test models
+    for tname, e, k in (("bf16", 128, 8), ("bf16", 128, 6), ("fp16", 128, 8), ("fp32", 8, 3), ("fp32", 32, 4)):
+        block_e = triton.next_power_of_2(e)
+        specs.append(KernelSpec(
+            name=f"route_{tname}_e{e}_k{k}", fn=_route_kernel,
+            signature={"logits_ptr": f"*{tname}", "w_ptr": f"*{tname}", "ids_ptr": "*i64", "E": "i32",
+                       "stride_l": "i32", "stride_w": "i32", "stride_i": "i32"},
+            constexprs={"TOP_K": k, "BLOCK_K": triton.next_power_of_2(k), "BLOCK_E": block_e, "NORM": True},
+            num_warps=1 if block_e <= 256 else 4, num_stages=1))
+    for bm in sorted({cfg["BLOCK_M"] for _, items in _load_table(None) for cfg in [dict(items)]} | {16}):
+        specs.append(KernelSpec(
+            name=f"moe_align_sparse_m{bm}", fn=_moe_align_sparse_kernel,
+            signature={"ids_ptr": "*i64", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "total_ptr": "*i32",
+                       "n_assign": "i32"},
+            constexprs={"BLOCK_M": bm}, num_warps=1, num_stages=1))
+    return specs
+
+
+COMPILE_SPECS: list[KernelSpec] = _compile_specs() + _routing_specs()

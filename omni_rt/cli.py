@@ -1,4 +1,4 @@
-"""Command line: ``omni-rt demo | run | bench | serve`` (also ``python -m omni_rt``)."""
+"""Command line: ``omni-rt demo | run | bench | serve | census`` (also ``python -m omni_rt``)."""
 from __future__ import annotations
 
 import argparse
@@ -195,7 +195,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(s)
     s.set_defaults(fn=cmd_serve)
+    c = sub.add_parser("census", help="kernel-level profiling without a GPU: launches, host syncs, bytes, "
+                                      "flops and a modelled time per stage (meta device)")
+    c.add_argument("--config", default="full", help="full | small | tiny | path to a config.json or checkpoint")
+    c.add_argument("--batch", type=int, default=1)
+    c.add_argument("--json", default=None, help="write the census as JSON here")
+    c.add_argument("--quant", default=None, choices=["fp8"], help="weight quantization to count (fp8: not yet)")
+    c.set_defaults(fn=cmd_census)
     return p
+
+
+def cmd_census(args) -> int:
+    from .census import main as census_main
+
+    return census_main(args)
 
 
 def main(argv: list[str] | None = None) -> int:

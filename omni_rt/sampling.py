@@ -15,7 +15,9 @@ import dataclasses
 
 import torch
 
-_MASK32 = 0xFFFFFFFF
+# counter_uniform(seeds, steps, n) -> (batch, n) float64: U(0, 1) as a pure function of (seed, step, column);
+# one Triton launch on CUDA, the same integer hash in torch ops elsewhere (bit-identical).
+from .kernels.counter_uniform import counter_uniform  # noqa: F401  (used below, re-exported)
 
 
 def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
@@ -26,24 +28,6 @@ def to_device(values, dtype: torch.dtype, device) -> torch.Tensor:
     if device.type != "cuda":
         return host.to(device)
     return host.pin_memory().to(device, non_blocking=True)
-
-
-def _hash32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit integer mix (murmur3 finaliser) in int64 arithmetic: every product stays below 2^63."""
-    x = x & _MASK32
-    x = x ^ (x >> 16)
-    x = (x * 0x85EBCA6B) & _MASK32
-    x = x ^ (x >> 13)
-    x = (x * 0xC2B2AE35) & _MASK32
-    return x ^ (x >> 16)
-
-
-def counter_uniform(seeds: torch.Tensor, steps: torch.Tensor, n: int) -> torch.Tensor:
-    """U(0, 1) noise of shape (batch, n), a pure function of (seed, step, column). seeds/steps: (batch,) int64."""
-    cols = torch.arange(n, device=seeds.device, dtype=torch.int64)
-    h = _hash32(cols[None, :] * 0x9E3779B1 + _hash32(steps[:, None] * 0x632BE5AB + _hash32(seeds[:, None])))
-    h = _hash32(h + (seeds[:, None] >> 32))
-    return (h.double() + 0.5) / 4294967296.0
 
 
 @dataclasses.dataclass

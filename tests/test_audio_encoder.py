@@ -256,3 +256,25 @@ def test_forty_minutes_encode_in_bounded_memory():
     print(r)
     assert r["tokens"] == num_audio_tokens(frames) == 31200
     assert r["growth"] <= r["output"] + r["input"] // 4, r
+
+
+def test_attention_gets_the_longest_window_from_the_host_plan(tiny_checkpoint, monkeypatch):
+    """Every layer's window attention is told the longest window by the host-side chunk plan (max_seqlen), so
+    the kernel never copies cu_seqlens back to the host (one sync per layer before)."""
+    import omni_rt.models.audio_encoder as ae
+    from omni_rt.models.omni import load_model
+
+    enc = load_model(tiny_checkpoint, torch.float32, "cpu", with_talker=False).thinker.audio_tower
+    cfg = enc.cfg
+    seen = []
+    original = ae.block_window_attention
+
+    def spy(q, k, v, cu_seqlens, scale=None, max_seqlen=None):
+        seen.append((max_seqlen, int((cu_seqlens[1:] - cu_seqlens[:-1]).max())))
+        return original(q, k, v, cu_seqlens, scale, max_seqlen)
+
+    monkeypatch.setattr(ae, "block_window_attention", spy)
+    with torch.inference_mode():
+        enc(torch.randn(cfg.num_mel_bins, 730), [730])
+    assert len(seen) >= cfg.encoder_layers
+    assert all(isinstance(m, int) and m == longest for m, longest in seen), seen

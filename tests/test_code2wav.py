@@ -15,7 +15,7 @@ import omni_rt
 from omni_rt.config import Code2WavConfig, OmniConfig
 from omni_rt.kernels import force_triton
 from omni_rt.loader import assign_parameters, iter_weights
-from omni_rt.models.code2wav import Code2Wav, Code2WavState, Code2WavStream
+from omni_rt.models.code2wav import Code2Wav, Code2WavState
 from tests._tolerances import PARITY, assert_close
 
 ATOL = PARITY["code2wav_abs"]
@@ -136,8 +136,23 @@ def test_chunked_decode_past_300_frames(custom_pair):
 
 
 # ---------------------------------------------------------------------------------------------- streaming
+class _Stream:
+    """Streams decoded together through the model's streaming state (init_state + step)."""
+
+    def __init__(self, model, batch):
+        self.model, self.state = model, model.init_state(batch)
+
+    @property
+    def frames(self) -> int:
+        return int(self.state.pos[0])
+
+    def push(self, codes):
+        audio, self.state = self.model.step(codes, self.state)
+        return audio
+
+
 def _stream(model, codes, sizes):
-    s = Code2WavStream(model, codes.shape[0])
+    s = _Stream(model, codes.shape[0])
     outs, a = [], 0
     for k in sizes:
         outs.append(s.push(codes[..., a:a + k]))

@@ -75,8 +75,13 @@ def model(tiny_checkpoint):
     return load_model(tiny_checkpoint, torch.float32, "cpu")
 
 
-def test_steady_state_step_syncs_at_most_once(model, monkeypatch):
+@pytest.mark.parametrize("speech_graph", [False, True], ids=["stage-by-stage", "speech-frame-runner"])
+def test_steady_state_step_syncs_at_most_once(model, monkeypatch, speech_graph):
     engine = make_engine(model, max_batch_size=4)
+    if speech_graph:   # the one-step speech frame over static buffers (what a GPU replays as one graph)
+        runner = engine.stages.speech_graph = engine.stages.speech_frame_runner(use_graphs=False)
+        replays, run = [], runner.run
+        runner.run = lambda n, values: (replays.append(n), run(n, values))[1]
     prompt = [449, 11, 198, 100, 200, 300, 42, 450, 198, 449, 12, 198]
     reqs = [make_request(model, "speak", prompt, SamplingParams(temperature=0.0, max_new_tokens=24),
                          SamplingParams(temperature=0.0, max_new_tokens=12)),
@@ -102,3 +107,5 @@ def test_steady_state_step_syncs_at_most_once(model, monkeypatch):
     assert all(r.error is None for r in reqs), [r.error for r in reqs]
     assert len(steady) >= 5, steady
     assert max(len(e) for e in steady) <= 1, steady
+    if speech_graph:
+        assert len(replays) >= 5   # the steady-state frames went through the one-step runner

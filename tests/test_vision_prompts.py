@@ -60,9 +60,11 @@ def _check(rt, hf_tiny, msgs, aiv=None, **kw):
 
 def test_image_prompt(rt, hf_tiny):
     pv, g = vision.preprocess_images([IMG])
+    rt.stage_times(reset=True)
     prep = _check(rt, hf_tiny, _user({"type": "image", "image": IMG}, {"type": "text", "text": "What is it?"}),
                   pixel_values=pv, image_grid_thw=g)
     assert prep.ids.count(rt.cfg.thinker.image_token_id) == g.prod().item() // 4
+    assert rt.stage_times()["vision_encode"] > 0        # the engine's own stage, timed apart from prefill
 
 
 def test_two_image_prompt(rt, hf_tiny):

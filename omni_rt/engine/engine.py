@@ -31,7 +31,7 @@ import torch
 from ..errors import CancelledRequest, DeviceFault
 from ..models.layers import text_positions
 from ..models.talker import TalkerTextFeed
-from ..profiling import StageTimer
+from ..profiling import StageTimer, census_stage
 from ..request import StreamChunk
 from ..sampling import to_device
 from .config import EngineConfig
@@ -69,7 +69,7 @@ class Engine:
         self.fault: BaseException | None = None
         self._thread: threading.Thread | None = None
         self.timer = StageTimer()
-        self.warmup_s = 0.0
+        self.warmup_s = self.stages.warmup_s
 
     # ------------------------------------------------------------------------------------------ control
     def start(self) -> None:
@@ -279,51 +279,88 @@ class Engine:
         out: dict[str, torch.Tensor] = {}
         # 1. talker prefill chunks; a completed prompt gives the first code 0 in this step's frame
         pre = [r for r in reqs if id(r) in talker_counts]
-        rows, hidden = [], []
+        first, hidden = [], []
         if pre:
             last = st.talker_prefill(pre, [talker_counts[id(r)] for r in pre])
             for r, h in zip(pre, last):
                 if r.talker.prefilled + talker_counts[id(r)] == r.talker.prompt_len:
-                    rows.append(r)
+                    first.append(r)
                     hidden.append(h[None])
-        # 2. the speech frame: talker decode → code 0 → code-predictor frame → Code2Wav
+        # 2. the speech frame: talker decode → code 0 → code-predictor frame → Code2Wav. Steady-state rows (one
+        #    new frame each, nothing held back) replay one graph per batch bucket; first frames run eagerly.
         dec = [r for r in reqs if id(r) in speech]
-        if dec:
-            hidden.append(st.talker_decode(dec, to_device([r.slot for r in dec], torch.long, self.device)))
-            rows += dec
-        framed, vocode = [], []
+        graphed = (st.speech_graph is not None and bool(dec)
+                   and all(not r.held and (r.vocoded or self.cfg.first_chunk_frames == 1) for r in dec))
+        parts, c2w = [], []
+        if graphed:
+            if first:
+                parts.append(self._eager_frame(first, torch.cat(hidden), c2w))
+            parts.append(self._graph_frame(dec, c2w))
+        else:
+            if dec:
+                hidden.append(st.talker_decode(dec, to_device([r.slot for r in dec], torch.long, self.device)))
+            if first or dec:
+                parts.append(self._eager_frame(first + dec, torch.cat(hidden), c2w))
+        rows = [r for p in parts for r in p[0]]
+        framed = [r for p in parts for r in p[2]]
+        next_embed = None
         if rows:
-            slots = to_device([r.slot for r in rows], torch.long, self.device)
-            h = torch.cat(hidden)
-            code0 = st.sample_code0(rows, h, slots)
-            out["code0"] = code0
-            # the last allowed code 0 never gets residual codes (T talker steps → T − 1 frames)
-            keep = [i for i, r in enumerate(rows) if len(r.talker.output) + 1 < r.talker.params.max_new_tokens]
-            framed = [rows[i] for i in keep]
-            if framed:
-                idx = to_device(keep, torch.long, self.device)
-                frames, nxt = st.code_predictor_frame(framed, h.index_select(0, idx), code0.index_select(0, idx))
-                out["frames"], out["next_embed"] = frames, nxt
-                vocode = [(j, r) for j, r in enumerate(framed)
-                          if r.vocoded or len(r.held) + 1 >= self.cfg.first_chunk_frames]
-        groups = self._vocode_groups(vocode, out.get("frames"), [r for r in reqs if id(r) in flush])
-        c2w = []
-        for g, (members, codes) in enumerate(groups):
+            out["code0"] = torch.cat([p[1] for p in parts])
+        if framed:
+            out["frames"] = torch.cat([p[3] for p in parts if p[2]])
+            next_embed = torch.cat([p[4] for p in parts if p[2]])
+        for members, codes in self._vocode_groups([], None, [r for r in reqs if id(r) in flush]):
             audio, state = st.code2wav_step(members, codes, to_device([r.slot for r in members], torch.long,
                                                                       self.device))
+            c2w.append((members, codes, audio, state))
+        for g, (_, codes, audio, _) in enumerate(c2w):
             out[f"audio{g}"], out[f"codes{g}"] = audio, codes
-            c2w.append((members, state))
         # 3. the thinker decode step (after the speech frame: a first packet never waits for it)
         th = [r for r in reqs if id(r) in decode]
         if th:
             out["next_ids"] = st.thinker_decode(th)
-        host = readback(self.device, {k: v for k, v in out.items() if k not in ("next_embed",)})
+        host = readback(self.device, out)
 
         def commit():
-            self._commit_speech(pre, talker_counts, rows, framed, out.get("next_embed"), c2w, host)
+            self._commit_speech(pre, talker_counts, rows, framed, next_embed,
+                                [(m, state) for m, _, _, state in c2w], host)
             for r, tok in zip(th, host.get("next_ids", [])):
                 self._guard(r, self._push_token, r, int(tok))
         return commit
+
+    def _framed(self, rows: list[Request]) -> list[int]:
+        """Rows whose new code 0 gets residual codes: all but the last allowed (T talker steps → T − 1 frames)."""
+        return [i for i, r in enumerate(rows) if len(r.talker.output) + 1 < r.talker.params.max_new_tokens]
+
+    def _eager_frame(self, rows: list[Request], hidden: torch.Tensor, c2w: list):
+        """Code 0, residual codes and Code2Wav for rows whose talker hidden states are known (eager)."""
+        st = self.stages
+        # code 0 belongs to the talker step that made its hidden state: the per-token stage once any row decoded
+        with census_stage("talker_decode" if any(r.talker.output for r in rows) else "talker_prefill"):
+            code0 = st.sample_code0(rows, hidden, to_device([r.slot for r in rows], torch.long, self.device))
+        keep = self._framed(rows)
+        framed, frames, nxt = [rows[i] for i in keep], None, None
+        if framed:
+            idx = to_device(keep, torch.long, self.device)
+            frames, nxt = st.code_predictor_frame(framed, hidden.index_select(0, idx), code0.index_select(0, idx))
+            vocode = [(j, r) for j, r in enumerate(framed)
+                      if r.vocoded or len(r.held) + 1 >= self.cfg.first_chunk_frames]
+            for members, codes in self._vocode_groups(vocode, frames, []):
+                audio, state = st.code2wav_step(members, codes, to_device([r.slot for r in members], torch.long,
+                                                                          self.device))
+                c2w.append((members, codes, audio, state))
+        return rows, code0, framed, frames, nxt
+
+    def _graph_frame(self, rows: list[Request], c2w: list):
+        """The whole speech frame of steady-state rows as one graph replay (``stages.speech_frame``)."""
+        res = self.stages.speech_frame(rows)
+        keep = self._framed(rows)
+        framed, frames, nxt = [rows[i] for i in keep], None, None
+        if framed:
+            idx = to_device(keep, torch.long, self.device)
+            frames, nxt = res["frames"].index_select(0, idx), res["next_embed"].index_select(0, idx)
+            c2w.append((framed, frames[:, :, None], res["audio"].index_select(0, idx), res["state"].select(idx)))
+        return rows, res["code0"], framed, frames, nxt
 
     def _vocode_groups(self, vocode, frames, flush):
         """Code2Wav batches: requests with the same number of new frames (held ones + this step's) stream

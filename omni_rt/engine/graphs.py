@@ -30,6 +30,7 @@ import torch
 from ..models.code_predictor import FrameSampling, FrameWorkspace
 from ..models.code2wav import Code2WavState
 from ..models.layers import AttentionMetadata
+from ..profiling import census_graphed, census_stage
 from .kv_cache import KVCachePool
 from ..sampling import SamplingTensors, sample
 
@@ -91,6 +92,7 @@ class GraphRunner:
         if len(devices) != 1:
             raise ValueError(f"all static inputs must be on one device, got {sorted(map(str, devices))}")
         self.device = devices.pop()
+        self.graphs_requested = bool(use_graphs)  # on CUDA this step replays as graphs (the census costs it so)
         self.use_graphs = bool(use_graphs) and self.device.type == "cuda"
         self.name = name
         self.output_batch_dims = dict(output_batch_dims or {})
@@ -177,7 +179,8 @@ class GraphRunner:
         self.fill(view, n, values)
         graph = self.graphs.get(bs)
         if graph is None:
-            out = self.fn(view)
+            with census_graphed(self.graphs_requested):
+                out = self.fn(view)
             return {k: self._rows(k, v, n) for k, v in out.items() if v is not None}
         graph.replay()
         self.replays += 1
@@ -213,6 +216,10 @@ class ThinkerDecodeStep:
         self.tap_layer = tap_layer
 
     def __call__(self, b: dict) -> dict:
+        with census_stage("thinker_decode"):
+            return self._step(b)
+
+    def _step(self, b: dict) -> dict:
         embeds = self.thinker.embed(b["input_ids"])
         meta = AttentionMetadata(slot_mapping=b["slot_mapping"], block_tables=b["block_tables"],
                                  context_lens=b["context_lens"])
@@ -341,7 +348,8 @@ def code_predictor_graphs(code_predictor, max_batch_size: int, device=None, dtyp
                                  seeds=b["seeds"], frame_index=b["frame_index"])
         # Above the largest bucket the slice is short and frame() builds its own workspace (eager fallback).
         codes, nxt = code_predictor.frame(b["past_hidden"], b["code0_embed"],
-                                          FrameWorkspace(ws.k[:, :bs], ws.v[:, :bs]), sampling)
+                                          FrameWorkspace(ws.k[:, :bs], ws.v[:, :bs], ws.cos, ws.sin,
+                                                         ws.slots[:, :bs]), sampling)
         return {"codes": codes, "next_embed": nxt}
 
     return GraphRunner(frame, inputs, pads, max_batch_size, use_graphs=use_graphs, name="code_predictor_frame")
@@ -384,3 +392,68 @@ def state_from(b: Mapping[str, torch.Tensor], n_conv: int, n_tail: int, prefix: 
     return Code2WavState(pos=b[prefix + "pos"], key=b[prefix + "key"], value=b[prefix + "value"],
                          conv=tuple(b[f"{prefix}conv{i}"] for i in range(n_conv)),
                          tail=tuple(b[f"{prefix}tail{i}"] for i in range(n_tail)))
+
+
+class SpeechFrameStep:
+    """The speech frame of B speaking requests as one step over named tensors (one graph per batch bucket):
+    talker decode over the paged KV → code-0 sampling → the code predictor's frame → one streaming Code2Wav
+    step. Per-request state is read from slot-indexed pools by ``slots`` (padding rows use the scratch slot);
+    nothing is written back: the outputs carry the new state, committed by the engine once the step succeeded.
+
+    Inputs (B = batch): slots (B,) int64; entries (B, H) the talker's next text entries; positions (3, B)
+    float32; slot_mapping (B,) int64, block_tables (B, max_blocks) int32, context_lens (B,) int32 (talker KV);
+    temperature, top_p, repetition_penalty (B,) float32, top_k, seeds, steps (B,) int64 (code 0);
+    cp_temperature, cp_top_p (B,) float32, cp_top_k, cp_seeds, frame_index (B,) int64 (codes 1..G-1).
+    Outputs: code0 (B,), frames (B, G) int64, next_embed (B, H), audio (B, samples_per_frame) float32, and the
+    new Code2Wav state as ``new_<name>`` (key/value batch dim 1).
+    """
+
+    def __init__(self, model, kv_caches, pools, workspace):
+        self.talker, self.c2w = model.talker, model.code2wav
+        self.kv_caches = list(kv_caches)
+        self.pools = pools          # .codec_embed (S+1, H), .seen (S+1, V), .c2w_state (S+1 streams), .suppress
+        self.ws = workspace
+
+    def __call__(self, b: dict) -> dict:
+        bs, slots, p = b["slots"].shape[0], b["slots"], self.pools
+        x = p.codec_embed.index_select(0, slots) + b["entries"]
+        meta = AttentionMetadata(slot_mapping=b["slot_mapping"], block_tables=b["block_tables"],
+                                 context_lens=b["context_lens"])
+        hidden, _ = self.talker(x, b["positions"], self.kv_caches, meta)
+        st = SamplingTensors(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
+                             repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"])
+        code0 = sample(self.talker.logits(hidden), st, p.seen.index_select(0, slots), p.suppress)
+        fs = FrameSampling(temperature=b["cp_temperature"], top_k=b["cp_top_k"], top_p=b["cp_top_p"],
+                           seeds=b["cp_seeds"], frame_index=b["frame_index"])
+        codes, nxt = self.talker.code_predictor.frame(hidden, self.talker.embed_codec(code0),
+                                                      FrameWorkspace(self.ws.k[:, :bs], self.ws.v[:, :bs]), fs)
+        frames = torch.cat((code0[:, None], codes), dim=1)
+        state = p.c2w_state.select(slots)
+        audio, new = self.c2w.step_padded(frames[:, :, None], state)
+        out = {"code0": code0, "frames": frames, "next_embed": nxt, "audio": audio.float()}
+        return out | {f"new_{k}": t for k, t in zip(state_names(new), new.tensors())}
+
+
+def speech_frame_graphs(model, pool: KVCachePool, pools, max_batch_size: int, max_blocks: int,
+                        use_graphs: bool = True) -> GraphRunner:
+    """``SpeechFrameStep`` behind a ``GraphRunner``: static buffers sized for ``max_batch_size``, padding rows
+    on the scratch slot ``max_batch_size`` (slot -1 in the KV, context 0, greedy, fresh Code2Wav state)."""
+    device, dtype = pool.device, pool.dtype
+    B, S = max_batch_size, max_batch_size
+    h = model.cfg.talker.text.hidden_size
+    i64, i32, f32 = torch.int64, torch.int32, torch.float32
+    with torch.inference_mode():
+        z = lambda dt, fill=0: torch.full((B,), fill, dtype=dt, device=device)  # noqa: E731
+        inputs = {"slots": z(i64, S), "entries": torch.zeros(B, h, device=device, dtype=dtype),
+                  "positions": torch.zeros(3, B, dtype=f32, device=device), "slot_mapping": z(i64, -1),
+                  "block_tables": torch.full((B, max_blocks), -1, dtype=i32, device=device),
+                  "context_lens": z(i32), "temperature": z(f32), "top_p": z(f32, 1), "repetition_penalty": z(f32, 1),
+                  "top_k": z(i64), "seeds": z(i64), "steps": z(i64), "cp_temperature": z(f32), "cp_top_p": z(f32, 1),
+                  "cp_top_k": z(i64), "cp_seeds": z(i64), "frame_index": z(i64)}
+        ws = model.talker.code_predictor.workspace(B, device, dtype)
+    pads = {"slots": S, "entries": 0.0, "positions": 0.0, "slot_mapping": -1, "block_tables": -1, "context_lens": 0,
+            "temperature": 0.0, "top_p": 1.0, "repetition_penalty": 1.0, "top_k": 0, "seeds": 0, "steps": 0,
+            "cp_temperature": 0.0, "cp_top_p": 1.0, "cp_top_k": 0, "cp_seeds": 0, "frame_index": 0}
+    step = SpeechFrameStep(model, zip(pool.k_caches, pool.v_caches), pools, ws)
+    return GraphRunner(step, inputs, pads, max_batch_size, batch_dims={"positions": 1}, use_graphs=use_graphs,
+                       name="speech_frame", output_batch_dims={"new_key": 1, "new_value": 1})

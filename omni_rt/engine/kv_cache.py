@@ -165,12 +165,12 @@ class KVCachePool:
         if out is not None:
             host = np.empty(tuple(out.shape), dtype=np.int32)
             self.manager.fill_block_tables(ids, host, pad)
-            return out.copy_(torch.from_numpy(host))
+            return self._put(host, out)
         if width is None:
             width = max([1] + [self.manager.blocks_for_tokens(self.manager.num_tokens(i)) for i in ids])
         host = np.empty((len(ids), width), dtype=np.int32)
         self.manager.fill_block_tables(ids, host, pad)
-        return torch.from_numpy(host).to(self.device)
+        return self._put(host)
 
     def context_lens(self, seq_ids: Sequence[int], out: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens held per sequence (including any just appended), int32 (len(seq_ids),); with out, written
@@ -178,9 +178,7 @@ class KVCachePool:
         ids = list(seq_ids)
         host = np.empty(len(ids) if out is None else out.shape[0], dtype=np.int32)
         self.manager.fill_context_lens(ids, host, 0)
-        if out is not None:
-            return out.copy_(torch.from_numpy(host))
-        return torch.from_numpy(host).to(self.device)
+        return self._put(host, out)
 
     def slot_mapping(self, seq_ids: Sequence[int], out: torch.Tensor | None = None, pad: int = -1) -> torch.Tensor:
         """Slots of every token the last step of each of seq_ids added, back to back, int64; with out
@@ -189,18 +187,27 @@ class KVCachePool:
         if out is not None:
             host = np.empty(out.shape[0], dtype=np.int64)
             self.manager.fill_slot_mapping(ids, host, pad)
-            return out.copy_(torch.from_numpy(host))
+            return self._put(host, out)
         return self._slots(ids, sum(self.manager.num_last_tokens(i) for i in ids))
 
     # -- internals -------------------------------------------------------------------------------------
+    def _put(self, host: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Host metadata → the device without blocking the host: pinned staging + non_blocking copy on CUDA."""
+        t = torch.from_numpy(host)
+        if self.device.type == "cuda":
+            t = t.pin_memory()
+        if out is not None:
+            return out.copy_(t, non_blocking=True)
+        return t.to(self.device, non_blocking=True)
+
     def _slots(self, ids: list[int], count: int) -> torch.Tensor:
         host = np.empty(count, dtype=np.int64)
         self.manager.fill_slot_mapping(ids, host, -1)
-        return torch.from_numpy(host).to(self.device)
+        return self._put(host)
 
     def _copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
         if not pairs:
             return
-        idx = torch.tensor(pairs, dtype=torch.int64).to(self.device)
+        idx = self._put(np.asarray(pairs, dtype=np.int64))
         # Sources and destinations never overlap (destinations are fresh blocks), so gather-then-scatter is exact.
         self.kv[:, :, idx[:, 1]] = self.kv.index_select(2, idx[:, 0])

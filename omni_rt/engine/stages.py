@@ -12,6 +12,8 @@ and the code-0 ids seen so far (repetition penalty).
 """
 from __future__ import annotations
 
+import logging
+import time
 import warnings
 
 import numpy as np
@@ -21,11 +23,16 @@ from .. import audio as audio_mod
 from ..sampling import SamplingTensors, sample, to_device
 from ..models.code_predictor import FrameSampling
 from ..models.mrope import multimodal_positions
+from ..profiling import census_stage
 from .config import EngineConfig
-from .graphs import ThinkerDecodeGraphs, code2wav_graphs, code_predictor_graphs, state_from, state_names
+from .graphs import (ThinkerDecodeGraphs, code2wav_graphs, code_predictor_graphs, speech_frame_graphs, state_from,
+                     state_names)
 from .kv_cache import KVCachePool
 from .model_runner import DecoderRunner
 from .sequence import Request, Sequence
+
+
+logger = logging.getLogger(__name__)
 
 
 def _capture_or_none(name: str, build):
@@ -74,22 +81,23 @@ class Stages:
                                         tc.num_key_value_heads, tc.head_dim, dtype, device)
         self.thinker_runner = DecoderRunner(model.thinker.forward, self.thinker_pool, cfg.max_prefill_tokens)
         graphs = cfg.cuda_graphs and self.device.type == "cuda"
+        t0 = time.perf_counter()   # start-up warm-up: graph capture (each bucket runs once eagerly first)
         self.decode_graphs = None
         if graphs:
             self.decode_graphs = _capture_or_none("thinker_decode", lambda: ThinkerDecodeGraphs(
                 model.thinker, self.thinker_pool, cfg.max_batch_size, cfg.max_model_len))
         self.talker_pool = self.talker_runner = None
-        self.frame_graph = self.c2w_graph = None
+        self.frame_graph = self.c2w_graph = self.speech_graph = None
         if model.has_talker:
             kc = model.cfg.talker.text
             self.talker_pool = KVCachePool(kc.num_hidden_layers, cfg.kv_blocks, cfg.kv_block_size,
                                            kc.num_key_value_heads, kc.head_dim, dtype, device)
             self.talker_runner = DecoderRunner(model.talker.forward, self.talker_pool, cfg.max_prefill_tokens)
-            S = cfg.max_batch_size
-            self.c2w_state = model.code2wav.init_state(S, device, dtype)
+            S = cfg.max_batch_size   # slot pools have one more row: the scratch slot of graph padding rows
+            self.c2w_state = model.code2wav.init_state(S + 1, device, dtype)
             self.fresh_c2w = model.code2wav.init_state(1, device, dtype)
-            self.codec_embed = torch.zeros(S, kc.hidden_size, device=device, dtype=dtype)
-            self.seen = torch.zeros(S, kc.vocab_size, dtype=torch.bool, device=device)
+            self.codec_embed = torch.zeros(S + 1, kc.hidden_size, device=device, dtype=dtype)
+            self.seen = torch.zeros(S + 1, kc.vocab_size, dtype=torch.bool, device=device)
             self.suppress = model.talker.suppress_mask(device)
             self._workspaces: dict[int, object] = {}
             if graphs:
@@ -99,6 +107,11 @@ class Stages:
                     model.talker.code_predictor, S, device, dtype))
                 self.c2w_graph = _capture_or_none("code2wav_step", lambda: code2wav_graphs(
                     model.code2wav, S, frames=1))
+                self.speech_graph = _capture_or_none("speech_frame", lambda: self.speech_frame_runner())
+        self.warmup_s = time.perf_counter() - t0
+        if graphs:
+            logger.info("warm-up: CUDA graphs captured for every batch bucket (%s) in %.1f s", self.graph_report(),
+                        self.warmup_s)
 
     def graph_report(self) -> dict[str, bool]:
         """Per graphed stage: True when it replays a captured graph, False when it fell back to eager."""
@@ -106,7 +119,8 @@ class Stages:
             return {}
         report = {"thinker_decode": self.decode_graphs is not None}
         if self.model.has_talker:
-            report |= {"code_predictor_frame": self.frame_graph is not None, "code2wav_step": self.c2w_graph is not None}
+            report |= {"code_predictor_frame": self.frame_graph is not None, "code2wav_step": self.c2w_graph is not None,
+                       "speech_frame": self.speech_graph is not None}
         return report
 
     # --------------------------------------------------------------------------------------- thinker
@@ -126,7 +140,8 @@ class Stages:
         if pads != sum(counts):
             raise ValueError(f"the prompt has {pads} <|audio_pad|> tokens but its audios give {sum(counts)} "
                              f"({counts}); expand each audio's pad run to its token count")
-        return thinker.audio_tower(torch.cat(mels, dim=1).to(self.dtype), lens), counts
+        with census_stage("audio_encode"):
+            return thinker.audio_tower(torch.cat(mels, dim=1).to(self.dtype), lens), counts
 
     def vision_encode(self, req: Request, ids: torch.Tensor, audio_counts: list[int]):
         """The request's images/videos → (TM-RoPE positions (3, n), rope delta, image features, video features,
@@ -157,6 +172,10 @@ class Stages:
     def thinker_prefill(self, reqs: list[Request], counts: list[int], tap_layer: int | None):
         """Prompt chunks (counts[i] tokens of reqs[i]) through the thinker → (ids (B_done,) sampled for the
         requests whose prompt this completes, per-request taps)."""
+        with census_stage("thinker_prefill"):
+            return self._thinker_prefill(reqs, counts, tap_layer)
+
+    def _thinker_prefill(self, reqs, counts, tap_layer):
         seqs = [r.thinker for r in reqs]
         chunks = [s.chunk(n) for s, n in zip(seqs, counts)]
         deepstack = [_deepstack_slice(r.deepstack, r.thinker.prefilled, n) for r, n in zip(reqs, counts)]
@@ -171,6 +190,10 @@ class Stages:
 
     def thinker_decode(self, reqs: list[Request]) -> torch.Tensor:
         """One batched thinker step for requests holding their prompt in the KV → next ids (B,)."""
+        with census_stage("thinker_decode"):
+            return self._thinker_decode(reqs)
+
+    def _thinker_decode(self, reqs: list[Request]) -> torch.Tensor:
         seqs = [r.thinker for r in reqs]
         if self.decode_graphs is not None:
             params = [s.params for s in seqs]
@@ -190,18 +213,20 @@ class Stages:
         """Talker prompt chunks → per request the post-norm hidden of its chunk's last position (H,)."""
         seqs = [r.talker for r in reqs]
         chunks = [s.chunk(n) for s, n in zip(seqs, counts)]
-        hidden, _ = self.talker_runner.prefill([s.seq_id for s in seqs], [c[0] for c in chunks],
-                                               [c[1] for c in chunks])
-        return [h[-1] for h in hidden]
+        with census_stage("talker_prefill"):
+            hidden, _ = self.talker_runner.prefill([s.seq_id for s in seqs], [c[0] for c in chunks],
+                                                   [c[1] for c in chunks])
+            return [h[-1] for h in hidden]
 
     def talker_decode(self, reqs: list[Request], slots: torch.Tensor) -> torch.Tensor:
         """One talker step: input = last frame's codec embedding sum + the next text entry → hidden (B, H)."""
         seqs = [r.talker for r in reqs]
-        entries = torch.stack([r.feed.entry(len(s.output) - 1) for r, s in zip(reqs, seqs)])
-        x = self.codec_embed.index_select(0, slots) + entries.to(self.dtype)
-        pos = to_device([s.next_position() for s in seqs], torch.float32, self.device).expand(3, -1)
-        hidden, _ = self.talker_runner.decode([s.seq_id for s in seqs], x, pos)
-        return hidden
+        with census_stage("talker_decode"):
+            entries = torch.stack([r.feed.entry(len(s.output) - 1) for r, s in zip(reqs, seqs)])
+            x = self.codec_embed.index_select(0, slots) + entries.to(self.dtype)
+            pos = to_device([s.next_position() for s in seqs], torch.float32, self.device).expand(3, -1)
+            hidden, _ = self.talker_runner.decode([s.seq_id for s in seqs], x, pos)
+            return hidden
 
     def sample_code0(self, reqs: list[Request], hidden: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
         """Code 0 per row: the talker's head, penalty over its own generated code 0s, suppressed ids."""
@@ -213,6 +238,10 @@ class Stages:
 
     def code_predictor_frame(self, reqs: list[Request], hidden: torch.Tensor, code0: torch.Tensor):
         """Residual codes for each row's new code 0 → (frames (B, G) int64, next codec input (B, H))."""
+        with census_stage("code_predictor_frame"):
+            return self._code_predictor_frame(reqs, hidden, code0)
+
+    def _code_predictor_frame(self, reqs, hidden, code0):
         talker = self.model.talker
         seqs = [r.talker for r in reqs]
         c0_embed = talker.embed_codec(code0)
@@ -233,8 +262,52 @@ class Stages:
             codes, nxt = out["codes"].clone(), out["next_embed"].clone()  # static outputs: copy before reuse
         return torch.cat((code0[:, None], codes), dim=1), nxt
 
+    def speech_frame_runner(self, use_graphs: bool = True):
+        """The steady-state speech frame behind a GraphRunner (block tables wide enough for any talker length)."""
+        tokens = self.cfg.max_model_len + 9 + self.cfg.max_model_len  # prompt bound + 9 + generous talker room
+        max_blocks = min(self.talker_pool.num_blocks, -(-tokens // self.cfg.kv_block_size))
+        return speech_frame_graphs(self.model, self.talker_pool, self, self.cfg.max_batch_size, max_blocks,
+                                   use_graphs=use_graphs)
+
+    def speech_frame(self, reqs: list[Request]) -> dict:
+        """One speech frame for steady-state rows (each consumes its next text entry and vocodes one frame)
+        through ``speech_graph`` → code0 (B,), frames (B, G), next_embed (B, H), audio (B, T), state (new)."""
+        seqs = [r.talker for r in reqs]
+        ids = [s.seq_id for s in seqs]
+        f32, i64 = torch.float32, torch.int64
+        entries = torch.stack([r.feed.entry(len(s.output) - 1) for r, s in zip(reqs, seqs)]).to(self.dtype)
+        pool = self.talker_pool
+        cp = FrameSampling.for_talker([s.params.temperature for s in seqs], [s.seed for s in seqs],
+                                      [len(s.output) for s in seqs], self.device)
+        values = {
+            "slots": to_device([r.slot for r in reqs], i64, self.device), "entries": entries,
+            "positions": to_device([s.next_position() for s in seqs], f32, self.device).expand(3, -1),
+            "slot_mapping": pool.append_token(ids),
+            "block_tables": lambda buf: pool.block_tables(ids, out=buf),
+            "context_lens": lambda buf: pool.context_lens(ids, out=buf),
+            "temperature": to_device([s.params.temperature for s in seqs], f32, self.device),
+            "top_p": to_device([s.params.top_p for s in seqs], f32, self.device),
+            "repetition_penalty": to_device([s.params.repetition_penalty for s in seqs], f32, self.device),
+            "top_k": to_device([s.params.top_k or 0 for s in seqs], i64, self.device),
+            "seeds": to_device([s.seed for s in seqs], i64, self.device),
+            "steps": to_device([len(s.output) for s in seqs], i64, self.device),
+        }
+        if cp is not None:
+            values.update(cp_temperature=cp.temperature, cp_top_k=cp.top_k, cp_top_p=cp.top_p, cp_seeds=cp.seeds,
+                          frame_index=cp.frame_index)
+        res = self.speech_graph.run(len(reqs), values)
+        n_conv, n_tail = len(self.c2w_state.conv), len(self.c2w_state.tail)
+        state = state_from(res, n_conv, n_tail, prefix="new_").select(torch.arange(len(reqs), device=self.device))
+        # outputs of a replay are views of static buffers: copy what outlives the next replay
+        return {"code0": res["code0"].clone(), "frames": res["frames"].clone(),
+                "next_embed": res["next_embed"].clone(), "audio": res["audio"].clone(), "state": state}
+
     def code2wav_step(self, reqs: list[Request], codes: torch.Tensor, slots: torch.Tensor):
         """codes (B, G, n) more frames for each request's stream → (audio (B, n·T) float32, new state)."""
+        with census_stage("code2wav_step"):
+            return self._code2wav_step(reqs, codes, slots)
+
+    def _code2wav_step(self, reqs, codes, slots):
         state = self.c2w_state.select(slots)
         if codes.shape[-1] == 1 and self.c2w_graph is not None:
             res = self.c2w_graph.run(len(reqs), {"codes": codes, **dict(zip(state_names(state), state.tensors()))})

@@ -36,6 +36,7 @@ from torch import nn
 
 from ..config import AudioEncoderConfig
 from ..kernels.block_window_attention import block_window_attention
+from ..sampling import to_device
 
 __all__ = ["AudioEncoder", "num_audio_tokens"]
 
@@ -94,13 +95,14 @@ class _Attention(nn.Module):
         self.v_proj = nn.Linear(d_model, d_model, bias=True)
         self.out_proj = nn.Linear(d_model, d_model, bias=True)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
-        """x: (tokens, d_model); cu_seqlens: (windows + 1,) int32 on x's device. Returns (tokens, d_model)."""
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
+        """x: (tokens, d_model); cu_seqlens: (windows + 1,) int32 on x's device; max_seqlen: the longest window,
+        known on the host from the chunk plan (so the kernel never reads cu_seqlens back). → (tokens, d_model)."""
         n = x.shape[0]
         q = self.q_proj(x).view(n, self.heads, self.head_dim)
         k = self.k_proj(x).view(n, self.heads, self.head_dim)
         v = self.v_proj(x).view(n, self.heads, self.head_dim)
-        o = block_window_attention(q, k, v, cu_seqlens, scale=self.head_dim ** -0.5)
+        o = block_window_attention(q, k, v, cu_seqlens, scale=self.head_dim ** -0.5, max_seqlen=max_seqlen)
         return self.out_proj(o.reshape(n, self.heads * self.head_dim))
 
 
@@ -114,9 +116,9 @@ class _EncoderLayer(nn.Module):
         self.fc2 = nn.Linear(cfg.encoder_ffn_dim, d)
         self.final_layer_norm = nn.LayerNorm(d)
 
-    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
         """x: (tokens, d_model) -> (tokens, d_model), pre-norm attention + pre-norm GELU MLP."""
-        x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens)
+        x = x + self.self_attn(self.self_attn_layer_norm(x), cu_seqlens, max_seqlen)
         x = x + self.fc2(F.gelu(self.fc1(self.final_layer_norm(x))))
         if x.dtype == torch.float16:
             # As the reference: keep fp16 activations finite so the next LayerNorm does not see inf.
@@ -277,8 +279,8 @@ class AudioEncoder(nn.Module):
         h = h.reshape(n * t, d)
         if all(k == t for k in chunk_tokens):
             return h
-        valid = torch.tensor([c * t + i for c, k in enumerate(chunk_tokens) for i in range(k)], dtype=torch.long)
-        return h.index_select(0, valid.to(h.device))
+        valid = to_device([c * t + i for c, k in enumerate(chunk_tokens) for i in range(k)], torch.long, h.device)
+        return h.index_select(0, valid)
 
     def _encode_pass(self, audios: list[torch.Tensor], p: _Pass) -> torch.Tensor:
         """(pass tokens, output_dim) for one pass of whole windows."""
@@ -305,9 +307,13 @@ class AudioEncoder(nn.Module):
         if run:
             parts.append(self._embed(self._padded_chunks(audios, run, len(run_tokens), dtype), run_tokens))
         h = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
-        cu = torch.tensor((0, *p.window_tokens), dtype=torch.int32).cumsum(0, dtype=torch.int32).to(h.device)
+        bounds = [0]
+        for n in p.window_tokens:
+            bounds.append(bounds[-1] + n)
+        cu = to_device(bounds, torch.int32, h.device)
+        longest = max(p.window_tokens)   # from the host-side chunk plan: no per-layer read-back of cu_seqlens
         for layer in self.layers:
-            h = layer(h, cu)
+            h = layer(h, cu, longest)
         return self.proj2(F.gelu(self.proj1(self.ln_post(h))))
 
     def forward(self, features: torch.Tensor, feature_lens: torch.Tensor | Sequence[int]) -> torch.Tensor:

@@ -37,7 +37,7 @@ from ..config import Code2WavConfig
 from ..kernels.causal_conv1d import causal_conv1d, prepare_weight, snake_beta_ref
 from .layers import RMSNorm
 
-__all__ = ["Code2Wav", "Code2WavState", "Code2WavStream"]
+__all__ = ["Code2Wav", "Code2WavState"]
 
 # Query rows per attention block in long decodes: keeps the score tensor (rows x (rows + window)) bounded
 # instead of (frames x frames).
@@ -259,7 +259,7 @@ class Code2Wav(nn.Module):
     """Codes -> waveform. Parameters are named as the checkpoint's ``code2wav.*`` minus that prefix.
 
     ``decode(codes)``: one exact causal decode; ``init_state`` / ``step`` / ``step_padded``: the streaming
-    decoder (see the module docstring); ``Code2WavStream``: a convenience wrapper holding the state.
+    decoder (see the module docstring); the engine keeps many streams' states in one slot-indexed pool.
     """
 
     def __init__(self, cfg: Code2WavConfig):
@@ -464,23 +464,3 @@ class Code2Wav(nn.Module):
             ks.append(k)
             vs.append(v)
         return self.pre_transformer.norm(x), torch.stack(ks), torch.stack(vs)
-
-
-class Code2WavStream:
-    """A batch of streams decoded together: ``push(codes (batch, Q, n)) -> audio (batch, samples)``.
-
-    The first push returns n·T − D samples per stream, later pushes n·T; their concatenation equals
-    ``model.decode`` of all codes pushed.
-    """
-
-    def __init__(self, model: Code2Wav, batch: int = 1):
-        self.model = model
-        self.state = model.init_state(batch)
-
-    @property
-    def frames(self) -> int:
-        return int(self.state.pos[0])
-
-    def push(self, codes: torch.Tensor) -> torch.Tensor:
-        audio, self.state = self.model.step(codes, self.state)
-        return audio

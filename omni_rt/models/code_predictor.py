@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CodePredictorConfig
+from ..kernels.qk_norm_rope import qk_norm_rope
 from ..sampling import SamplingTensors, sample
-from .layers import DenseMLP, RMSNorm, Rotary, apply_rotary
+from .layers import DenseMLP, RMSNorm, Rotary
 
 # The residual codes' fixed sampling whenever the talker samples (reference prepare_inputs_for_generation:
 # top_k 50, top_p 0.8, temperature 1; greedy when the talker is greedy). The seed is the talker's, salted so
@@ -36,10 +37,24 @@ CP_SEED_SALT = 0x5DEECE66D
 @dataclasses.dataclass
 class FrameWorkspace:
     """Preallocated per-frame KV: k/v (layers, B, kv_heads, G, head_dim). Reused frame after frame (each frame
-    overwrites positions 0.. before reading them, so no clearing is needed)."""
+    overwrites positions 0.. before reading them, so no clearing is needed). cos/sin: the rotary tables of the
+    frame's G positions (G, head_dim), computed once with the workspace (a step slices them: no rotary ops and
+    no repeat per step); None computes them per step. slots: (G, B) int64, ``b·G + p`` — the workspace seen as
+    B pages of G rows, so a step's K/V rows are written by the q/k kernel itself (None: copied per step)."""
 
     k: torch.Tensor
     v: torch.Tensor
+    cos: torch.Tensor | None = None
+    sin: torch.Tensor | None = None
+    slots: torch.Tensor | None = None
+
+    def step_slots(self, start: int, t: int) -> torch.Tensor | None:
+        """(B·t,) slots of positions start..start+t-1, rows batch-major (a view for one position)."""
+        if self.slots is None:
+            return None
+        if t == 1:
+            return self.slots[start]
+        return self.slots[start:start + t].t().reshape(-1)
 
     @property
     def batch(self) -> int:
@@ -91,17 +106,22 @@ class CodePredictorAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, start: int) -> torch.Tensor:
+                v_cache: torch.Tensor, start: int, slots: torch.Tensor | None = None) -> torch.Tensor:
         """x: (B, T, hidden) at positions start..start+T-1; k/v_cache: (B, kv_heads, S, head_dim) written in
-        place at those positions; cos/sin: (T, head_dim) → (B, T, hidden)."""
+        place at those positions; cos/sin: (T, head_dim); slots: (B·T,) ``b·S + position`` (the K/V write then
+        happens inside the q/k kernel) or None → (B, T, hidden)."""
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(b, t, self.kv_heads, self.head_dim))
-        v = self.v_proj(x).view(b, t, self.kv_heads, self.head_dim)
-        q = apply_rotary(q.reshape(b * t, self.heads, self.head_dim), cos.repeat(b, 1), sin.repeat(b, 1))
-        k = apply_rotary(k.reshape(b * t, self.kv_heads, self.head_dim), cos.repeat(b, 1), sin.repeat(b, 1))
-        k_cache[:, :, start:start + t] = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        v_cache[:, :, start:start + t] = v.transpose(1, 2)
+        q = self.q_proj(x).view(b * t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b * t, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b * t, self.kv_heads, self.head_dim)
+        # q/k norms, rotary (the (t, head_dim) tables serve all b rows) and the workspace write — the workspace
+        # seen as b pages of S rows — in one kernel on the Triton path
+        pages = (k_cache.transpose(1, 2), v_cache.transpose(1, 2)) if slots is not None else None
+        q, k = qk_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin, pages,
+                            slots)
+        if slots is None:
+            k_cache[:, :, start:start + t] = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
+            v_cache[:, :, start:start + t] = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
         end = start + t
         keys, values = k_cache[:, :, :end], v_cache[:, :, :end]            # (B, kvh, end, hd)
         groups = self.heads // self.kv_heads
@@ -125,9 +145,15 @@ class CodePredictorLayer(nn.Module):
         self.self_attn = CodePredictorAttention(cfg)
         self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, cos, sin, k_cache, v_cache, start: int):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, k_cache, v_cache, start)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, residual, cos, sin, k_cache, v_cache, start: int, slots=None):
+        """As the thinker's DecoderLayer: returns (mlp output, residual); the stream is their sum."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, k_cache, v_cache, start, slots)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class CodePredictorModel(nn.Module):
@@ -142,11 +168,15 @@ class CodePredictorModel(nn.Module):
     def forward(self, x: torch.Tensor, ws: FrameWorkspace, start: int) -> torch.Tensor:
         """x: (B, T, hidden) at positions start.. → normed hidden (B, T, hidden); fills the workspace."""
         t = x.shape[1]
-        pos = torch.arange(start, start + t, device=x.device)
-        cos, sin = self.rotary(pos, x.dtype)
+        if ws.cos is not None:
+            cos, sin = ws.cos[start:start + t], ws.sin[start:start + t]
+        else:
+            cos, sin = self.rotary(torch.arange(start, start + t, device=x.device), x.dtype)
+        residual = None
+        slots = ws.step_slots(start, t)
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, ws.k[i], ws.v[i], start)
-        return self.norm(x)
+            x, residual = layer(x, residual, cos, sin, ws.k[i], ws.v[i], start, slots)
+        return self.norm(x, residual)[0]
 
 
 def _pick(logits: torch.Tensor, sampling: FrameSampling | None, j: int, groups: int) -> torch.Tensor:
@@ -174,8 +204,11 @@ class CodePredictor(nn.Module):
         shape = (c.num_hidden_layers, batch, c.num_key_value_heads, c.num_code_groups, c.head_dim)
         device = w.device if device is None else device
         dtype = w.dtype if dtype is None else dtype
+        g = c.num_code_groups
+        cos, sin = self.model.rotary(torch.arange(g, device=device), dtype)
+        slots = torch.arange(g, device=device)[:, None] + torch.arange(batch, device=device)[None, :] * g
         return FrameWorkspace(torch.empty(shape, device=device, dtype=dtype),
-                              torch.empty(shape, device=device, dtype=dtype))
+                              torch.empty(shape, device=device, dtype=dtype), cos, sin, slots)
 
     def frame(self, past_hidden: torch.Tensor, code0_embed: torch.Tensor, ws: FrameWorkspace | None = None,
               sampling: FrameSampling | None = None) -> tuple[torch.Tensor, torch.Tensor]:

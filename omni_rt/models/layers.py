@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fp8_linear as _fp8
-from ..kernels import kv_write as _kv_write
+from ..kernels import qk_norm_rope as _qk_norm_rope
+from ..kernels import rms_norm as _rms_norm
 from ..sampling import to_device  # noqa: F401 - re-exported for the models
 from ..kernels import paged_attention as _paged
 from ..kernels import prefill_attention as _prefill
@@ -58,18 +59,18 @@ def make_linear(in_features: int, out_features: int, fp8: bool = False) -> nn.Mo
 
 
 class RMSNorm(nn.Module):
-    """y = w · x / sqrt(mean(x²) + eps); statistics in fp32, scaled in the input dtype (as the reference)."""
+    """y = w · x / sqrt(mean(x²) + eps); statistics in fp32, scaled in the input dtype (as the reference).
+
+    ``forward(x, residual)`` normalises ``x + residual`` and returns ``(y, x + residual)``: the decoder's
+    residual add fused into the norm (one kernel, ``kernels.rms_norm``)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dtype = x.dtype
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        return _rms_norm.rms_norm(x, self.weight, self.eps, residual)
 
 
 class Rotary(nn.Module):
@@ -160,12 +161,13 @@ class Attention(nn.Module):
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """x: (tokens, hidden) → (tokens, hidden). Writes the new K/V into ``kv_cache`` pages first."""
         t = x.shape[0]
-        q = self.q_norm(self.q_proj(x).view(t, self.heads, self.head_dim))
-        k = self.k_norm(self.k_proj(x).view(t, self.kv_heads, self.head_dim))
+        q = self.q_proj(x).view(t, self.heads, self.head_dim)
+        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
         v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        # q/k norms, rotary and the K/V page write: one kernel on the Triton path
+        q, k = _qk_norm_rope.qk_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
+                                          kv_cache, meta.slot_mapping)
         k_cache, v_cache = kv_cache
-        _kv_write.kv_write(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.is_decode:
             out = _paged.paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.context_lens,
                                                 self.scale)

@@ -31,10 +31,20 @@ class DecoderLayer(nn.Module):
         else:
             self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size, fp8)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, kv_cache, meta)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None, cos: torch.Tensor, sin: torch.Tensor,
+                kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The residual stream after this layer is ``out + residual_out`` (the add is fused into the next norm).
+
+        x: (tokens, hidden) — the stream itself when ``residual`` is None, else the previous layer's MLP output
+        whose stream is ``x + residual``. Returns (mlp output, residual before its add)."""
+        if residual is None:
+            residual, h = x, self.input_layernorm(x)
+        else:
+            h, residual = self.input_layernorm(x, residual)
+        h = self.self_attn(h, cos, sin, kv_cache, meta)
+        h, residual = self.post_attention_layernorm(h, residual)
+        return self.mlp(h), residual
 
 
 class Decoder(nn.Module):
@@ -62,14 +72,18 @@ class Decoder(nn.Module):
         """
         cos, sin = self.rotary(positions, x.dtype)
         tap = x if tap_layer == 0 else None
+        residual = None   # the stream is x + residual; each add is fused into the next norm
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, kv_caches[i], meta)
-            # transformers records hidden_states[k] at the layer's output, before the deepstack addition.
-            if tap_layer == i + 1:
-                tap = x
-            if deepstack is not None and i < len(deepstack[1]):
-                x = x.index_put((deepstack[0],), deepstack[1][i].to(x.dtype), accumulate=True)
-        return self.norm(x), tap
+            x, residual = layer(x, residual, cos, sin, kv_caches[i], meta)
+            ds = deepstack is not None and i < len(deepstack[1])
+            if ds or tap_layer == i + 1:
+                x, residual = x + residual, None   # the stream itself is needed here
+                # transformers records hidden_states[k] at the layer's output, before the deepstack addition.
+                if tap_layer == i + 1:
+                    tap = x
+                if ds:
+                    x = x.index_put((deepstack[0],), deepstack[1][i].to(x.dtype), accumulate=True)
+        return (self.norm(x) if residual is None else self.norm(x, residual)[0]), tap
 
 
 class Thinker(nn.Module):
