@@ -341,18 +341,21 @@ def paged_decode_attention_static(q: torch.Tensor, k_cache: torch.Tensor, v_cach
 
 def paged_decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                            block_tables: torch.Tensor, context_lens: torch.Tensor,
-                           scale: float | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+                           scale: float | None = None, out: torch.Tensor | None = None,
+                           num_partitions: int | None = None) -> torch.Tensor:
     """Single-token attention over paged K/V (the decode step).
 
     q: (batch, num_heads, head_dim), head_dim contiguous (may be a slice of a fused qkv tensor);
     k_cache, v_cache: (num_blocks, block_size, num_kv_heads, head_dim), num_heads % num_kv_heads == 0;
     block_tables: (batch, max_blocks_per_seq) int32; context_lens: (batch,) int32 on the device, counting the
     current token whose K/V are already in the pages; scale defaults to head_dim ** -0.5;
-    out: optional (batch, num_heads, head_dim) buffer (e.g. a CUDA-graph static output).
+    out: optional (batch, num_heads, head_dim) buffer (e.g. a CUDA-graph static output); num_partitions:
+    the Triton path's split-K factor (default from the shapes; 1 = one launch, for contexts of a tile or two).
     Returns (batch, num_heads, head_dim) in q's dtype. No host sync on the Triton path.
     """
     if use_triton(q, k_cache, v_cache, block_tables, context_lens):
-        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale, out=out)
+        return paged_decode_attention_triton(q, k_cache, v_cache, block_tables, context_lens, scale,
+                                             num_partitions, out=out)
     # The torch path is the vectorised gather-and-mask form: graph-safe, and ~4x faster on CPU than the
     # per-sequence loop of paged_decode_attention_ref, which stays the tests' truth.
     result = paged_decode_attention_static(q, k_cache, v_cache, block_tables, context_lens, scale)

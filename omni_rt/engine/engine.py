@@ -33,7 +33,7 @@ from ..models.layers import text_positions
 from ..models.talker import TalkerTextFeed
 from ..profiling import StageTimer, census_stage
 from ..request import StreamChunk
-from ..sampling import to_device
+from ..sampling import params_within_cap, to_device
 from .config import EngineConfig
 from .scheduler import Scheduler
 from .sequence import Request
@@ -289,8 +289,10 @@ class Engine:
         # 2. the speech frame: talker decode → code 0 → code-predictor frame → Code2Wav. Steady-state rows (one
         #    new frame each, nothing held back) replay one graph per batch bucket; first frames run eagerly.
         dec = [r for r in reqs if id(r) in speech]
+        # (the graph's code-0 draw covers 1 <= top_k <= sampling.CANDIDATES; other talker top_k run eagerly)
         graphed = (st.speech_graph is not None and bool(dec)
-                   and all(not r.held and (r.vocoded or self.cfg.first_chunk_frames == 1) for r in dec))
+                   and all(not r.held and (r.vocoded or self.cfg.first_chunk_frames == 1) for r in dec)
+                   and params_within_cap([r.talker.params for r in dec]))
         parts, c2w = [], []
         if graphed:
             if first:

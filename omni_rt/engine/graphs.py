@@ -27,12 +27,12 @@ from typing import Callable, Mapping, Sequence, Union
 
 import torch
 
-from ..models.code_predictor import FrameSampling, FrameWorkspace
+from ..models.code_predictor import FrameSampling
 from ..models.code2wav import Code2WavState
 from ..models.layers import AttentionMetadata
 from ..profiling import census_graphed, census_stage
 from .kv_cache import KVCachePool
-from ..sampling import SamplingTensors, sample
+from ..sampling import SamplingTensors, params_within_cap, sample
 
 logger = logging.getLogger(__name__)
 
@@ -208,12 +208,18 @@ class ThinkerDecodeStep:
     block_tables (B, max_blocks) int32; context_lens (B,) int32; temperature, top_p, repetition_penalty (B,)
     float32; top_k, seeds, steps (B,) int64; seen (B, vocab) bool (ids seen so far, for the repetition
     penalty; all False leaves the scores untouched). Outputs: next_ids (B,) int64 and tap (B, H) when ``tap_layer`` is set.
+
+    within_cap: True when every batch this step will see has 1 <= top_k <= ``sampling.CANDIDATES`` on its
+    sampled rows (the caller checks the host parameters): the draw then runs over the top candidates only; None
+    sorts the whole vocabulary (exact for any parameters).
     """
 
-    def __init__(self, thinker, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], tap_layer: int | None = None):
+    def __init__(self, thinker, kv_caches: Sequence[tuple[torch.Tensor, torch.Tensor]], tap_layer: int | None = None,
+                 within_cap: bool | None = None):
         self.thinker = thinker
         self.kv_caches = list(kv_caches)
         self.tap_layer = tap_layer
+        self.within_cap = within_cap
 
     def __call__(self, b: dict) -> dict:
         with census_stage("thinker_decode"):
@@ -225,7 +231,8 @@ class ThinkerDecodeStep:
                                  context_lens=b["context_lens"])
         hidden, tap = self.thinker(embeds, b["positions"], self.kv_caches, meta, self.tap_layer)
         st = SamplingTensors(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
-                             repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"])
+                             repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"],
+                             within_cap=self.within_cap)
         next_ids = sample(self.thinker.logits(hidden), st, b["seen"])
         return {"next_ids": next_ids, "tap": tap}
 
@@ -235,6 +242,11 @@ class ThinkerDecodeGraphs:
 
     ``max_blocks`` (block table width) comes from ``max_model_len``, so one graph serves any context length
     up to it: the paged-attention kernel reads the lengths from ``context_lens`` on the device.
+
+    Two steps over the same static buffers: ``runner`` replays the step whose sampler draws from the top
+    ``sampling.CANDIDATES`` (every batch whose sampled rows have 1 <= top_k <= CANDIDATES: the defaults), and
+    batches with a row outside that go through ``full_runner`` (``step``: the whole vocabulary sorted once),
+    built and captured on first use — so no parameter silently changes what is sampled.
     """
 
     def __init__(self, thinker, pool: KVCachePool, max_batch_size: int, max_model_len: int,
@@ -265,12 +277,25 @@ class ThinkerDecodeGraphs:
                 "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "seeds": 0, "steps": 0,
                 "seen": False}
         kv = list(zip(pool.k_caches, pool.v_caches))
-        self.step = ThinkerDecodeStep(thinker, kv, tap_layer)
-        self.runner = GraphRunner(self.step, inputs, pads, max_batch_size, batch_dims={"positions": 1},
-                                  use_graphs=use_graphs, name="thinker_decode")
+        self.step = ThinkerDecodeStep(thinker, kv, tap_layer)    # exact for any sampling parameters
+        self.runner = GraphRunner(ThinkerDecodeStep(thinker, kv, tap_layer, within_cap=True), inputs, pads,
+                                  max_batch_size, batch_dims={"positions": 1}, use_graphs=use_graphs,
+                                  name="thinker_decode")
+        self._full_runner: GraphRunner | None = None
 
     def capture(self) -> None:
         self.runner.capture()
+
+    @property
+    def full_runner(self) -> GraphRunner:
+        """The exact-sampling step over the same buffers; captured (when ``runner`` is) on first use."""
+        if self._full_runner is None:
+            r = self.runner
+            self._full_runner = GraphRunner(self.step, r.inputs, r.pads, r.max_batch_size, r.batch_dims,
+                                            use_graphs=r.graphs_requested, name="thinker_decode_full_vocab")
+            if r.graphs:
+                self._full_runner.capture()
+        return self._full_runner
 
     def decode(self, seq_ids: Sequence[int], input_ids: Sequence[int], positions: Sequence[int], params: Sequence,
                steps: Sequence[int], seeds: Sequence[int],
@@ -283,7 +308,8 @@ class ThinkerDecodeGraphs:
         (and tap (n, H) with a tap layer): views valid until the next call.
         """
         values = self.inputs_for(seq_ids, input_ids, positions, params, steps, seeds, seen_ids)
-        return self.runner.run(len(seq_ids), values)
+        runner = self.runner if params_within_cap(params) else self.full_runner
+        return runner.run(len(seq_ids), values)
 
     def inputs_for(self, seq_ids: Sequence[int], input_ids: Sequence[int], positions: Sequence[int],
                    params: Sequence, steps: Sequence[int], seeds: Sequence[int],
@@ -344,12 +370,12 @@ def code_predictor_graphs(code_predictor, max_batch_size: int, device=None, dtyp
 
     def frame(b: dict) -> dict:
         bs = b["past_hidden"].shape[0]
+        # filled from FrameSampling.for_talker: top_k CP_TOP_K on sampled rows, within the sampler's cap
         sampling = FrameSampling(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
-                                 seeds=b["seeds"], frame_index=b["frame_index"])
+                                 seeds=b["seeds"], frame_index=b["frame_index"], within_cap=True)
         # Above the largest bucket the slice is short and frame() builds its own workspace (eager fallback).
         codes, nxt = code_predictor.frame(b["past_hidden"], b["code0_embed"],
-                                          FrameWorkspace(ws.k[:, :bs], ws.v[:, :bs], ws.cos, ws.sin,
-                                                         ws.slots[:, :bs]), sampling)
+                                          ws.narrow(bs), sampling)
         return {"codes": codes, "next_embed": nxt}
 
     return GraphRunner(frame, inputs, pads, max_batch_size, use_graphs=use_graphs, name="code_predictor_frame")
@@ -420,13 +446,15 @@ class SpeechFrameStep:
         meta = AttentionMetadata(slot_mapping=b["slot_mapping"], block_tables=b["block_tables"],
                                  context_lens=b["context_lens"])
         hidden, _ = self.talker(x, b["positions"], self.kv_caches, meta)
+        # the engine routes batches with a talker top_k outside the sampler's cap to the eager frame
         st = SamplingTensors(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
-                             repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"])
+                             repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"],
+                             within_cap=True)
         code0 = sample(self.talker.logits(hidden), st, p.seen.index_select(0, slots), p.suppress)
         fs = FrameSampling(temperature=b["cp_temperature"], top_k=b["cp_top_k"], top_p=b["cp_top_p"],
-                           seeds=b["cp_seeds"], frame_index=b["frame_index"])
+                           seeds=b["cp_seeds"], frame_index=b["frame_index"], within_cap=True)
         codes, nxt = self.talker.code_predictor.frame(hidden, self.talker.embed_codec(code0),
-                                                      FrameWorkspace(self.ws.k[:, :bs], self.ws.v[:, :bs]), fs)
+                                                      self.ws.narrow(bs), fs)
         frames = torch.cat((code0[:, None], codes), dim=1)
         state = p.c2w_state.select(slots)
         audio, new = self.c2w.step_padded(frames[:, :, None], state)

@@ -23,8 +23,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import CodePredictorConfig
+from ..kernels.paged_attention import paged_decode_attention
 from ..kernels.qk_norm_rope import qk_norm_rope
-from ..sampling import SamplingTensors, sample
+from ..sampling import CANDIDATES, SamplingTensors, sample
 from .layers import DenseMLP, RMSNorm, Rotary
 
 # The residual codes' fixed sampling whenever the talker samples (reference prepare_inputs_for_generation:
@@ -40,13 +41,39 @@ class FrameWorkspace:
     overwrites positions 0.. before reading them, so no clearing is needed). cos/sin: the rotary tables of the
     frame's G positions (G, head_dim), computed once with the workspace (a step slices them: no rotary ops and
     no repeat per step); None computes them per step. slots: (G, B) int64, ``b·G + p`` — the workspace seen as
-    B pages of G rows, so a step's K/V rows are written by the q/k kernel itself (None: copied per step)."""
+    B pages of G rows, so a step's K/V rows are written by the q/k kernel itself (None: copied per step).
+
+    The attention reads the same B pages through ``paged_decode_attention`` (one launch per layer and step: the
+    query rows of a step are its "sequences", row ``b·t + i`` reading page b up to position start + i):
+    tables (2, 2B) int32, ``[t - 1, r] = r // t``, and ctx (2, G + 1, 2B) int32, ``[t - 1, start, r] =
+    start + r % t + 1``, for steps of t = 1 and 2 positions (``attention_meta``). Both are built once with the
+    workspace, so a step launches no index arithmetic; None builds them per step."""
 
     k: torch.Tensor
     v: torch.Tensor
     cos: torch.Tensor | None = None
     sin: torch.Tensor | None = None
     slots: torch.Tensor | None = None
+    tables: torch.Tensor | None = None
+    ctx: torch.Tensor | None = None
+
+    def narrow(self, bs: int) -> "FrameWorkspace":
+        """The workspace of the first ``bs`` rows (views; a graph bucket's slice of a larger workspace)."""
+        return FrameWorkspace(self.k[:, :bs], self.v[:, :bs], self.cos, self.sin,
+                              None if self.slots is None else self.slots[:, :bs],
+                              None if self.tables is None else self.tables[:, :2 * bs],
+                              None if self.ctx is None else self.ctx[:, :, :2 * bs])
+
+    def attention_meta(self, start: int, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(block tables (B·t, 1) int32, context lengths (B·t,) int32) of a step of t positions at ``start``:
+        query row ``b·t + i`` reads page b up to position start + i."""
+        b = self.batch
+        if self.tables is not None and t <= 2:
+            return self.tables[t - 1, :b * t, None], self.ctx[t - 1, start, :b * t]
+        dev = self.k.device
+        rows = torch.arange(b * t, device=dev)
+        return ((rows // t).to(torch.int32)[:, None],
+                (rows % t + start + 1).to(torch.int32))
 
     def step_slots(self, start: int, t: int) -> torch.Tensor | None:
         """(B·t,) slots of positions start..start+t-1, rows batch-major (a view for one position)."""
@@ -65,13 +92,15 @@ class FrameWorkspace:
 class FrameSampling:
     """Per-row sampling of the residual codes. temperature: (B,) fp32, 0 = greedy; top_k (B,) int64; top_p (B,)
     fp32; seeds (B,) int64; frame_index (B,) int64 — the draw for code j of a frame uses counter step
-    ``frame_index·G + j``, so results do not depend on batch composition."""
+    ``frame_index·G + j``, so results do not depend on batch composition. within_cap: host knowledge that every
+    sampled row has 1 <= top_k <= ``sampling.CANDIDATES`` (``SamplingTensors.within_cap``)."""
 
     temperature: torch.Tensor
     top_k: torch.Tensor
     top_p: torch.Tensor
     seeds: torch.Tensor
     frame_index: torch.Tensor
+    within_cap: bool | None = None
 
     @classmethod
     def for_talker(cls, talker_temperatures, talker_seeds, frame_index, device=None) -> "FrameSampling | None":
@@ -87,7 +116,8 @@ class FrameSampling:
                    top_p=torch.full((n,), CP_TOP_P, dtype=f32, device=device),
                    seeds=torch.tensor([(s ^ CP_SEED_SALT) & ((1 << 63) - 1) for s in talker_seeds], dtype=i64,
                                       device=device),
-                   frame_index=torch.tensor(list(frame_index), dtype=i64, device=device))
+                   frame_index=torch.tensor(list(frame_index), dtype=i64, device=device),
+                   within_cap=0 < CP_TOP_K <= CANDIDATES)
 
 
 class CodePredictorAttention(nn.Module):
@@ -106,10 +136,12 @@ class CodePredictorAttention(nn.Module):
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
-                v_cache: torch.Tensor, start: int, slots: torch.Tensor | None = None) -> torch.Tensor:
+                v_cache: torch.Tensor, start: int, slots: torch.Tensor | None = None,
+                meta: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """x: (B, T, hidden) at positions start..start+T-1; k/v_cache: (B, kv_heads, S, head_dim) written in
         place at those positions; cos/sin: (T, head_dim); slots: (B·T,) ``b·S + position`` (the K/V write then
-        happens inside the q/k kernel) or None → (B, T, hidden)."""
+        happens inside the q/k kernel) or None; meta: ``FrameWorkspace.attention_meta(start, T)`` → (B, T,
+        hidden)."""
         b, t, _ = x.shape
         q = self.q_proj(x).view(b * t, self.heads, self.head_dim)
         k = self.k_proj(x).view(b * t, self.kv_heads, self.head_dim)
@@ -122,19 +154,14 @@ class CodePredictorAttention(nn.Module):
         if slots is None:
             k_cache[:, :, start:start + t] = k.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
             v_cache[:, :, start:start + t] = v.view(b, t, self.kv_heads, self.head_dim).transpose(1, 2)
-        end = start + t
-        keys, values = k_cache[:, :, :end], v_cache[:, :, :end]            # (B, kvh, end, hd)
-        groups = self.heads // self.kv_heads
-        q = q.view(b, t, self.kv_heads, groups, self.head_dim).permute(0, 2, 3, 1, 4)  # (B, kvh, g, T, hd)
-        scores = torch.matmul(q, keys[:, :, None].transpose(-1, -2)) * self.scale  # (B, kvh, g, T, end)
-        if t > 1:
-            qpos = torch.arange(start, end, device=x.device)[:, None]
-            kpos = torch.arange(end, device=x.device)[None, :]
-            scores = scores.masked_fill(kpos > qpos, float("-inf"))
-        probs = torch.softmax(scores.float(), dim=-1).to(values.dtype)
-        out = torch.matmul(probs, values[:, :, None])                        # (B, kvh, g, T, hd)
-        out = out.permute(0, 3, 1, 2, 4).reshape(b, t, self.heads * self.head_dim)
-        return self.o_proj(out)
+        # Causal attention of the B·T query rows over the workspace seen as B pages of S rows (b, S, kvh, hd):
+        # the paged decode kernel with one row per "sequence" — row b·T + i reads page b up to start + i — in
+        # one launch (contexts of at most S = G = 16 keys: no split-K).
+        tables, ctx = meta if meta is not None else FrameWorkspace(k_cache[None], v_cache[None]).attention_meta(
+            start, t)
+        out = paged_decode_attention(q.view(b * t, self.heads, self.head_dim), k_cache.transpose(1, 2),
+                                     v_cache.transpose(1, 2), tables, ctx, self.scale, num_partitions=1)
+        return self.o_proj(out.view(b, t, self.heads * self.head_dim))
 
 
 class CodePredictorLayer(nn.Module):
@@ -145,13 +172,13 @@ class CodePredictorLayer(nn.Module):
         self.self_attn = CodePredictorAttention(cfg)
         self.mlp = DenseMLP(cfg.hidden_size, cfg.intermediate_size)
 
-    def forward(self, x, residual, cos, sin, k_cache, v_cache, start: int, slots=None):
+    def forward(self, x, residual, cos, sin, k_cache, v_cache, start: int, slots=None, meta=None):
         """As the thinker's DecoderLayer: returns (mlp output, residual); the stream is their sum."""
         if residual is None:
             residual, h = x, self.input_layernorm(x)
         else:
             h, residual = self.input_layernorm(x, residual)
-        h = self.self_attn(h, cos, sin, k_cache, v_cache, start, slots)
+        h = self.self_attn(h, cos, sin, k_cache, v_cache, start, slots, meta)
         h, residual = self.post_attention_layernorm(h, residual)
         return self.mlp(h), residual
 
@@ -174,18 +201,21 @@ class CodePredictorModel(nn.Module):
             cos, sin = self.rotary(torch.arange(start, start + t, device=x.device), x.dtype)
         residual = None
         slots = ws.step_slots(start, t)
+        meta = ws.attention_meta(start, t)
         for i, layer in enumerate(self.layers):
-            x, residual = layer(x, residual, cos, sin, ws.k[i], ws.v[i], start, slots)
+            x, residual = layer(x, residual, cos, sin, ws.k[i], ws.v[i], start, slots, meta)
         return self.norm(x, residual)[0]
 
 
-def _pick(logits: torch.Tensor, sampling: FrameSampling | None, j: int, groups: int) -> torch.Tensor:
-    """logits (B, vocab) → code j (B,) int64: argmax, or the sampler's per-row draw (no host sync)."""
+def _pick(logits: torch.Tensor, sampling: FrameSampling | None, steps: torch.Tensor | None, j: int) -> torch.Tensor:
+    """logits (B, vocab) → code j (B,) int64: argmax, or the sampler's per-row draw (no host sync); steps (B,)
+    int64 = frame_index·G, computed once per frame."""
     if sampling is None:
         return logits.argmax(dim=-1)
+    # counter step frame_index·G + j: the kernel adds the python-int j, so a step launches no index arithmetic
     st = SamplingTensors(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                         repetition_penalty=torch.ones_like(sampling.temperature), seeds=sampling.seeds,
-                         steps=sampling.frame_index * groups + j)
+                         repetition_penalty=None, seeds=sampling.seeds, steps=steps, within_cap=sampling.within_cap,
+                         step_offset=j)
     return sample(logits, st)
 
 
@@ -207,8 +237,15 @@ class CodePredictor(nn.Module):
         g = c.num_code_groups
         cos, sin = self.model.rotary(torch.arange(g, device=device), dtype)
         slots = torch.arange(g, device=device)[:, None] + torch.arange(batch, device=device)[None, :] * g
+        # attention metadata of steps of t = 1, 2 positions (FrameWorkspace.attention_meta): row r of a t-step
+        # reads page r // t up to start + r % t
+        rows = torch.arange(2 * batch, device=device)
+        t = torch.tensor([1, 2], device=device)[:, None]
+        tables = (rows[None, :] // t).to(torch.int32)                                   # (2, 2B)
+        starts = torch.arange(g + 1, device=device)[None, :, None]
+        ctx = (starts + (rows[None, :] % t)[:, None, :] + 1).to(torch.int32)            # (2, G + 1, 2B)
         return FrameWorkspace(torch.empty(shape, device=device, dtype=dtype),
-                              torch.empty(shape, device=device, dtype=dtype), cos, sin, slots)
+                              torch.empty(shape, device=device, dtype=dtype), cos, sin, slots, tables, ctx)
 
     def frame(self, past_hidden: torch.Tensor, code0_embed: torch.Tensor, ws: FrameWorkspace | None = None,
               sampling: FrameSampling | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,14 +259,15 @@ class CodePredictor(nn.Module):
         b = past_hidden.shape[0]
         if ws is None or ws.batch != b:
             ws = self.workspace(b, past_hidden.device, past_hidden.dtype)
+        steps = None if sampling is None else sampling.frame_index * groups
         h = self.model(torch.stack((past_hidden, code0_embed), dim=1), ws, 0)
-        code = _pick(self.lm_head[0](h[:, -1]), sampling, 1, groups)
+        code = _pick(self.lm_head[0](h[:, -1]), sampling, steps, 1)
         codes, embeds = [code], [code0_embed]
         for j in range(1, groups - 1):
             e = self.model.codec_embedding[j - 1](code)
             embeds.append(e)
             h = self.model(e[:, None], ws, j + 1)
-            code = _pick(self.lm_head[j](h[:, 0]), sampling, j + 1, groups)
+            code = _pick(self.lm_head[j](h[:, 0]), sampling, steps, j + 1)
             codes.append(code)
         embeds.append(self.model.codec_embedding[groups - 2](code))
         # one reduction over the stacked embeddings, as the reference's cat(...).sum(1)
