@@ -264,6 +264,10 @@ def compile_results() -> dict:
     """Run the compile worker once for the whole module (in a subprocess without TRITON_INTERPRET)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
+    # The worker runs this file as a script (sys.path[0] = tests/): put the checkout under test first, so it
+    # compiles these kernels and not those of whatever omni_rt is installed (e.g. an editable install elsewhere).
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in [env.get("PYTHONPATH")] if p])
     jobs = max(1, min(os.cpu_count() or 1, 8))
     with tempfile.TemporaryDirectory() as tmp:
         # A private, empty Triton cache: every kernel goes through Triton's own ptxas (whose -v log gives the
