@@ -57,18 +57,19 @@ def gumbel_from_bits(h: torch.Tensor) -> torch.Tensor:
     return -torch.log(e)
 
 
-def sorted_sample_ref(vals: torch.Tensor, idx: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor,
+def sorted_sample_ref(vals: torch.Tensor, idx: torch.Tensor, scores: torch.Tensor, temperature: torch.Tensor,
                       top_k: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
                       step_offset: int = 0) -> torch.Tensor:
     """PyTorch reference (the CPU path; static shapes, no host reads, so it traces with fullgraph=True).
 
-    vals (B, n) float (fp32, bf16, fp16: taken in fp32) sorted descending per row, idx (B, n) int64 token ids, greedy (B,) int64; temperature,
-    top_p (B,) fp32; top_k, seeds, steps (B,) int64; the counter step of row r is steps[r] + step_offset →
-    (B,) int64.
+    vals (B, n) float (fp32, bf16, fp16: taken in fp32) sorted descending per row, idx (B, n) int64 their token
+    ids, scores (B, V) the row they were taken from (the greedy rows' argmax); temperature, top_p (B,) fp32;
+    top_k, seeds, steps (B,) int64; the counter step of row r is steps[r] + step_offset → (B,) int64.
     """
     b, n = vals.shape
+    greedy = scores.argmax(dim=-1)
     if n == 0:
-        return greedy.clone()
+        return greedy
     sampled = temperature > 0
     t = torch.where(sampled, temperature, torch.ones_like(temperature))
     x = vals.float() / t[:, None]
@@ -100,8 +101,8 @@ def _gumbel(h):
 
 
 @triton.jit
-def _sorted_sample_kernel(vals_ptr, idx_ptr, greedy_ptr, temp_ptr, topk_ptr, topp_ptr, seeds_ptr, steps_ptr,
-                          out_ptr, n, stride_v, stride_i, step_offset, BLOCK: tl.constexpr):
+def _sorted_sample_kernel(vals_ptr, idx_ptr, scores_ptr, temp_ptr, topk_ptr, topp_ptr, seeds_ptr, steps_ptr,
+                          out_ptr, n, vocab, stride_v, stride_i, stride_s, step_offset, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     vrow = vals_ptr + row * stride_v
     irow = idx_ptr + row * stride_i
@@ -116,22 +117,39 @@ def _sorted_sample_kernel(vals_ptr, idx_ptr, greedy_ptr, temp_ptr, topk_ptr, top
     step = tl.load(steps_ptr + row).to(tl.int64) + step_offset
     base = _mix(step * 0x632BE5AB + _mix(seed))
     hi = seed >> 32
-    m = tl.load(vrow).to(tl.float32) / t
+    top = tl.load(vrow).to(tl.float32)                   # the row's maximum score
+    m = top / t
     m = tl.where(m > float("-inf"), m, 0.0)
     kth = tl.load(vrow + (k - 1)).to(tl.float32) / t
     offs0 = tl.arange(0, BLOCK)
-    # pass 1: the softmax denominator over the top-k survivors
+    # pass 1: the softmax denominator over the top-k survivors, and the greedy id: the first (smallest) id
+    # scoring the maximum, as torch.argmax — every id tied at the maximum is a candidate unless the tie run
+    # fills the whole candidate list, and then the scores row itself is scanned (a loop of 0 trips otherwise)
     z = tl.zeros((), dtype=tl.float32)
+    greedy = tl.full((), 0x7FFFFFFFFFFFFFFF, tl.int64)
     for start in range(0, n, BLOCK):
         offs = start + offs0
-        x = tl.load(vrow + offs, mask=offs < n, other=float("-inf")).to(tl.float32) / t
+        v = tl.load(vrow + offs, mask=offs < n, other=float("-inf")).to(tl.float32)
+        x = v / t
         alive = (offs < n) & (x >= kth) & (x > float("-inf"))
         z += tl.sum(tl.where(alive, tl.exp(x - m), 0.0), axis=0)
+        ids = tl.load(irow + offs, mask=offs < n, other=0).to(tl.int64)
+        greedy = tl.minimum(greedy, tl.min(tl.where((offs < n) & (v == top), ids, 0x7FFFFFFFFFFFFFFF), axis=0))
     z = tl.where(z > 0, z, 1.0)  # nothing alive (every score -inf): no probabilities, the greedy id comes back
+    tie_fills = tl.load(vrow + (n - 1)).to(tl.float32) == top
+    scan = tl.where(tie_fills, vocab, 0)
+    srow = scores_ptr + row * stride_s
+    first = tl.full((), 0x7FFFFFFFFFFFFFFF, tl.int64)
+    for start in range(0, scan, BLOCK):
+        offs = start + offs0
+        s = tl.load(srow + offs, mask=offs < vocab, other=float("-inf")).to(tl.float32)
+        first = tl.minimum(first, tl.min(tl.where((offs < vocab) & (s == top), offs.to(tl.int64),
+                                                  0x7FFFFFFFFFFFFFFF), axis=0))
+    greedy = tl.where(tie_fills, first, greedy)
     # pass 2: top-p by the mass before each candidate, and the Gumbel-max draw over the kept ones
     carry = tl.zeros((), dtype=tl.float32)
     best = tl.full((), float("-inf"), tl.float32)
-    best_id = tl.load(greedy_ptr + row).to(tl.int64)
+    best_id = greedy
     for start in range(0, n, BLOCK):
         offs = start + offs0
         inb = offs < n
@@ -150,7 +168,6 @@ def _sorted_sample_kernel(vals_ptr, idx_ptr, greedy_ptr, temp_ptr, topk_ptr, top
         best_id = tl.where(take, blk_id, best_id)
         best = tl.where(take, blk, best)
         carry += tl.sum(prob, axis=0)
-    greedy = tl.load(greedy_ptr + row).to(tl.int64)
     tl.store(out_ptr + row, tl.where(temp > 0, best_id, greedy))
 
 
@@ -158,7 +175,7 @@ def _block(n: int) -> int:
     return min(_MAX_BLOCK, max(16, triton.next_power_of_2(max(n, 1))))
 
 
-def sorted_sample(vals: torch.Tensor, idx: torch.Tensor, greedy: torch.Tensor, temperature: torch.Tensor,
+def sorted_sample(vals: torch.Tensor, idx: torch.Tensor, scores: torch.Tensor, temperature: torch.Tensor,
                   top_k: torch.Tensor, top_p: torch.Tensor, seeds: torch.Tensor, steps: torch.Tensor,
                   step_offset: int = 0) -> torch.Tensor:
     """Next ids (B,) int64 from sorted candidates; arguments as ``sorted_sample_ref``. vals/idx may be strided
@@ -166,16 +183,20 @@ def sorted_sample(vals: torch.Tensor, idx: torch.Tensor, greedy: torch.Tensor, t
     if vals.dim() != 2 or idx.shape != vals.shape:
         raise ValueError(f"vals and idx must both be (batch, n), got {tuple(vals.shape)}, {tuple(idx.shape)}")
     b, n = vals.shape
-    for name, v in (("greedy", greedy), ("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
+    if scores.dim() != 2 or scores.shape[0] != b or scores.shape[1] < n or scores.dtype != vals.dtype:
+        raise ValueError(f"scores must be ({b}, >= {n}) {vals.dtype}, got {tuple(scores.shape)} {scores.dtype}")
+    for name, v in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p),
                     ("seeds", seeds), ("steps", steps)):
         if v.shape != (b,):
             raise ValueError(f"{name} must be ({b},), got {tuple(v.shape)}")
     if vals.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"vals must be float32, bfloat16 or float16, got {vals.dtype}")
-    if not use_triton(vals, idx, greedy, temperature, top_k, top_p, seeds, steps):
-        return sorted_sample_ref(vals, idx, greedy, temperature, top_k, top_p, seeds, steps, step_offset)
+    if not use_triton(vals, idx, scores, temperature, top_k, top_p, seeds, steps):
+        return sorted_sample_ref(vals, idx, scores, temperature, top_k, top_p, seeds, steps, step_offset)
     if n == 0:
-        return greedy.clone()
+        raise ValueError("no candidates: the vocabulary is empty")
+    if scores.stride(1) != 1:
+        scores = scores.contiguous()
     if vals.stride(1) != 1:
         vals = vals.contiguous()
     if idx.stride(1) != 1:
@@ -183,18 +204,18 @@ def sorted_sample(vals: torch.Tensor, idx: torch.Tensor, greedy: torch.Tensor, t
     out = torch.empty(b, dtype=torch.int64, device=vals.device)
     if b == 0:
         return out
-    args = [t.contiguous() for t in (greedy, temperature.float(), top_k, top_p.float(), seeds, steps)]
-    _sorted_sample_kernel[(b,)](vals, idx, args[0], args[1], args[2], args[3], args[4], args[5], out, n,
-                                vals.stride(0), idx.stride(0), step_offset, BLOCK=_block(n), num_warps=4)
+    args = [t.contiguous() for t in (temperature.float(), top_k, top_p.float(), seeds, steps)]
+    _sorted_sample_kernel[(b,)](vals, idx, scores, *args, out, n, scores.shape[1], vals.stride(0), idx.stride(0),
+                                scores.stride(0), step_offset, BLOCK=_block(n), num_warps=4)
     return out
 
 
 def _spec(block: int, vals_ty: str = "fp32") -> KernelSpec:
     return KernelSpec(name=f"sorted_sample_{vals_ty}_b{block}", fn=_sorted_sample_kernel,
-                      signature={"vals_ptr": f"*{vals_ty}", "idx_ptr": "*i64", "greedy_ptr": "*i64", "temp_ptr": "*fp32",
-                                 "topk_ptr": "*i64", "topp_ptr": "*fp32", "seeds_ptr": "*i64", "steps_ptr": "*i64",
-                                 "out_ptr": "*i64", "n": "i32", "stride_v": "i32", "stride_i": "i32",
-                                 "step_offset": "i32"},
+                      signature={"vals_ptr": f"*{vals_ty}", "idx_ptr": "*i64", "scores_ptr": f"*{vals_ty}",
+                                 "temp_ptr": "*fp32", "topk_ptr": "*i64", "topp_ptr": "*fp32", "seeds_ptr": "*i64",
+                                 "steps_ptr": "*i64", "out_ptr": "*i64", "n": "i32", "vocab": "i32",
+                                 "stride_v": "i32", "stride_i": "i32", "stride_s": "i32", "step_offset": "i32"},
                       constexprs={"BLOCK": block}, num_warps=4, num_stages=1)
 
 

@@ -7,9 +7,11 @@ do_sample=False. Every row has its own parameters, so requests with different se
 
 The sampled rows never sort the vocabulary twice: the scores' top ``CANDIDATES`` (``torch.topk``, sorted) — or,
 when some sampled row has top_k 0 or above the cap, the whole vocabulary sorted once, so results never change
-silently — go through ONE kernel (``kernels.sorted_sample``) that applies temperature, top-k, top-p and draws.
-Which of the two is a host decision (``SamplingTensors.within_cap``, known from the request parameters), never a
-device read. A thinker step is then: penalty ops, argmax, topk, one launch — instead of ≈30 ATen ops.
+silently — go through ONE kernel (``kernels.sorted_sample``) that applies temperature, top-k, top-p, draws, and
+takes the greedy rows' argmax (the first id at the maximum, from the candidates). Which of the two is a host
+decision (``SamplingTensors.within_cap``, known from the request parameters), never a device read. A thinker step
+is then: one penalty launch (``kernels.logits_process``), topk, one draw launch — instead of ≈30 ATen ops. An
+all-greedy batch known on the host is one argmax.
 
 Randomness is counter-based: the draw for (seed, step) is a Gumbel-max over a hash of (seed, step, token id)
 (``kernels.counter_uniform``'s hash, taken in float32). No host sync, no generator state, same result at any
@@ -112,16 +114,16 @@ def sample(logits: torch.Tensor, st: SamplingTensors, seen: torch.Tensor | None 
     Greedy rows: the argmax of the processed scores (first index among ties, as transformers). Sampled rows:
     ``CANDIDATES`` candidates from ``torch.topk`` when ``st.within_cap`` says every sampled row has
     1 <= top_k <= CANDIDATES (host knowledge), else the whole vocabulary sorted once — either way followed by
-    one ``sorted_sample`` launch (temperature, top-k, top-p, counter-based Gumbel-max draw, greedy select).
+    one ``sorted_sample`` launch (temperature, top-k, top-p, counter-based Gumbel-max draw, and the greedy rows'
+    argmax). ``st.all_greedy`` (host knowledge): one argmax.
     """
     scores = process_scores(logits, seen, st.repetition_penalty, suppress)
-    greedy_ids = scores.argmax(dim=-1)
     if st.all_greedy:
-        return greedy_ids
+        return scores.argmax(dim=-1)
     vocab = scores.shape[-1]
     if st.within_cap and vocab > CANDIDATES:
         vals, idx = scores.topk(CANDIDATES, dim=-1, largest=True, sorted=True)
     else:   # exact for any top_k / top_p: every token is a candidate
         vals, idx = scores.sort(dim=-1, descending=True)
-    return sorted_sample(vals, idx, greedy_ids, st.temperature, st.top_k, st.top_p, st.seeds, st.steps,
+    return sorted_sample(vals, idx, scores, st.temperature, st.top_k, st.top_p, st.seeds, st.steps,
                          st.step_offset)

@@ -29,23 +29,22 @@ def _params(b, seed=0, vocab=1000):
 
 def _sorted(scores):
     vals, idx = scores.sort(dim=-1, descending=True)
-    return vals, idx, scores.argmax(dim=-1)
+    return vals, idx, scores
 
 
-@pytest.mark.parametrize("b,n", [(1, 1), (3, 37), (6, 256), (5, 1500), (2, 0)])
+@pytest.mark.parametrize("b,n", [(1, 1), (3, 37), (6, 256), (5, 1500)])
 def test_kernel_equals_reference(b, n):
     g = torch.Generator().manual_seed(n)
     scores = torch.randn(b, n, generator=g) * 4
     if n > 3:
         scores[0, 2:n // 2] = float("-inf")                  # suppressed ids
-    vals, idx, greedy = _sorted(scores) if n else (scores, scores.long(), torch.zeros(b, dtype=torch.long))
+    vals, idx, _ = _sorted(scores)
     temp, top_k, top_p, seeds, steps = _params(b, seed=n, vocab=max(n, 1))
-    want = sorted_sample_ref(vals, idx, greedy, temp, top_k, top_p, seeds, steps, 3)
+    want = sorted_sample_ref(vals, idx, scores, temp, top_k, top_p, seeds, steps, 3)
     with force_triton():
-        got = sorted_sample(vals, idx, greedy, temp, top_k, top_p, seeds, steps, 3)
+        got = sorted_sample(vals, idx, scores, temp, top_k, top_p, seeds, steps, 3)
     assert got.dtype == torch.int64 and torch.equal(got, want)
-    if n:
-        assert torch.equal(got[temp == 0], greedy[temp == 0])
+    assert torch.equal(got[temp == 0], scores.argmax(-1)[temp == 0])
 
 
 def test_kernel_strided_inputs_and_dead_rows():
@@ -57,15 +56,33 @@ def test_kernel_strided_inputs_and_dead_rows():
     vals = torch.empty(4, 400)[:, :300]                      # strided along the batch
     vals.copy_(vals_c)
     idx = idx_c
-    greedy = torch.tensor([5, 6, 7, 8])
     temp = torch.tensor([0.7, 1.0, 1.3, 0.0])
     top_k, top_p = torch.tensor([0, 50, 3, 0]), torch.tensor([0.9, 1.0, 0.5, 1.0])
     seeds, steps = torch.tensor([1, 2, 3, 4]), torch.tensor([9, 9, 9, 9])
-    want = sorted_sample_ref(vals, idx, greedy, temp, top_k, top_p, seeds, steps)
+    want = sorted_sample_ref(vals, idx, scores, temp, top_k, top_p, seeds, steps)
     with force_triton():
-        got = sorted_sample(vals, idx, greedy, temp, top_k, top_p, seeds, steps)
+        got = sorted_sample(vals, idx, scores, temp, top_k, top_p, seeds, steps)
     assert torch.equal(got, want)
-    assert got[2] == 7 and got[3] == 8
+    assert got[2] == 0 and got[3] == scores[3].argmax()   # all -inf: torch.argmax's 0
+
+
+@pytest.mark.parametrize("forced", [False, True], ids=["torch", "triton-interpreter"])
+def test_greedy_ties_take_the_first_id_even_past_the_candidates(forced):
+    """torch.argmax's first index among ties: from the candidates when the tie run is shorter than them, from a
+    scan of the scores row when it fills them (all equal logits; topk picks arbitrary tied ids)."""
+    scores = torch.zeros(3, 600)
+    scores[0, [400, 20, 555]] = 2.0                       # a 3-way tie inside the candidates
+    scores[1, :] = 1.0                                    # a 600-way tie: topk's 64 candidates miss id 0 maybe
+    scores[2, 300:] = 5.0                                 # a 300-way tie starting at 300
+    # the top 64 with tied ids in the worst order topk could give them (descending id)
+    idx = (scores + torch.arange(600) / 1000).topk(64).indices
+    vals = scores.gather(1, idx)
+    z = torch.zeros(3)
+    args = (z, torch.zeros(3, dtype=torch.long), torch.ones(3), torch.zeros(3, dtype=torch.long),
+            torch.zeros(3, dtype=torch.long))
+    with force_triton(forced):
+        got = sorted_sample(vals, idx, scores, *args)
+    assert got.tolist() == [20, 0, 300]
 
 
 def test_gumbel_noise_is_float32_and_standard():
@@ -105,9 +122,8 @@ def test_drawn_distribution_matches_the_exact_one(temp, top_k, top_p):
     n = 20_000
     scores = logits.expand(n, -1)
     vals, idx = scores.topk(sampling.CANDIDATES if 40 > sampling.CANDIDATES else 40, dim=-1)
-    greedy = scores.argmax(-1)
     full = lambda v: torch.full((n,), v)  # noqa: E731
-    ids = sorted_sample_ref(vals, idx, greedy, full(temp), full(top_k), full(top_p), full(12345),
+    ids = sorted_sample_ref(vals, idx, scores, full(temp), full(top_k), full(top_p), full(12345),
                             torch.arange(n))
     probs = _exact_distribution(logits, temp, top_k, top_p)
     counts = torch.bincount(ids, minlength=40).double()
@@ -198,9 +214,8 @@ def test_gpu_kernel_equals_reference_at_the_thinker_vocabulary():
     scores = torch.randn(b, vocab, device="cuda") * 4
     temp, top_k, top_p, seeds, steps = (t.cuda() for t in _params(b, vocab=vocab))
     for vals, idx in (scores.topk(sampling.CANDIDATES), scores.sort(descending=True)):
-        greedy = scores.argmax(-1)
-        got = sorted_sample(vals, idx, greedy, temp, top_k.clamp(max=vals.shape[1]), top_p, seeds, steps)
-        want = sorted_sample_ref(vals, idx, greedy, temp, top_k.clamp(max=vals.shape[1]), top_p, seeds, steps)
+        got = sorted_sample(vals, idx, scores, temp, top_k.clamp(max=vals.shape[1]), top_p, seeds, steps)
+        want = sorted_sample_ref(vals, idx, scores, temp, top_k.clamp(max=vals.shape[1]), top_p, seeds, steps)
         assert (got != want).sum() <= 1   # fp32 exp/log on the device may round a near-tie differently
 
 
@@ -229,9 +244,9 @@ def test_half_precision_candidates_draw_as_their_fp32_cast():
     top_k = top_k.clamp(1, 200)
     for lg in (logits, logits.float()):
         vals, idx = lg.topk(256)
-        want = sorted_sample_ref(vals.float(), idx, lg.argmax(-1), temp, top_k, top_p, seeds, steps)
+        want = sorted_sample_ref(vals.float(), idx, lg.float(), temp, top_k, top_p, seeds, steps)
         with force_triton():
-            got = sorted_sample(vals, idx, lg.argmax(-1), temp, top_k, top_p, seeds, steps)
+            got = sorted_sample(vals, idx, lg, temp, top_k, top_p, seeds, steps)
         assert torch.equal(got, want)
     st = _st(temp, top_k, top_p, seeds, steps, within_cap=True)
     assert torch.equal(sampling.sample(logits, st), sampling.sample(logits.float(), st))
