@@ -160,3 +160,35 @@ def test_decode_step_matches_the_eager_runner(model):
     # Batch 3 runs padded to 4: the matmuls see another M, so allow summation-order differences.
     assert rel_err(out["tap"], tap) <= PARITY["hidden_rel"]
     assert pool.context_lens([0, 1, 2]).tolist() == [len(p) + 1 for p in PROMPTS]
+
+
+def test_decode_routes_rows_beyond_the_candidate_cap_to_the_exact_step(model):
+    """A batch with a sampled row of top_k 0 (or above sampling.CANDIDATES) runs the step that sorts the whole
+    vocabulary (``full_runner``), never the candidate step: its ids equal the eager sampler's with the host's
+    parameters; a batch within the cap replays ``runner``."""
+    from omni_rt.sampling import CANDIDATES, SamplingTensors, sample
+
+    vocab = model.cfg.thinker.text.vocab_size
+    wide = [SamplingParams(temperature=1.5, top_k=0, top_p=1.0, repetition_penalty=1.0),
+            SamplingParams(temperature=2.0, top_k=min(CANDIDATES + 1, vocab), top_p=0.95, repetition_penalty=1.0),
+            SamplingParams(temperature=0.0, top_k=0, top_p=1.0, repetition_penalty=1.0)]
+    with torch.inference_mode():
+        pool, graphs = _prefilled(model, None)
+        calls = []
+        for name in ("runner", "full_runner"):
+            r = getattr(graphs, name)
+            r.fn = (lambda fn, name: lambda b: (calls.append(name), fn(b))[1])(r.fn, name)
+        last = [p[-1] for p in PROMPTS]
+        pos = [len(p) - 1 for p in PROMPTS]
+        out = graphs.decode([0, 1, 2], last, pos, wide, [4, 4, 4], [1, 2, 3])["next_ids"].clone()
+        assert calls == ["full_runner"]
+        pool2, _ = _prefilled(model, None)
+        hidden, _ = DecoderRunner(model.thinker.forward, pool2).decode(
+            [0, 1, 2], model.thinker.embed(torch.tensor(last)), torch.tensor(pos).expand(3, -1))
+        st = SamplingTensors.build(wide, [4, 4, 4], [1, 2, 3], "cpu")
+        assert st.within_cap is False
+        assert torch.equal(out, sample(model.thinker.logits(hidden), st))
+        graphs.decode([0, 1, 2], last, [p + 1 for p in pos], [SamplingParams(temperature=0.7, top_k=40, top_p=0.9,
+                                                                             repetition_penalty=1.0)] * 3,
+                      [5, 5, 5], [1, 2, 3])
+        assert calls == ["full_runner", "runner"]
