@@ -243,7 +243,7 @@ class ThinkerDecodeGraphs:
     ``max_blocks`` (block table width) comes from ``max_model_len``, so one graph serves any context length
     up to it: the paged-attention kernel reads the lengths from ``context_lens`` on the device.
 
-    Two steps over the same static buffers: ``runner`` replays the step whose sampler draws from the top
+    Two steps, each behind its own runner: ``runner`` replays the step whose sampler draws from the top
     ``sampling.CANDIDATES`` (every batch whose sampled rows have 1 <= top_k <= CANDIDATES: the defaults), and
     batches with a row outside that go through ``full_runner`` (``step``: the whole vocabulary sorted once),
     built and captured on first use — so no parameter silently changes what is sampled.
@@ -252,10 +252,19 @@ class ThinkerDecodeGraphs:
     def __init__(self, thinker, pool: KVCachePool, max_batch_size: int, max_model_len: int,
                  use_graphs: bool = True, tap_layer: int | None = None):
         self.pool = pool
-        device = pool.device
-        vocab = thinker.cfg.text.vocab_size
-        max_blocks = -(-max_model_len // pool.block_size)
-        B = max_batch_size
+        self.thinker, self.max_batch_size, self.max_model_len = thinker, max_batch_size, max_model_len
+        self.use_graphs = use_graphs
+        kv = list(zip(pool.k_caches, pool.v_caches))
+        self.step = ThinkerDecodeStep(thinker, kv, tap_layer)    # exact for any sampling parameters
+        self.runner = self._runner(ThinkerDecodeStep(thinker, kv, tap_layer, within_cap=True), "thinker_decode")
+        self._full_runner: GraphRunner | None = None
+
+    def _runner(self, step: "ThinkerDecodeStep", name: str) -> GraphRunner:
+        """A GraphRunner of ``step`` over its own static buffers."""
+        device = self.pool.device
+        vocab = self.thinker.cfg.text.vocab_size
+        max_blocks = -(-self.max_model_len // self.pool.block_size)
+        B = self.max_batch_size
         i64, i32, f32 = torch.int64, torch.int32, torch.float32
         with torch.inference_mode():
             inputs = {
@@ -276,24 +285,18 @@ class ThinkerDecodeGraphs:
         pads = {"input_ids": 0, "positions": 0, "slot_mapping": -1, "block_tables": -1, "context_lens": 0,
                 "temperature": 0.0, "top_k": 0, "top_p": 1.0, "repetition_penalty": 1.0, "seeds": 0, "steps": 0,
                 "seen": False}
-        kv = list(zip(pool.k_caches, pool.v_caches))
-        self.step = ThinkerDecodeStep(thinker, kv, tap_layer)    # exact for any sampling parameters
-        self.runner = GraphRunner(ThinkerDecodeStep(thinker, kv, tap_layer, within_cap=True), inputs, pads,
-                                  max_batch_size, batch_dims={"positions": 1}, use_graphs=use_graphs,
-                                  name="thinker_decode")
-        self._full_runner: GraphRunner | None = None
+        return GraphRunner(step, inputs, pads, B, batch_dims={"positions": 1}, use_graphs=self.use_graphs,
+                           name=name)
 
     def capture(self) -> None:
         self.runner.capture()
 
     @property
     def full_runner(self) -> GraphRunner:
-        """The exact-sampling step over the same buffers; captured (when ``runner`` is) on first use."""
+        """The exact-sampling step (``step``) behind its own runner; captured (when ``runner`` is) on first use."""
         if self._full_runner is None:
-            r = self.runner
-            self._full_runner = GraphRunner(self.step, r.inputs, r.pads, r.max_batch_size, r.batch_dims,
-                                            use_graphs=r.graphs_requested, name="thinker_decode_full_vocab")
-            if r.graphs:
+            self._full_runner = self._runner(self.step, "thinker_decode_full_vocab")
+            if self.runner.graphs:
                 self._full_runner.capture()
         return self._full_runner
 
