@@ -11,7 +11,7 @@ import torch
 from omni_rt.kernels import force_triton
 from omni_rt.kernels.paged_attention import attention_ref
 from omni_rt.models.code_predictor import CodePredictor, CodePredictorAttention, FrameWorkspace
-from omni_rt.models.layers import Rotary
+from omni_rt.models.layers import Rotary, split
 
 
 class _Cfg:
@@ -46,9 +46,8 @@ def test_frame_attention_steps_match_masked_attention(forced):
     with torch.inference_mode():
         x_all = torch.cat(xs, dim=1)                                            # (b, 6, hidden)
         for row in range(b):
-            q = attn.q_proj(x_all[row]).view(6, 4, 16)
-            k = attn.k_proj(x_all[row]).view(6, 2, 16)
-            v = attn.v_proj(x_all[row]).view(6, 2, 16)
+            q, k, v = split(attn.qkv_proj(x_all[row]), attn.qkv_proj.parts)
+            q, k, v = q.reshape(6, 4, 16), k.reshape(6, 2, 16), v.reshape(6, 2, 16)
             q, k = attn.q_norm(q), attn.k_norm(k)
             want = attn.o_proj(attention_ref(q, k, v, torch.arange(6), attn.scale).reshape(6, 64))
             got = torch.cat([o[row] for o in outs])
