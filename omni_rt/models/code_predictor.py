@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -25,7 +26,7 @@ from torch import nn
 from ..config import CodePredictorConfig
 from ..kernels.paged_attention import paged_decode_attention
 from ..kernels.qk_norm_rope import qk_norm_rope
-from ..sampling import CANDIDATES, SamplingTensors, sample
+from ..sampling import CANDIDATES, SamplingTensors, sample, to_device
 from .layers import DenseMLP, RMSNorm, Rotary, fuse_parts_on_load, make_linear, split
 
 # The residual codes' fixed sampling whenever the talker samples (reference prepare_inputs_for_generation:
@@ -238,14 +239,16 @@ class CodePredictor(nn.Module):
         dtype = w.dtype if dtype is None else dtype
         g = c.num_code_groups
         cos, sin = self.model.rotary(torch.arange(g, device=device), dtype)
-        slots = torch.arange(g, device=device)[:, None] + torch.arange(batch, device=device)[None, :] * g
+        # Index tables built on the host (numpy) and copied once each: setup launches no index arithmetic.
+        slots = to_device(np.arange(g)[:, None] + np.arange(batch)[None, :] * g, torch.int64, device)   # (G, B)
         # attention metadata of steps of t = 1, 2 positions (FrameWorkspace.attention_meta): row r of a t-step
         # reads page r // t up to start + r % t
-        rows = torch.arange(2 * batch, device=device)
-        t = torch.tensor([1, 2], device=device)[:, None]
-        tables = (rows[None, :] // t).to(torch.int32)                                   # (2, 2B)
-        starts = torch.arange(g + 1, device=device)[None, :, None]
-        ctx = (starts + (rows[None, :] % t)[:, None, :] + 1).to(torch.int32)            # (2, G + 1, 2B)
+        # reads page r // t up to start + r % t; both in one (2, 1 + G + 1, 2B) buffer, one copy
+        rows, t = np.arange(2 * batch)[None, :], np.array([[1], [2]])
+        meta = np.concatenate([(rows // t)[:, None, :], np.arange(g + 1)[None, :, None] + (rows % t)[:, None, :] + 1],
+                              axis=1)
+        meta = to_device(meta, torch.int32, device)
+        tables, ctx = meta[:, 0], meta[:, 1:]                                      # (2, 2B), (2, G + 1, 2B)
         return FrameWorkspace(torch.empty(shape, device=device, dtype=dtype),
                               torch.empty(shape, device=device, dtype=dtype), cos, sin, slots, tables, ctx)
 
