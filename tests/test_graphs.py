@@ -12,6 +12,7 @@ import dataclasses
 import threading
 
 import pytest
+import numpy as np
 import torch
 
 from omni_rt.engine.graphs import GraphRunner, ThinkerDecodeGraphs, batch_buckets
@@ -96,6 +97,47 @@ def test_runner_oversized_batch_falls_back_to_exact_buffers():
     assert out["y"].tolist() == [10 * i + 3 for i in range(7)]
     assert fn.calls[-1]["table"].eq(-1).all()
     assert runner.inputs["x"].tolist() == [0, 0, 0, 0]  # the static buffers were not touched
+
+
+def test_host_inputs_are_packed_and_copied_once():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in (torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default)
+            return func(*args, **(kwargs or {}))
+
+    fn = _Recorder()
+    inputs = {"x": torch.zeros(6, dtype=torch.int64), "pos": torch.zeros(3, 6, dtype=torch.int64),
+              "table": torch.zeros(6, 5, dtype=torch.int32)}
+    runner = GraphRunner(fn, inputs, {"x": 7, "pos": 0, "table": -1}, 6, batch_dims={"pos": 1},
+                         host_inputs=("x", "pos", "table"))
+    storage = runner.packed.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == storage for t in runner.inputs.values())
+    assert runner.inputs["table"].eq(-1).all() and runner.inputs["x"].eq(7).all()   # padding from the start
+
+    def fill_table(host):   # host fillers get the bucket's rows of the staging buffer as numpy
+        host[...] = -1
+        host[:3, 0] = [4, 5, 6]
+
+    with Copies() as copies:
+        out = runner.run(3, {"x": [1, 2, 3], "pos": [5, 6, 8], "table": fill_table})
+    assert copies.n == 1   # every host input in one copy
+    seen = fn.calls[-1]
+    assert seen["x"].tolist() == [1, 2, 3, 7] and seen["pos"].tolist() == [[5, 6, 8, 0]] * 3
+    assert seen["table"][:, 0].tolist() == [4, 5, 6, -1]
+    assert out["y"].tolist() == [25, 38, 54] and out["z"].tolist() == [0, 1, 2]
+    runner.run(5, {"x": np.arange(5)})
+    assert fn.calls[-1]["x"].tolist() == [0, 1, 2, 3, 4, 7] and fn.calls[-1]["table"].eq(-1).all()
+    out = runner.run(8, {"x": list(range(8)), "pos": [1] * 8, "table": fill_table})   # above the largest bucket
+    assert fn.calls[-1]["x"].shape == (8,) and out["y"].tolist() == [10 * i + 3 for i in range(8)]
+    assert fn.calls[-1]["table"][:, 0].tolist() == [4, 5, 6] + [-1] * 5
+    with pytest.raises(ValueError, match="rows along dim"):
+        runner.run(2, {"x": [1, 2, 3]})
 
 
 def test_runner_rejects_bad_inputs():

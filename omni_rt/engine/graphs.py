@@ -25,6 +25,7 @@ import logging
 import time
 from typing import Callable, Mapping, Sequence, Union
 
+import numpy as np
 import torch
 
 from ..models.code_predictor import FrameSampling, FrameWorkspace
@@ -39,7 +40,10 @@ logger = logging.getLogger(__name__)
 StepFn = Callable[[dict], dict]
 # An input value: a batch-n tensor copied into the buffer's first n rows, or a callable given the bucket's
 # whole buffer slice that fills every row of it itself (padding included), e.g. the KV pool's ``out=`` fillers.
+# For a host input (``host_inputs``) the value is host data (list / numpy, n rows) and a callable is given the
+# bucket's slice of the host staging buffer as a numpy array.
 InputValue = Union[torch.Tensor, Callable[[torch.Tensor], object]]
+_NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -70,11 +74,15 @@ class GraphRunner:
         use_graphs: capture and replay graphs (only on CUDA; ignored on CPU).
         name: for logs.
         output_batch_dims: batch dimension per output (default 0).
+        host_inputs: inputs the host fills each step (ids, positions, KV metadata, sampling parameters): they
+            live as typed views of ONE device byte buffer, staged in a host buffer (pinned on CUDA) and copied
+            with one ``non_blocking`` copy per step instead of one small copy per input.
     """
 
     def __init__(self, fn: StepFn, inputs: Mapping[str, torch.Tensor], pads: Mapping[str, object],
                  max_batch_size: int, batch_dims: Mapping[str, int] | None = None, use_graphs: bool = True,
-                 name: str = "step", output_batch_dims: Mapping[str, int] | None = None):
+                 name: str = "step", output_batch_dims: Mapping[str, int] | None = None,
+                 host_inputs: Sequence[str] = ()):
         self.fn = fn
         self.inputs = dict(inputs)
         self.pads = dict(pads)
@@ -100,6 +108,32 @@ class GraphRunner:
         self.outputs: dict[str, torch.Tensor] = {}
         self._pool = None
         self.replays = 0  # graph replays so far (tests check the graph path is the one taken)
+        self.host_inputs = [k for k in self.inputs if k in set(host_inputs)]
+        self._pack()
+
+    def _pack(self) -> None:
+        """Re-home the host inputs as typed views of one byte buffer ``packed`` and build its host staging
+        buffers: two, used in turn, each reused only once its previous copy is done (an event on CUDA)."""
+        offsets, total = {}, 0
+        for k in self.host_inputs:
+            t = self.inputs[k]
+            offsets[k], total = total, total + -(-t.numel() * t.element_size() // 16) * 16
+        self.packed = torch.zeros(total, dtype=torch.uint8, device=self.device)
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._staging = [torch.zeros(total, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        raw = [h.numpy() for h in self._staging]
+        self._host_views: list[dict[str, np.ndarray]] = [{} for _ in raw]
+        for k in self.host_inputs:
+            t, o = self.inputs[k], offsets[k]
+            n = t.numel() * t.element_size()
+            self.inputs[k] = self.packed[o: o + n].view(t.dtype).view(t.shape)
+            for views, r in zip(self._host_views, raw):
+                views[k] = r[o: o + n].view(_NP[t.dtype]).reshape(tuple(t.shape))
+                views[k][...] = self.pads[k]
+        if self.host_inputs:   # every row padding, as the caller's buffers were
+            self.packed.copy_(self._staging[0])
+        self._events: list = [None, None]
+        self._turn = 0
 
     # -------------------------------------------------------------------------------------------- buffers
     def bucket_for(self, n: int) -> int | None:
@@ -113,11 +147,18 @@ class GraphRunner:
         """Every input's first ``bs`` rows along its batch dim (views of the static buffers)."""
         return {k: t.narrow(self.batch_dims[k], 0, bs) for k, t in self.inputs.items()}
 
-    def fill(self, buffers: dict[str, torch.Tensor], n: int, values: Mapping[str, InputValue | None]) -> None:
+    def fill(self, buffers: dict[str, torch.Tensor], n: int, values: Mapping[str, InputValue | None],
+             staged: bool = True) -> None:
+        """Write the step's n rows (and the padding up to the buffers' rows) into ``buffers``: the host inputs
+        through the staging buffer and one copy (``staged``; False for buffers outside ``packed``)."""
         unknown = set(values) - set(buffers)
         if unknown:
             raise ValueError(f"unknown inputs for {self.name}: {sorted(unknown)}")
+        if self.host_inputs:
+            self._fill_host(buffers, n, values, staged)
         for k, buf in buffers.items():
+            if k in self.host_inputs:
+                continue
             value = values.get(k)
             dim = self.batch_dims[k]
             if value is None:
@@ -130,6 +171,33 @@ class GraphRunner:
                 buf.narrow(dim, 0, n).copy_(value)
                 if buf.shape[dim] > n:
                     buf.narrow(dim, n, buf.shape[dim] - n).fill_(self.pads[k])
+
+    def _fill_host(self, buffers, n: int, values, staged: bool) -> None:
+        turn = self._turn = (self._turn + 1) % 2
+        if self._events[turn] is not None:   # its last copy was read long ago (steps read back): no real wait
+            self._events[turn].synchronize()
+        for k in self.host_inputs:
+            dim, rows = self.batch_dims[k], buffers[k].shape[self.batch_dims[k]]
+            view = self._host_views[turn][k]
+            host = view[(slice(None),) * dim + (slice(0, rows),)] if staged else np.empty(
+                tuple(buffers[k].shape), dtype=view.dtype)
+            value, head = values.get(k), (slice(None),) * dim
+            if callable(value):
+                value(host)
+            else:
+                if value is not None:
+                    value = np.asarray(value, dtype=host.dtype)
+                    if value.ndim == host.ndim and value.shape[dim] != n:
+                        raise ValueError(f"input {k!r} has {value.shape[dim]} rows along dim {dim}, expected {n}")
+                    host[head + (slice(0, n),)] = value
+                host[head + (slice(0 if value is None else n, rows),)] = self.pads[k]
+            if not staged:
+                buffers[k].copy_(torch.from_numpy(host))
+        if staged:   # the step's one host → device copy of its inputs
+            self.packed.copy_(self._staging[turn], non_blocking=True)
+            if self.device.type == "cuda":
+                self._events[turn] = torch.cuda.Event()
+                self._events[turn].record()
 
     # -------------------------------------------------------------------------------------------- capture
     @torch.inference_mode()
@@ -196,7 +264,7 @@ class GraphRunner:
             shape = list(t.shape)
             shape[self.batch_dims[k]] = n
             buffers[k] = t.new_empty(shape)
-        self.fill(buffers, n, values)
+        self.fill(buffers, n, values, staged=False)
         out = self.fn(buffers)
         return {k: v for k, v in out.items() if v is not None}
 
@@ -267,7 +335,8 @@ class ThinkerDecodeGraphs:
         kv = list(zip(pool.k_caches, pool.v_caches))
         self.step = ThinkerDecodeStep(thinker, kv, tap_layer)
         self.runner = GraphRunner(self.step, inputs, pads, max_batch_size, batch_dims={"positions": 1},
-                                  use_graphs=use_graphs, name="thinker_decode")
+                                  use_graphs=use_graphs, name="thinker_decode",
+                                  host_inputs=[k for k in inputs if k != "seen"])
 
     def capture(self) -> None:
         self.runner.capture()
@@ -291,29 +360,21 @@ class ThinkerDecodeGraphs:
         """Reserve one KV slot per sequence and describe the step's inputs for ``GraphRunner.fill``/``run``
         (arguments as :meth:`decode`)."""
         ids = list(seq_ids)
-        n = len(ids)
-        slots = self.pool.append_token(ids)
-        f32, i64 = torch.float32, torch.int64
-        pos = torch.tensor(list(positions), dtype=torch.float32)  # TM-RoPE positions are fractional
-        values: dict[str, InputValue | None] = {
-            "input_ids": torch.tensor(list(input_ids), dtype=i64),
-            "positions": pos.expand(3, n),
+        slots = self.pool.append_token(ids, out=np.empty(len(ids), dtype=np.int64))
+        values: dict[str, InputValue | None] = {   # host data: staged and copied once (GraphRunner.host_inputs)
+            "input_ids": list(input_ids), "positions": list(positions),   # (3, n) broadcast; fractional (TM-RoPE)
             "slot_mapping": slots,
             "block_tables": lambda buf: self.pool.block_tables(ids, out=buf),
             "context_lens": lambda buf: self.pool.context_lens(ids, out=buf),
-            "temperature": torch.tensor([p.temperature for p in params], dtype=f32),
-            "top_k": torch.tensor([p.top_k or 0 for p in params], dtype=i64),
-            "top_p": torch.tensor([p.top_p for p in params], dtype=f32),
-            "repetition_penalty": torch.tensor([p.repetition_penalty for p in params], dtype=f32),
-            "seeds": torch.tensor(list(seeds), dtype=i64),
-            "steps": torch.tensor(list(steps), dtype=i64),
-            "seen": None,
+            "temperature": [p.temperature for p in params], "top_k": [p.top_k or 0 for p in params],
+            "top_p": [p.top_p for p in params], "repetition_penalty": [p.repetition_penalty for p in params],
+            "seeds": list(seeds), "steps": list(steps), "seen": None,
         }
         if seen_ids is not None:
             def fill_seen(buf: torch.Tensor) -> None:
                 buf.zero_()
                 for i, row in enumerate(seen_ids):
-                    buf[i, torch.tensor(list(row), dtype=i64, device=buf.device)] = True
+                    buf[i, torch.tensor(list(row), dtype=torch.int64, device=buf.device)] = True
             values["seen"] = fill_seen
         return values
 
@@ -352,7 +413,8 @@ def code_predictor_graphs(code_predictor, max_batch_size: int, device=None, dtyp
                                                          ws.slots[:, :bs]), sampling)
         return {"codes": codes, "next_embed": nxt}
 
-    return GraphRunner(frame, inputs, pads, max_batch_size, use_graphs=use_graphs, name="code_predictor_frame")
+    return GraphRunner(frame, inputs, pads, max_batch_size, use_graphs=use_graphs, name="code_predictor_frame",
+                       host_inputs=("temperature", "top_p", "top_k", "seeds", "frame_index"))
 
 
 def code2wav_graphs(code2wav, max_batch_size: int, frames: int = 1, use_graphs: bool = True) -> GraphRunner:
@@ -416,20 +478,25 @@ class SpeechFrameStep:
 
     def __call__(self, b: dict) -> dict:
         bs, slots, p = b["slots"].shape[0], b["slots"], self.pools
-        x = p.codec_embed.index_select(0, slots) + b["entries"]
-        meta = AttentionMetadata(slot_mapping=b["slot_mapping"], block_tables=b["block_tables"],
-                                 context_lens=b["context_lens"])
-        hidden, _ = self.talker(x, b["positions"], self.kv_caches, meta)
-        st = SamplingTensors(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
-                             repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"])
-        code0 = sample(self.talker.logits(hidden), st, p.seen.index_select(0, slots), p.suppress)
-        fs = FrameSampling(temperature=b["cp_temperature"], top_k=b["cp_top_k"], top_p=b["cp_top_p"],
-                           seeds=b["cp_seeds"], frame_index=b["frame_index"])
-        codes, nxt = self.talker.code_predictor.frame(hidden, self.talker.embed_codec(code0),
-                                                      FrameWorkspace(self.ws.k[:, :bs], self.ws.v[:, :bs]), fs)
-        frames = torch.cat((code0[:, None], codes), dim=1)
-        state = p.c2w_state.select(slots)
-        audio, new = self.c2w.step_padded(frames[:, :, None], state)
+        # census markers: the frame's parts are costed as the per-token stages they replace
+        with census_stage("talker_decode"):
+            x = p.codec_embed.index_select(0, slots) + b["entries"]
+            meta = AttentionMetadata(slot_mapping=b["slot_mapping"], block_tables=b["block_tables"],
+                                     context_lens=b["context_lens"])
+            hidden, _ = self.talker(x, b["positions"], self.kv_caches, meta)
+            st = SamplingTensors(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
+                                 repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"])
+            code0 = sample(self.talker.logits(hidden), st, p.seen.index_select(0, slots), p.suppress)
+        with census_stage("code_predictor_frame"):
+            fs = FrameSampling(temperature=b["cp_temperature"], top_k=b["cp_top_k"], top_p=b["cp_top_p"],
+                               seeds=b["cp_seeds"], frame_index=b["frame_index"])
+            codes, nxt = self.talker.code_predictor.frame(hidden, self.talker.embed_codec(code0),
+                                                          FrameWorkspace(self.ws.k[:, :bs], self.ws.v[:, :bs], self.ws.cos,
+                                                                         self.ws.sin, self.ws.slots[:, :bs]), fs)
+            frames = torch.cat((code0[:, None], codes), dim=1)
+        with census_stage("code2wav_step"):
+            state = p.c2w_state.select(slots)
+            audio, new = self.c2w.step_padded(frames[:, :, None], state)
         out = {"code0": code0, "frames": frames, "next_embed": nxt, "audio": audio.float()}
         return out | {f"new_{k}": t for k, t in zip(state_names(new), new.tensors())}
 
@@ -456,4 +523,5 @@ def speech_frame_graphs(model, pool: KVCachePool, pools, max_batch_size: int, ma
             "cp_temperature": 0.0, "cp_top_p": 1.0, "cp_top_k": 0, "cp_seeds": 0, "frame_index": 0}
     step = SpeechFrameStep(model, zip(pool.k_caches, pool.v_caches), pools, ws)
     return GraphRunner(step, inputs, pads, max_batch_size, batch_dims={"positions": 1}, use_graphs=use_graphs,
-                       name="speech_frame", output_batch_dims={"new_key": 1, "new_value": 1})
+                       name="speech_frame", output_batch_dims={"new_key": 1, "new_value": 1},
+                       host_inputs=[k for k in inputs if k != "entries"])

@@ -245,20 +245,18 @@ class Stages:
         talker = self.model.talker
         seqs = [r.talker for r in reqs]
         c0_embed = talker.embed_codec(code0)
-        sampling = FrameSampling.for_talker([s.params.temperature for s in seqs], [s.seed for s in seqs],
-                                            [len(s.output) for s in seqs], self.device)
         if self.frame_graph is None:
+            sampling = FrameSampling.for_talker([s.params.temperature for s in seqs], [s.seed for s in seqs],
+                                                [len(s.output) for s in seqs], self.device)
             ws = self._workspaces.get(len(reqs))
             if ws is None:
                 ws = self._workspaces[len(reqs)] = talker.code_predictor.workspace(len(reqs), self.device,
                                                                                     self.dtype)
             codes, nxt = talker.code_predictor.frame(hidden, c0_embed, ws, sampling)
         else:
-            values = {"past_hidden": hidden, "code0_embed": c0_embed}
-            if sampling is not None:
-                values.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                              seeds=sampling.seeds, frame_index=sampling.frame_index)
-            out = self.frame_graph.run(len(reqs), values)
+            rows = FrameSampling.host_rows([s.params.temperature for s in seqs], [s.seed for s in seqs],
+                                           [len(s.output) for s in seqs])
+            out = self.frame_graph.run(len(reqs), {"past_hidden": hidden, "code0_embed": c0_embed} | (rows or {}))
             codes, nxt = out["codes"].clone(), out["next_embed"].clone()  # static outputs: copy before reuse
         return torch.cat((code0[:, None], codes), dim=1), nxt
 
@@ -271,36 +269,34 @@ class Stages:
 
     def speech_frame(self, reqs: list[Request]) -> dict:
         """One speech frame for steady-state rows (each consumes its next text entry and vocodes one frame)
-        through ``speech_graph`` → code0 (B,), frames (B, G), next_embed (B, H), audio (B, T), state (new)."""
+        through ``speech_graph`` → code0 (B,), frames (B, G), next_embed (B, H), audio (B, T), state (new).
+        The eager work around the replay (input fills, copies out) is costed as ``talker_decode``."""
+        with census_stage("talker_decode"):
+            return self._speech_frame(reqs)
+
+    def _speech_frame(self, reqs: list[Request]) -> dict:
         seqs = [r.talker for r in reqs]
         ids = [s.seq_id for s in seqs]
-        f32, i64 = torch.float32, torch.int64
         entries = torch.stack([r.feed.entry(len(s.output) - 1) for r, s in zip(reqs, seqs)]).to(self.dtype)
         pool = self.talker_pool
-        cp = FrameSampling.for_talker([s.params.temperature for s in seqs], [s.seed for s in seqs],
-                                      [len(s.output) for s in seqs], self.device)
-        values = {
-            "slots": to_device([r.slot for r in reqs], i64, self.device), "entries": entries,
-            "positions": to_device([s.next_position() for s in seqs], f32, self.device).expand(3, -1),
-            "slot_mapping": pool.append_token(ids),
+        cp = FrameSampling.host_rows([s.params.temperature for s in seqs], [s.seed for s in seqs],
+                                     [len(s.output) for s in seqs])
+        values = {   # host data but the entries: staged and copied once (GraphRunner.host_inputs)
+            "slots": [r.slot for r in reqs], "entries": entries, "positions": [s.next_position() for s in seqs],
+            "slot_mapping": pool.append_token(ids, out=np.empty(len(ids), dtype=np.int64)),
             "block_tables": lambda buf: pool.block_tables(ids, out=buf),
             "context_lens": lambda buf: pool.context_lens(ids, out=buf),
-            "temperature": to_device([s.params.temperature for s in seqs], f32, self.device),
-            "top_p": to_device([s.params.top_p for s in seqs], f32, self.device),
-            "repetition_penalty": to_device([s.params.repetition_penalty for s in seqs], f32, self.device),
-            "top_k": to_device([s.params.top_k or 0 for s in seqs], i64, self.device),
-            "seeds": to_device([s.seed for s in seqs], i64, self.device),
-            "steps": to_device([len(s.output) for s in seqs], i64, self.device),
-        }
-        if cp is not None:
-            values.update(cp_temperature=cp.temperature, cp_top_k=cp.top_k, cp_top_p=cp.top_p, cp_seeds=cp.seeds,
-                          frame_index=cp.frame_index)
+            "temperature": [s.params.temperature for s in seqs], "top_p": [s.params.top_p for s in seqs],
+            "repetition_penalty": [s.params.repetition_penalty for s in seqs],
+            "top_k": [s.params.top_k or 0 for s in seqs], "seeds": [s.seed for s in seqs],
+            "steps": [len(s.output) for s in seqs],
+        } | {f"cp_{k}" if k != "frame_index" else k: v for k, v in (cp or {}).items()}
         res = self.speech_graph.run(len(reqs), values)
-        n_conv, n_tail = len(self.c2w_state.conv), len(self.c2w_state.tail)
-        state = state_from(res, n_conv, n_tail, prefix="new_").select(torch.arange(len(reqs), device=self.device))
-        # outputs of a replay are views of static buffers: copy what outlives the next replay
-        return {"code0": res["code0"].clone(), "frames": res["frames"].clone(),
-                "next_embed": res["next_embed"].clone(), "audio": res["audio"].clone(), "state": state}
+        # Views of the static outputs, valid until the next replay: the engine copies what it keeps (index_select,
+        # cat) in the same step, before any other replay of this graph.
+        state = state_from(res, len(self.c2w_state.conv), len(self.c2w_state.tail), prefix="new_")
+        return {"code0": res["code0"], "frames": res["frames"], "next_embed": res["next_embed"],
+                "audio": res["audio"], "state": state}
 
     def code2wav_step(self, reqs: list[Request], codes: torch.Tensor, slots: torch.Tensor):
         """codes (B, G, n) more frames for each request's stream → (audio (B, n·T) float32, new state)."""
