@@ -8,11 +8,11 @@ the engine's own stage callables, which carry ``profiling.census_stage(name)`` m
 stage                 what runs (batch B)
 ====================  =========================================================================================
 audio_encode          ``thinker.audio_tower`` on B audios of ``audio_seconds`` (30 s) — as ``Stages.audio_encode``
-thinker_prefill       ``Stages.thinker_prefill``: B prompts of 75 tokens + lm_head + first-token sampling (the
-                      engine runs prefill eagerly at its real length)
+thinker_prefill       ``Stages.thinker_prefill``: B prompts of 75 tokens + lm_head + first-token sampling, at the
+                      token bucket the engine runs (``PrefillGraphs``: 128 for 75 tokens, replayed on CUDA)
 thinker_decode        ``Stages.thinker_decode`` through ``ThinkerDecodeGraphs`` (embed → decoder → lm_head →
                       sample) at KV context ``DECODE_CONTEXT`` — the step the engine replays as a graph
-talker_prefill        ``Stages.talker_prefill`` (80 tokens) + ``Stages.sample_code0`` (the first code 0)
+talker_prefill        ``Stages.talker_prefill`` (80 tokens, bucket 128) + ``Stages.sample_code0`` (first code 0)
 talker_decode         ``Stages.speech_frame`` through ``speech_frame_graphs`` — the steady-state speech frame the
                       engine replays as one graph per batch bucket: its talker decode (trailing-text entry,
                       decoder, code 0) and the eager input fill around the replay
@@ -160,7 +160,6 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
     from .engine.config import EngineConfig
     from .engine.graphs import ThinkerDecodeGraphs
     from .engine.kv_cache import KVCachePool
-    from .engine.model_runner import DecoderRunner
     from .engine.sequence import Request, Sequence
     from .engine.stages import Stages
     from .kernels import force_triton
@@ -213,7 +212,7 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
             reqs.append(Request(f"census-{i}", seq, [], None))
         pool = KVCachePool(tc.num_hidden_layers, B * cdiv(n, block_size), block_size, tc.num_key_value_heads,
                            tc.head_dim, dtype, meta)
-        st.thinker_runner = DecoderRunner(th.forward, pool, max_prefill_tokens)
+        st.thinker_runner = st.decoder_runner("thinker", pool)
         tap = cfg.talker.accept_hidden_layer if cfg.has_talker else None
         ids, _ = st.thinker_prefill(reqs, [n] * B, tap)
         ids.tolist()   # the engine's read-back, outside the stage
@@ -235,7 +234,7 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
             tpool = KVCachePool(kc.num_hidden_layers, B * cdiv(m + 1, block_size), block_size,
                                 kc.num_key_value_heads, kc.head_dim, dtype, meta)
             st.talker_pool = tpool
-            st.talker_runner = DecoderRunner(model.talker.forward, tpool, max_prefill_tokens)
+            st.talker_runner = st.decoder_runner("talker", tpool)
             speaker = next(iter(cfg.talker.speaker_id.values()))
             tparams = SamplingParams().resolved("talker")
             for i, r in enumerate(reqs):

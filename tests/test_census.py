@@ -41,9 +41,10 @@ def test_json_shape_and_stage_names():
     assert data["outside_stages"]["launches"] < 0.3 * total
 
 
-# Whether the engine replays each stage from a CUDA graph (cuda_graphs=True): the thinker decode step and the
-# speech frame (talker decode + code 0 + code-predictor frame + Code2Wav step: one graph per batch bucket).
-GRAPHED = {"audio_encode": False, "thinker_prefill": False, "thinker_decode": True, "talker_prefill": False,
+# Whether the engine replays each stage from a CUDA graph (cuda_graphs=True): the thinker decode step, the
+# speech frame (talker decode + code 0 + code-predictor frame + Code2Wav step: one graph per batch bucket) and
+# both prefills (one graph per token bucket, up to 512 tokens).
+GRAPHED = {"audio_encode": False, "thinker_prefill": True, "thinker_decode": True, "talker_prefill": True,
            "talker_decode": True, "code_predictor_frame": True, "code2wav_step": True}
 
 

@@ -11,11 +11,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 
-import pytest
 import numpy as np
+import pytest
 import torch
 
-from omni_rt.engine.graphs import GraphRunner, ThinkerDecodeGraphs, batch_buckets
+from omni_rt.engine.graphs import GraphRunner, PrefillGraphs, ThinkerDecodeGraphs, batch_buckets, token_buckets
 from omni_rt.engine.kv_cache import KVCachePool
 from omni_rt.engine.model_runner import DecoderRunner, text_positions
 from omni_rt.engine.sequence import Sequence
@@ -88,6 +88,13 @@ def test_runner_pads_to_the_bucket_and_slices_outputs():
     out = runner.run(1, {"x": torch.tensor([9])})
     assert fn.calls[-1]["x"].tolist() == [9] and out["y"].tolist() == [90]
     assert fn.calls[-1]["table"].tolist() == [[-1] * 5]  # not given: all padding
+
+
+def test_warm_up_runs_every_bucket_on_padding():
+    fn, runner = _toy()
+    runner.warm_up()
+    assert [c["x"].tolist() for c in fn.calls] == [[7] * b for b in runner.buckets]   # all padding
+    assert runner.graphs == {} and runner.replays == 0
 
 
 def test_runner_oversized_batch_falls_back_to_exact_buffers():
@@ -165,6 +172,39 @@ def _pool(model, device, num_blocks=64, block_size=8, dtype=torch.float32):
     tc = model.cfg.thinker.text
     return KVCachePool(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads, tc.head_dim, dtype,
                        device)
+
+
+@pytest.mark.parametrize("graph_tokens,chunk", [(24, 24), (16, 48)], ids=["bucketed-chunks", "above-largest"])
+def test_bucketed_prefill_equals_the_unpadded_run(cpu_model, graph_tokens, chunk):
+    """Prefill chunks padded to a token bucket (pad tokens on slot -1, past cu_seqlens) give the hidden states,
+    taps and greedy ids of the unpadded run, and write no KV slot but the real tokens'; chunks above the
+    largest bucket run eagerly at their length through the same fill."""
+    assert token_buckets(24) == [16, 24] and token_buckets(512)[:2] == [16, 32] and token_buckets(8) == [8]
+    tap = 2
+    prompts = [PROMPTS[0][:5], PROMPTS[1][:17], PROMPTS[2][:1], PROMPTS[3] * 3]   # 5 + 17 + 1 + 39 tokens
+    h = cpu_model.cfg.thinker.text.hidden_size
+    results = []
+    with torch.inference_mode():
+        for bucketed in (False, True):
+            pool = _pool(cpu_model, "cpu")
+            graphs = (PrefillGraphs(cpu_model.thinker.forward, pool, 3, 16, h, torch.float32, tap, graph_tokens)
+                      if bucketed else None)
+            runner = DecoderRunner(cpu_model.thinker.forward, pool, chunk, graphs)
+            embeds = [cpu_model.thinker.embed(torch.tensor(p)) for p in prompts]
+            positions = [text_positions(0, len(p), "cpu") for p in prompts]
+            hidden, taps = runner.prefill([0, 1, 2], embeds[:3], positions[:3], tap)   # one packed chunk
+            more, more_taps = runner.prefill([3], embeds[3:], positions[3:], tap)     # chunked: 24 + 15 / 39
+            hidden, taps = hidden + more, taps + more_taps
+            ids = cpu_model.thinker.logits(torch.stack([x[-1] for x in hidden])).argmax(-1)
+            written = int((pool.k_caches[0].reshape(-1, pool.num_kv_heads * pool.head_dim) != 0).any(-1).sum())
+            results.append((hidden, taps, ids, written))
+            if bucketed:
+                assert graphs.runner.buckets == token_buckets(graph_tokens)
+    (h0, t0, ids0, w0), (h1, t1, ids1, w1) = results
+    assert torch.equal(ids0, ids1)
+    assert w0 == w1 == sum(len(p) for p in prompts)   # pads wrote nothing
+    for a, b in zip(h0 + t0, h1 + t1):
+        assert a.shape == b.shape and rel_err(b, a) <= PARITY["hidden_rel"]
 
 
 def _params(i):
@@ -498,7 +538,8 @@ def test_speech_runtime_replays_every_graph_and_equals_eager(tiny_checkpoint):
                 assert rt.warmup_s > 0
             outs[graphs] = rt.generate(p, thinker=t, talker=k)
             if graphs:
-                assert rt.engine.stages.speech_graph.replays > 0
-                assert rt.engine.stages.decode_graphs.runner.replays > 0
+                st = rt.engine.stages
+                assert st.speech_graph.replays > 0 and st.decode_graphs.runner.replays > 0
+                assert st.thinker_runner.graphs.runner.replays > 0 and st.talker_runner.graphs.runner.replays > 0
     assert outs[True].token_ids == outs[False].token_ids
     assert np.array_equal(outs[True].codes, outs[False].codes)

@@ -1,4 +1,4 @@
-"""CUDA graphs for the per-token paths: a generic bucketed runner and the thinker decode step.
+"""CUDA graphs: a generic bucketed runner, the thinker decode step, the speech frame and the prefill chunks.
 
 ``GraphRunner`` wraps any step ``fn(inputs: dict[str, Tensor]) -> dict[str, Tensor]`` whose inputs live in
 named static buffers sized for ``max_batch_size`` (anchors: mini-sglang ``engine/graph.py``, nano-vllm
@@ -13,8 +13,10 @@ named static buffers sized for ``max_batch_size`` (anchors: mini-sglang ``engine
 - eager fallback for batches above the largest bucket, and everywhere when graphs are off or on CPU — the CPU
   eager run goes through the same static buffers and padding, so that logic is tested without a GPU.
 
-Nothing on the per-token path reads a device value back: the fills are host → device copies, the replay is
-asynchronous, and the caller decides when to read the outputs (the engine's ``.tolist()`` of the next ids).
+Nothing on the per-token path reads a device value back: the host inputs (ids, positions, KV metadata,
+sampling parameters) are staged in one host buffer (pinned on CUDA) and copied with ONE non_blocking copy, the
+replay is asynchronous, and the caller decides when to read the outputs (the engine's one read-back per step).
+Prefill chunks use the same runner with token-count buckets (``PrefillGraphs``).
 
 The code-predictor frame loop and the Code2Wav streaming step can be wrapped the same way: a callable over
 named static buffers (their state tensors updated in place with ``copy_``) plus the padding value per input.
@@ -33,7 +35,7 @@ from ..models.code2wav import Code2WavState
 from ..models.layers import AttentionMetadata
 from ..profiling import census_graphed, census_stage
 from .kv_cache import KVCachePool
-from ..sampling import SamplingTensors, sample
+from ..sampling import SamplingTensors, sample, to_device
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +59,19 @@ def batch_buckets(max_batch_size: int) -> list[int]:
     return buckets + [max_batch_size]
 
 
+#: Prefill chunks up to this many tokens run in bucketed shapes (captured on CUDA); longer ones run eagerly.
+PREFILL_GRAPH_TOKENS = 512
+
+
+def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
+    """Prefill token-count buckets: [16, 32, 64, ...] below ``max_tokens``, then ``max_tokens`` itself."""
+    buckets, b = [], smallest
+    while b < max_tokens:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_tokens]
+
+
 def _free_mib(device: torch.device) -> float:
     return torch.cuda.mem_get_info(device)[0] / 2**20
 
@@ -70,10 +85,12 @@ class GraphRunner:
         inputs: static buffers, each with ``max_batch_size`` rows along its batch dim.
         pads: padding value per input (every input must have one).
         max_batch_size: the largest bucket.
-        batch_dims: batch dimension per input (default 0), e.g. ``{"positions": 1}`` for ``(3, batch)``.
+        batch_dims: batch dimension per input (default 0), e.g. ``{"positions": 1}`` for ``(3, batch)``; None:
+            a host input of fixed size every bucket sees whole (a prefill's per-sequence metadata).
         use_graphs: capture and replay graphs (only on CUDA; ignored on CPU).
         name: for logs.
         output_batch_dims: batch dimension per output (default 0).
+        buckets: the bucket sizes (default ``batch_buckets(max_batch_size)``; the last is ``max_batch_size``).
         host_inputs: inputs the host fills each step (ids, positions, KV metadata, sampling parameters): they
             live as typed views of ONE device byte buffer, staged in a host buffer (pinned on CUDA) and copied
             with one ``non_blocking`` copy per step instead of one small copy per input.
@@ -82,7 +99,7 @@ class GraphRunner:
     def __init__(self, fn: StepFn, inputs: Mapping[str, torch.Tensor], pads: Mapping[str, object],
                  max_batch_size: int, batch_dims: Mapping[str, int] | None = None, use_graphs: bool = True,
                  name: str = "step", output_batch_dims: Mapping[str, int] | None = None,
-                 host_inputs: Sequence[str] = ()):
+                 host_inputs: Sequence[str] = (), buckets: Sequence[int] | None = None):
         self.fn = fn
         self.inputs = dict(inputs)
         self.pads = dict(pads)
@@ -91,11 +108,16 @@ class GraphRunner:
         if missing:
             raise ValueError(f"inputs without a padding value: {sorted(missing)}")
         for k, t in self.inputs.items():
-            if t.shape[self.batch_dims[k]] != max_batch_size:
+            if self.batch_dims[k] is None:
+                if k not in set(host_inputs):
+                    raise ValueError(f"input {k!r} without a batch dim must be a host input")
+            elif t.shape[self.batch_dims[k]] != max_batch_size:
                 raise ValueError(f"input {k!r} {tuple(t.shape)} has no {max_batch_size} rows along dim "
                                  f"{self.batch_dims[k]}")
         self.max_batch_size = max_batch_size
-        self.buckets = batch_buckets(max_batch_size)
+        self.buckets = list(buckets) if buckets else batch_buckets(max_batch_size)
+        if self.buckets[-1] != max_batch_size:
+            raise ValueError(f"the largest bucket must be {max_batch_size}, got {self.buckets}")
         devices = {t.device for t in self.inputs.values()}
         if len(devices) != 1:
             raise ValueError(f"all static inputs must be on one device, got {sorted(map(str, devices))}")
@@ -145,7 +167,8 @@ class GraphRunner:
 
     def view(self, bs: int) -> dict[str, torch.Tensor]:
         """Every input's first ``bs`` rows along its batch dim (views of the static buffers)."""
-        return {k: t.narrow(self.batch_dims[k], 0, bs) for k, t in self.inputs.items()}
+        return {k: t if self.batch_dims[k] is None else t.narrow(self.batch_dims[k], 0, bs)
+                for k, t in self.inputs.items()}
 
     def fill(self, buffers: dict[str, torch.Tensor], n: int, values: Mapping[str, InputValue | None],
              staged: bool = True) -> None:
@@ -172,12 +195,15 @@ class GraphRunner:
                 if buf.shape[dim] > n:
                     buf.narrow(dim, n, buf.shape[dim] - n).fill_(self.pads[k])
 
-    def _fill_host(self, buffers, n: int, values, staged: bool) -> None:
+    def _fill_host(self, buffers, batch: int, values, staged: bool) -> None:
         turn = self._turn = (self._turn + 1) % 2
         if self._events[turn] is not None:   # its last copy was read long ago (steps read back): no real wait
             self._events[turn].synchronize()
         for k in self.host_inputs:
-            dim, rows = self.batch_dims[k], buffers[k].shape[self.batch_dims[k]]
+            dim = self.batch_dims[k]
+            static, n = dim is None, batch   # static: whole every time, n = the value's own row count
+            dim = 0 if static else dim
+            rows = buffers[k].shape[dim]
             view = self._host_views[turn][k]
             host = view[(slice(None),) * dim + (slice(0, rows),)] if staged else np.empty(
                 tuple(buffers[k].shape), dtype=view.dtype)
@@ -187,6 +213,7 @@ class GraphRunner:
             else:
                 if value is not None:
                     value = np.asarray(value, dtype=host.dtype)
+                    n = value.shape[0] if static else n
                     if value.ndim == host.ndim and value.shape[dim] != n:
                         raise ValueError(f"input {k!r} has {value.shape[dim]} rows along dim {dim}, expected {n}")
                     host[head + (slice(0, n),)] = value
@@ -200,6 +227,15 @@ class GraphRunner:
                 self._events[turn].record()
 
     # -------------------------------------------------------------------------------------------- capture
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run every bucket once on all-padding inputs, eagerly, so the Triton kernels compile every
+        specialisation the buckets hit at start-up, not at a request (``capture`` warms each bucket itself)."""
+        for bs in self.buckets:
+            view = self.view(bs)
+            self.fill(view, 0, {})
+            self.fn(view)
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture one graph per bucket, largest first, sharing one memory pool. No-op without graphs."""
@@ -262,7 +298,8 @@ class GraphRunner:
         buffers = {}
         for k, t in self.inputs.items():
             shape = list(t.shape)
-            shape[self.batch_dims[k]] = n
+            if self.batch_dims[k] is not None:
+                shape[self.batch_dims[k]] = n
             buffers[k] = t.new_empty(shape)
         self.fill(buffers, n, values, staged=False)
         out = self.fn(buffers)
@@ -374,7 +411,7 @@ class ThinkerDecodeGraphs:
             def fill_seen(buf: torch.Tensor) -> None:
                 buf.zero_()
                 for i, row in enumerate(seen_ids):
-                    buf[i, torch.tensor(list(row), dtype=torch.int64, device=buf.device)] = True
+                    buf[i, to_device(list(row), torch.int64, buf.device)] = True   # pinned, non_blocking
             values["seen"] = fill_seen
         return values
 
@@ -525,3 +562,65 @@ def speech_frame_graphs(model, pool: KVCachePool, pools, max_batch_size: int, ma
     return GraphRunner(step, inputs, pads, max_batch_size, batch_dims={"positions": 1}, use_graphs=use_graphs,
                        name="speech_frame", output_batch_dims={"new_key": 1, "new_value": 1},
                        host_inputs=[k for k in inputs if k != "entries"])
+
+
+class PrefillGraphs:
+    """A decoder's prefill chunk (up to ``max_seqs`` packed sequences, at most ``max_tokens`` tokens) behind a
+    ``GraphRunner`` whose buckets are token counts, captured whole: the prefill attention kernel takes static
+    metadata (``cu_seqlens`` on the device, the bucket as ``max_query_len``), so no piecewise split is needed.
+
+    Pad tokens (bucket rows past the chunk) sit on slot -1 (nothing written to the KV pages) past
+    ``cu_seqlens[-1]`` (no sequence: attention leaves them zero) and feed no real row; pad sequences are empty
+    (``cu_seqlens`` repeated, context 0). Inputs: embeds (T, H), positions (3, T) float32 (device);
+    slot_mapping (T,) int64, block_tables (S, max_blocks) int32, context_lens (S,) int32, cu_seqlens (S + 1,)
+    int32 (host, staged once). Outputs: hidden (T, H) post-norm and tap (T, H) when ``tap_layer`` is set.
+    """
+
+    def __init__(self, forward, pool: KVCachePool, max_seqs: int, max_blocks: int, hidden: int,
+                 dtype: torch.dtype, tap_layer: int | None = None, max_tokens: int = PREFILL_GRAPH_TOKENS,
+                 use_graphs: bool = True, name: str = "prefill"):
+        self.forward, self.pool, self.tap_layer, self.max_seqs = forward, pool, tap_layer, max_seqs
+        self.kv_caches = list(zip(pool.k_caches, pool.v_caches))
+        T, S, device = max_tokens, max_seqs, pool.device
+        with torch.inference_mode():
+            inputs = {"embeds": torch.zeros(T, hidden, dtype=dtype, device=device),
+                      "positions": torch.zeros(3, T, dtype=torch.float32, device=device),
+                      "slot_mapping": torch.empty(T, dtype=torch.int64, device=device),
+                      "block_tables": torch.empty(S, max_blocks, dtype=torch.int32, device=device),
+                      "context_lens": torch.empty(S, dtype=torch.int32, device=device),
+                      "cu_seqlens": torch.empty(S + 1, dtype=torch.int32, device=device)}
+        pads = {"embeds": 0.0, "positions": 0.0, "slot_mapping": -1, "block_tables": -1, "context_lens": 0,
+                "cu_seqlens": 0}
+        self.runner = GraphRunner(self._step, inputs, pads, T, use_graphs=use_graphs, name=name,
+                                  batch_dims={"positions": 1, "block_tables": None, "context_lens": None,
+                                              "cu_seqlens": None},
+                                  host_inputs=("slot_mapping", "block_tables", "context_lens", "cu_seqlens"),
+                                  buckets=token_buckets(T))
+
+    def _step(self, b: dict) -> dict:
+        meta = AttentionMetadata(slot_mapping=b["slot_mapping"], block_tables=b["block_tables"],
+                                 context_lens=b["context_lens"], cu_seqlens_q=b["cu_seqlens"],
+                                 max_query_len=b["embeds"].shape[0])   # the bucket: a static attention grid
+        hidden, tap = self.forward(b["embeds"], b["positions"], self.kv_caches, meta, self.tap_layer)
+        return {"hidden": hidden, "tap": tap}
+
+    def fits(self, seqs: int, tap_layer: int | None) -> bool:
+        return seqs <= self.max_seqs and tap_layer in (None, self.tap_layer)
+
+    def run(self, seq_ids: list[int], lens: list[int], x: torch.Tensor, pos: torch.Tensor):
+        """One chunk whose KV pages are reserved: x (n, H), pos (3, n), lens[i] tokens of seq_ids[i] back to
+        back → (hidden (n, H), tap (n, H) or None). Above the largest bucket it runs eagerly at its length."""
+        cu = np.cumsum([0] + list(lens))
+
+        def fill_cu(h: np.ndarray) -> None:
+            h[: len(cu)], h[len(cu):] = cu, cu[-1]
+
+        out = self.runner.run(x.shape[0], {
+            "embeds": x, "positions": pos, "cu_seqlens": fill_cu,
+            "slot_mapping": lambda h: self.pool.slot_mapping(seq_ids, out=h),
+            "block_tables": lambda h: self.pool.block_tables(seq_ids, out=h),
+            "context_lens": lambda h: self.pool.context_lens(seq_ids, out=h)})
+        hidden, tap = out["hidden"], out.get("tap")
+        if self.runner.graphs:   # views of the static outputs: the next chunk's replay overwrites them
+            hidden, tap = hidden.clone(), None if tap is None else tap.clone()
+        return hidden, tap

@@ -129,6 +129,13 @@ class KVCachePool:
         self.manager.allocate(seq_id, prompt_len)
         return self._slots([seq_id], prompt_len)
 
+    def reserve(self, seq_id: int, num_tokens: int) -> None:
+        """Add num_tokens tokens to seq_id, creating it if new (a prefill chunk); its slots: ``slot_mapping``."""
+        if self.has_seq(seq_id):
+            self._copy_blocks(self.manager.append(seq_id, num_tokens))
+        else:
+            self.manager.allocate(seq_id, num_tokens)
+
     def extend(self, seq_id: int, num_tokens: int) -> torch.Tensor:
         """Add num_tokens tokens to seq_id (a prefill chunk); returns their slots, int64 (num_tokens,)."""
         self._copy_blocks(self.manager.append(seq_id, num_tokens))
@@ -190,7 +197,7 @@ class KVCachePool:
         (int64 (n,) with n >= that count) written into it, the rest pad, and out returned."""
         ids = list(seq_ids)
         if out is not None:
-            host = np.empty(out.shape[0], dtype=np.int64)
+            host = out if isinstance(out, np.ndarray) else np.empty(out.shape[0], dtype=np.int64)
             self.manager.fill_slot_mapping(ids, host, pad)
             return self._put(host, out)
         return self._slots(ids, sum(self.manager.num_last_tokens(i) for i in ids))
