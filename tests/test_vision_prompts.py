@@ -16,6 +16,8 @@ import omni_rt
 from omni_rt import vision
 from omni_rt.models.mrope import VisionItem, expand_vision_pads, multimodal_positions
 
+from _fixtures import runtime_fixture
+
 GREEDY = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=10)
 RNG = np.random.default_rng(7)
 IMG = RNG.integers(0, 256, (70, 90, 3), dtype=np.uint8)
@@ -25,11 +27,8 @@ _t = np.arange(16000 * 4) / 16000
 WAV = (0.3 * np.sin(2 * np.pi * 220 * _t) * (1 + np.sin(_t * 3))).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def rt(tiny_checkpoint):
-    # max_prefill_tokens 7: prefill chunk boundaries fall inside images and videos (deepstack slicing).
-    with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_prefill_tokens=7) as r:
-        yield r
+# max_prefill_tokens 7: prefill chunk boundaries fall inside images and videos (deepstack slicing).
+rt = runtime_fixture(max_prefill_tokens=7)
 
 
 def _features(wav):
