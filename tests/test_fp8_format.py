@@ -244,7 +244,7 @@ def test_bad_quantization_argument(plain_ckpt):
     assert build_parser().parse_args(["run", "--model", "d"]).quant is None
 
 
-def test_fused_fp8_weights_keep_each_parts_grid(fp8_ckpt):
+def test_fused_fp8_weights_keep_each_parts_grid(fp8_ckpt, plain_ckpt):
     """Kept FP8 (sm_90): q/k/v and the shared expert's gate/up are one FP8 parameter each whose scale grid is the
     parts' own grids stacked (the tiny-wide widths are not multiples of 128, so the parts' edge blocks do not
     line up with 128-row blocks of the fused weight); dequantized (CPU/sm_80) they are the parts concatenated."""
@@ -253,6 +253,7 @@ def test_fused_fp8_weights_keep_each_parts_grid(fp8_ckpt):
     raw = _tensors(fp8_ckpt)
     kept = dict(load_model(fp8_ckpt, keep_fp8=True).named_parameters())
     deq = dict(load_model(fp8_ckpt).named_parameters())
+    at_load = dict(load_model(plain_ckpt, quantization="fp8", keep_fp8=True).named_parameters())
     for owner, fused, names in (("thinker.model.layers.0.self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
                                 ("talker.model.layers.0.mlp.shared_expert", "gate_up_proj", ("gate_proj", "up_proj"))):
         parts = [f"{owner}.{n}.weight" for n in names]
@@ -265,3 +266,6 @@ def test_fused_fp8_weights_keep_each_parts_grid(fp8_ckpt):
         assert torch.equal(deq[f"{owner}.{fused}.weight"], want)
         rows = tuple(raw[p].shape[0] for p in parts)
         assert torch.equal(dequantize_blockwise(w, s, torch.float32, parts=rows), want)
+        # quantized at load (streaming, each on-disk part on its own grid before the fusion): the same
+        assert torch.equal(at_load[f"{owner}.{fused}.weight"].view(torch.uint8), w.view(torch.uint8))
+        assert torch.equal(at_load[f"{owner}.{fused}.weight_scale_inv"], s)
