@@ -37,8 +37,8 @@ def test_json_shape_and_stage_names():
     # Outside its stages the census launches almost nothing (the model is built on meta with no init kernels).
     # setup (zeroed static graph buffers and decoder states, KV pools, the talker's text feed) is a fixed cost:
     # small next to the stages even at these tiny shapes (the full-shape test bounds it tighter)
-    total = sum(s["launches"] for s in data["stages"])
-    assert data["outside_stages"]["launches"] < 0.3 * total
+    # (an absolute bound, held like BUDGETS: a ratio to the stage totals tightened whenever a stage shrank)
+    assert data["outside_stages"]["launches"] <= TINY_OUTSIDE_LAUNCHES
 
 
 # Whether the engine replays each stage from a CUDA graph (cuda_graphs=True): the thinker decode step, the
@@ -204,7 +204,7 @@ def test_budgets_at_full_shapes(full_census):
     for name in PER_TOKEN:
         assert by[name]["host_syncs"] == 0, (name, by[name]["host_syncs"])
     # an outside counter around the whole command agrees with the stage totals to a few percent
-    assert data["outside_stages"]["launches"] < 0.05 * sum(s["launches"] for s in data["stages"])
+    assert data["outside_stages"]["launches"] <= FULL_OUTSIDE_LAUNCHES
     assert data["first_packet"]["est_ms"]["h100"] <= FIRST_PACKET_H100_MS
 
 
@@ -216,3 +216,7 @@ def test_budgets_at_full_shapes(full_census):
 BUDGETS = {"thinker_decode": 637, "talker_decode": 416, "code_predictor_frame": 757, "code2wav_step": 504,
            "thinker_prefill": 1801, "talker_prefill": 905, "vision_encode": 474}
 FIRST_PACKET_H100_MS = 60.0
+# Launches outside the stages of the tiny census at batch 2 (setup: static graph buffers, KV pools, workspaces):
+# what is reached; it may only go down (it was 341 of 1,284 stage launches before the sampler/frame work).
+TINY_OUTSIDE_LAUNCHES = 339
+FULL_OUTSIDE_LAUNCHES = 299   # the same at full shapes, batch 1 (was bounded by 5% of the stage totals)
