@@ -6,6 +6,10 @@ bf16, M in {1, 4, 16, 64, 256, 4096}; the Triton path vs the loop-over-experts r
 Weights are random, so routing is near uniform: the worst case for expert reuse. H100 bf16 floor at M=1:
 75.5 MB / 3.35 TB/s = 22.5 us per thinker layer.
 
+``test_bench_moe_align`` times the prefill alignment (one ``_moe_align_kernel`` launch vs the sort-based torch
+reference it replaced) at the thinker's routing (E=128, top-8) for prefill-sized M; extra_info reports GB/s of
+the index tensors written.
+
 CPU: the Triton path only runs under the interpreter (seconds per call, meaningless as a timing), so small
 shapes compare the torch loop reference against a vectorised torch baseline (gathered per-token expert
 weights + einsum), as extra_info says.
@@ -109,3 +113,27 @@ def test_bench_fused_moe(benchmark, layer, m, impl):
                                         "vectorised einsum baseline at small shapes")
     if CUDA and layer == "thinker" and m == 1:
         benchmark.extra_info["floor_us_h100_bf16"] = 22.5
+
+
+M_ALIGN_CUDA = [75, 512, 4096]
+M_ALIGN_CPU = [75]
+
+
+@pytest.mark.parametrize("m", M_ALIGN_CUDA if CUDA else M_ALIGN_CPU)
+@pytest.mark.parametrize("impl", ["triton", "torch_ref"] if CUDA else ["torch_ref"])
+def test_bench_moe_align(benchmark, m, impl):
+    device = "cuda" if CUDA else "cpu"
+    e, top_k, block_m = 128, 8, 16
+    g = torch.Generator(device=device).manual_seed(0)
+    _, ids = torch.topk(torch.rand(m, e, device=device, generator=g), top_k, dim=-1)
+    fn = {"triton": fm.moe_align, "torch_ref": fm.moe_align_ref}[impl]
+    want = fm.moe_align_ref(ids, e, block_m)
+    got = fn(ids, e, block_m)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), f"{impl} disagrees with the reference"
+    benchmark.group = f"moe_align-M{m}"
+    benchmark(_sync_call(fn, ids, e, block_m))
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        written = sum(t.numel() * t.element_size() for t in got) + ids.numel() * ids.element_size()
+        benchmark.extra_info["GB_per_s"] = written / stats.stats.median / 1e9
+    benchmark.extra_info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"

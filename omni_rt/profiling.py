@@ -296,7 +296,7 @@ def triton_cost(kernel: str, named: dict) -> tuple[float, float]:
     at most min(E, M·top_k)) or that do matmul work get their own rule."""
     tensors = [v for v in named.values() if hasattr(v, "element_size") and hasattr(v, "stride")]
     default = float(sum(_span_bytes(t) for t in tensors))
-    if kernel in ("_moe_gate_up_kernel", "_moe_down_kernel", "_moe_fp8_gate_up_kernel", "_moe_fp8_down_kernel"):
+    if kernel in ("_moe_gate_up_kernel", "_moe_down_kernel", "_moe_gate_up_decode_kernel", "_moe_down_sum_kernel"):
         n_assign, n, k = _arg(named, "num_assign"), _arg(named, "N"), _arg(named, "K")
         w = named.get("wg_ptr", named.get("w_ptr"))
         experts = w.shape[0] if w is not None else 1
@@ -306,7 +306,9 @@ def triton_cost(kernel: str, named: dict) -> tuple[float, float]:
         act = named.get("x_ptr", named.get("h_ptr"))
         act_elem = act.element_size() if act is not None else elem
         act_in = n_assign * k * act_elem
-        act_out = n_assign * n * act_elem
+        out = named.get("out_ptr")
+        # the decode down kernel writes the (M, N) sum, the others one row per assignment
+        act_out = (out.numel() if kernel == "_moe_down_sum_kernel" and out is not None else n_assign * n) * act_elem
         return float(touched * halves * n * k * elem + act_in + act_out), 2.0 * n_assign * halves * n * k
     if kernel == "_fp8_linear_kernel":
         m, n, k = _arg(named, "M"), _arg(named, "N"), _arg(named, "K")

@@ -263,6 +263,10 @@ _CASES = _cases()
 def compile_results() -> dict:
     """Run the compile worker once for the whole module (in a subprocess without TRITON_INTERPRET)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # The worker runs this file as a script (sys.path[0] = tests/): put the checkout under test first, so a
+    # worktree's kernels are compiled rather than those of an installed copy of the package.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
     jobs = max(1, min(os.cpu_count() or 1, 8))
     with tempfile.TemporaryDirectory() as tmp:
