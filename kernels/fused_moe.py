@@ -270,7 +270,8 @@ def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     return sorted_ids, expert_ids, total.to(torch.int32)
 
 
-# Assignments one alignment program scans per step (a power of two: tl.arange / tl.histogram sizes).
+# Assignments one alignment program scans per step (a power of two: tl.arange / tl.histogram sizes; one value,
+# so one compiled variant serves every prefill size).
 _ALIGN_CHUNK = 1024
 
 
@@ -284,7 +285,7 @@ def _moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     _moe_align_kernel[(num_experts,)](
         ids, sorted_ids, expert_ids, total, n_assign, num_blocks, num_experts,
-        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_A=min(_ALIGN_CHUNK, triton.next_power_of_2(n_assign)),
+        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_A=_ALIGN_CHUNK,
         BLOCK_M=block_m, num_warps=4)
     return sorted_ids, expert_ids, total
 
@@ -951,12 +952,11 @@ def _routing_specs() -> list[KernelSpec]:
             num_warps=1 if block_e <= 256 else 4, num_stages=1))
     block_ms = sorted({dict(items)["BLOCK_M"] for _, items in _load_table(None)} | {16})
     for bm in block_ms:
-        for block_a in (128, 256, 512, _ALIGN_CHUNK):
-            specs.append(KernelSpec(
-                name=f"moe_align_e128_m{bm}_a{block_a}", fn=_moe_align_kernel,
-                signature={"ids_ptr": "*i64", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
-                           "total_ptr": "*i32", "n_assign": "i32", "num_blocks": "i32", "E": "i32"},
-                constexprs={"BLOCK_E": 128, "BLOCK_A": block_a, "BLOCK_M": bm}, num_warps=4, num_stages=1))
+        specs.append(KernelSpec(
+            name=f"moe_align_e128_m{bm}", fn=_moe_align_kernel,
+            signature={"ids_ptr": "*i64", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
+                       "total_ptr": "*i32", "n_assign": "i32", "num_blocks": "i32", "E": "i32"},
+            constexprs={"BLOCK_E": 128, "BLOCK_A": _ALIGN_CHUNK, "BLOCK_M": bm}, num_warps=4, num_stages=1))
     return specs
 
 

@@ -157,8 +157,10 @@ def test_budgets_at_full_shapes(full_census):
         assert by[name]["launches"] <= limit, (name, by[name]["launches"], limit)
     for name in PER_TOKEN:
         assert by[name]["host_syncs"] == 0, (name, by[name]["host_syncs"])
-    # an outside counter around the whole command agrees with the stage totals to a few percent
-    assert data["outside_stages"]["launches"] < 0.05 * sum(s["launches"] for s in data["stages"])
+    # an outside counter around the whole command agrees with the stage totals up to the fixed setup cost (KV
+    # pools, static graph buffers), which may not grow: as the stages shrink towards their budgets a bound
+    # relative to them would tighten with every launch saved inside them
+    assert data["outside_stages"]["launches"] <= OUTSIDE_LAUNCHES
     assert data["first_packet"]["est_ms"]["h100"] <= FIRST_PACKET_H100_MS
 
 
@@ -166,6 +168,8 @@ def test_budgets_at_full_shapes(full_census):
 # code_predictor_frame <= 1000, code2wav_step <= 250, thinker_prefill <= 800, talker_prefill <= 400 and a first
 # packet <= 60 ms (H100 model). Where a budget is not reached yet the bound is what is reached
 # (benchmarks/results/census/after.json): no stage may grow back.
-BUDGETS = {"thinker_decode": 690, "talker_decode": 499, "code_predictor_frame": 1810, "code2wav_step": 584,
-           "thinker_prefill": 747, "talker_prefill": 542}
+BUDGETS = {"thinker_decode": 690, "talker_decode": 319, "code_predictor_frame": 1810, "code2wav_step": 584,
+           "thinker_prefill": 747, "talker_prefill": 362}
 FIRST_PACKET_H100_MS = 60.0
+# launches outside the stages at full shapes, batch 1 (setup; 5% of the stage totals when this bound was set)
+OUTSIDE_LAUNCHES = 256

@@ -47,7 +47,7 @@ SKIP_MODULES = {"configs"}
 ARCHS = {"sm_90": (90, 232448), "sm_80": (80, 166912)}
 MISSING = "<no COMPILE_SPECS>"
 IMPORT_ERROR = "<import error>"
-WORKER_TIMEOUT_S = 900
+WORKER_TIMEOUT_S = 1800   # every spec of every module, on 2 CPU cores that may be shared
 
 
 def kernel_modules() -> list[str]:
