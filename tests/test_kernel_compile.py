@@ -268,6 +268,12 @@ def compile_results() -> dict:
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
+    # The worker must compile the kernels this test imported (a git worktree's, not an installed checkout's):
+    # run as a script, its sys.path starts with tests/, so put this omni_rt's parent first.
+    import omni_rt
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(omni_rt.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     jobs = max(1, min(os.cpu_count() or 1, 8))
     with tempfile.TemporaryDirectory() as tmp:
         # A private, empty Triton cache: every kernel goes through Triton's own ptxas (whose -v log gives the

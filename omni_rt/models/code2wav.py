@@ -35,7 +35,7 @@ from torch import nn
 
 from ..config import Code2WavConfig
 from ..kernels.causal_conv1d import causal_conv1d, prepare_weight, snake_beta_ref
-from .layers import RMSNorm
+from .layers import DenseMLP, RMSNorm, fuse_parts_on_load, make_linear, split
 
 __all__ = ["Code2Wav", "Code2WavState"]
 
@@ -115,18 +115,20 @@ class _Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.window = c.sliding_window
-        self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        # q, k and v in one GEMM (the checkpoint's q_proj/k_proj/v_proj, concatenated at load)
+        self.qkv_proj = make_linear(c.hidden_size, (self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                                    self.kv_heads * self.head_dim))
         self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
+        fuse_parts_on_load(self)
 
     def forward(self, x, cos, sin, past_k, past_v, kpos, qpos):
         """x: (B, n, hidden); cos/sin: (B, n, head_dim); past_k/v: (B, kv_heads, W-1, head_dim);
         kpos: (B, W-1+n) key positions; qpos: (B, n). Returns (out (B, n, hidden), new past_k, new past_v)."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = split(self.qkv_proj(x), self.qkv_proj.parts)
+        q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
+        k = k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
@@ -157,17 +159,6 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
 
 
-class _Mlp(nn.Module):
-    def __init__(self, c: Code2WavConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
-
-
 class _TransformerLayer(nn.Module):
     def __init__(self, c: Code2WavConfig):
         super().__init__()
@@ -175,7 +166,7 @@ class _TransformerLayer(nn.Module):
         self.self_attn = _Attention(c)
         self.self_attn_layer_scale = _LayerScale(c.hidden_size, c.layer_scale_initial_scale)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = _Mlp(c)
+        self.mlp = DenseMLP(c.hidden_size, c.intermediate_size)   # gate/up as one GEMM, silu·mul one kernel
         self.mlp_layer_scale = _LayerScale(c.hidden_size, c.layer_scale_initial_scale)
 
     def forward(self, x, cos, sin, past_k, past_v, kpos, qpos):
