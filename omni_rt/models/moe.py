@@ -56,15 +56,6 @@ def _as_experts(gate_up: torch.Tensor, down: torch.Tensor, parts: int) -> tuple[
     return torch.cat([g, u], dim=1), down.reshape(down.shape[0], parts, -1).transpose(0, 1).contiguous()
 
 
-def _gate_up(mlp: DenseMLP, leaf: str) -> torch.Tensor:
-    """A DenseMLP's gate and up ``leaf`` tensors (weights or FP8 scale grids) as one, gate rows first: its fused
-    ``gate_up_proj`` when it has one (each part's grid stacked), else gate_proj's and up_proj's concatenated."""
-    fused = getattr(mlp, "gate_up_proj", None)
-    if fused is not None:
-        return getattr(fused, leaf)
-    return torch.cat([getattr(mlp.gate_proj, leaf), getattr(mlp.up_proj, leaf)])
-
-
 def _appended(old: torch.Tensor, extra: torch.Tensor | None, rows: int) -> nn.Parameter:
     """``old`` with ``rows`` more entries along dim 0 (``extra``) as a new parameter. On the meta device (the
     census) there is no data to move: the grown shape is only allocated, which launches nothing."""
@@ -128,7 +119,7 @@ class SparseMoE(nn.Module):
                 if ex.gate_up_proj.is_meta:
                     extra = (None, None)
                 else:
-                    extra = _as_experts(_gate_up(se, leaf), getattr(se.down_proj, leaf), parts)
+                    extra = _as_experts(getattr(se.gate_up_proj, leaf), getattr(se.down_proj, leaf), parts)
                 for name, more in zip((gu_name, dn_name), extra):
                     setattr(ex, name, _appended(getattr(ex, name), more, parts))
             self.gate.weight = _appended(self.gate.weight, None if self.gate.weight.is_meta
