@@ -249,7 +249,8 @@ class Runtime:
 
     def stats(self) -> dict:
         """Cheap, thread-safe counters (api.md): KV blocks and speech slots free/total, requests running and
-        waiting, and ``fault`` (None, or what killed the runtime). After ``close()`` it returns the counters as
+        waiting, ``warmup_s`` (seconds the start-up warm-up of every batch and prefill bucket took: Triton
+        compiles and graph captures; ~0 on CPU) and ``fault`` (None, or what killed the runtime). After ``close()`` it returns the counters as
         the runtime left them (every request ended, every block and slot returned); it never raises."""
         engine = self.engine
         if engine is None or self._final_stats is not None:
@@ -290,9 +291,9 @@ class Runtime:
 
     def _require_vision(self, what: str):
         visual = self._live().model.thinker.visual
-        if visual is None:
-            raise ValueError(f"{what}: this checkpoint has no vision tower (thinker_config.vision_config is "
-                             f"absent), so it cannot take images or video")
+        refusal = self.cfg.vision_refusal()
+        if refusal is not None or visual is None:
+            raise ValueError(f"{what}: {refusal or 'this checkpoint has no vision tower'}")
         return visual
 
     def stage_times(self, reset: bool = False) -> dict[str, float]:

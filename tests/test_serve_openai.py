@@ -24,16 +24,14 @@ from omni_rt.serve.protocol import Limits  # noqa: E402
 
 from omni_rt.serve.live import live_server  # noqa: E402
 
+from _fixtures import runtime_fixture  # noqa: E402
+
 TALKER_STEPS = 8
 TOKENS = 6
 TIMEOUT = 120
 
 
-@pytest.fixture(scope="module")
-def rt(tiny_checkpoint):
-    runtime = omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=4)
-    yield runtime
-    runtime.close()
+rt = runtime_fixture(max_batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -111,7 +109,7 @@ def test_models_and_health(server, client, rt):
     h = httpx.get(f"{server}/health", timeout=10).json()
     assert h["status"] == "ok" and h["stats"]["fault"] is None
     assert set(h["stats"]) == {"kv_free_blocks", "kv_total_blocks", "talker_kv_free_blocks", "talker_kv_total_blocks",
-                               "speech_slots_free", "speech_slots_total", "running", "waiting", "fault"}
+                               "speech_slots_free", "speech_slots_total", "running", "waiting", "warmup_s", "fault"}
 
 
 def test_non_streaming_equals_runtime_generate(client, rt):
