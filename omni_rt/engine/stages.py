@@ -296,8 +296,7 @@ class Stages:
             values.update(cp_temperature=cp.temperature, cp_top_k=cp.top_k, cp_top_p=cp.top_p, cp_seeds=cp.seeds,
                           frame_index=cp.frame_index)
         res = self.speech_graph.run(len(reqs), values)
-        n_conv, n_tail = len(self.c2w_state.conv), len(self.c2w_state.tail)
-        state = state_from(res, n_conv, n_tail, prefix="new_").select(torch.arange(len(reqs), device=self.device))
+        state = state_from(res, self.c2w_state.layout, prefix="new_").clone()
         # outputs of a replay are views of static buffers: copy what outlives the next replay
         return {"code0": res["code0"].clone(), "frames": res["frames"].clone(),
                 "next_embed": res["next_embed"].clone(), "audio": res["audio"].clone(), "state": state}
@@ -311,8 +310,8 @@ class Stages:
         state = self.c2w_state.select(slots)
         if codes.shape[-1] == 1 and self.c2w_graph is not None:
             res = self.c2w_graph.run(len(reqs), {"codes": codes, **dict(zip(state_names(state), state.tensors()))})
-            audio, state = res["audio"], state_from(res, len(state.conv), len(state.tail), prefix="new_")
-            state = state.select(torch.arange(len(reqs), device=self.device))  # copy out of the static buffers
+            audio, state = res["audio"], state_from(res, state.layout, prefix="new_")
+            state = state.clone()  # copy out of the static buffers
         else:
             audio, state = self.model.code2wav.step_padded(codes, state)
         return audio.float(), state
