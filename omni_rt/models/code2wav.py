@@ -35,14 +35,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Code2WavConfig
-from ..kernels.causal_conv1d import causal_conv1d, prepare_weight, snake_beta_ref, zero_pre_start
+from ..kernels import trans_conv1d as _trans
+from ..kernels.causal_conv1d import causal_conv1d, prepare_weight
+from ..kernels.trans_conv1d import trans_conv1d
+from ..kernels.window_attention import window_attention
 from .layers import RMSNorm
 
 __all__ = ["Code2Wav", "Code2WavState", "StateLayout"]
-
-# Query rows per attention block in long decodes: keeps the score tensor (rows x (rows + window)) bounded
-# instead of (frames x frames).
-_ATTN_BLOCK = 256
 
 
 # ----------------------------------------------------------------------------------------------- state
@@ -167,36 +166,18 @@ class _Attention(nn.Module):
         self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, past_k, past_v, masks):
-        """x: (B, n, hidden); cos/sin: (B, n, head_dim); past_k/v: (B, kv_heads, W-1, head_dim); masks: per
-        block of ``_ATTN_BLOCK`` queries (start, end, (B, 1, end - start, W-1 + end - start) bool), built once
-        per step. Returns (out (B, n, hidden), new past_k, new past_v) (views of the concatenated keys)."""
+    def forward(self, x, cos, sin, past_k, past_v, pos, new_k, new_v):
+        """x: (B, n, hidden); cos/sin: (B, n, head_dim); past_k/v: (B, kv_heads, W-1, head_dim) rotated history;
+        pos: (B,) int64 first position of the chunk. Writes the new history into new_k / new_v (same shape)
+        and returns out (B, n, hidden). Rotary, the window update and the masked attention are one kernel
+        (``kernels.window_attention``; its reference is this layer's former torch code)."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        keys = torch.cat([past_k, k], dim=2)
-        values = torch.cat([past_v, v], dim=2)
-        keep = past_k.shape[2]
-        new_k, new_v = keys[:, :, keys.shape[2] - keep:], values[:, :, values.shape[2] - keep:]
-        rep = self.heads // self.kv_heads
-        if rep > 1:
-            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        # Query i sees key slots [i, i + W - 1] (its window is a band), so blocks of queries need only a
-        # (block + W - 1)-slot slice of the keys: memory stays linear in the number of frames.
-        outs = [F.scaled_dot_product_attention(q[:, :, a:e], keys[:, :, a:e + keep], values[:, :, a:e + keep],
-                                               attn_mask=mask, scale=self.head_dim ** -0.5)
-                for a, e, mask in masks]
-        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return self.o_proj(o.transpose(1, 2).reshape(b, n, -1)), new_k, new_v
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+        q = self.q_proj(x).view(b, n, self.heads, self.head_dim)
+        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim)
+        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim)
+        o, _, _ = window_attention(q, k, v, cos, sin, past_k, past_v, pos, self.window, self.head_dim ** -0.5,
+                                   new_k=new_k, new_v=new_v)
+        return self.o_proj(o.reshape(b, n, -1))
 
 
 class _Mlp(nn.Module):
@@ -220,12 +201,11 @@ class _TransformerLayer(nn.Module):
         self.mlp = _Mlp(c)
         self.mlp_layer_scale = _LayerScale(c.hidden_size, c.layer_scale_initial_scale)
 
-    def forward(self, x, cos, sin, past_k, past_v, masks):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, masks)
+    def forward(self, x, cos, sin, past_k, past_v, pos, new_k, new_v):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, pos, new_k, new_v)
         # x + scale·a as one op (fused multiply-add: equal to the reference up to its rounding of scale·a)
         x = torch.addcmul(x, self.self_attn_layer_scale.scale, a)
-        x = torch.addcmul(x, self.mlp_layer_scale.scale, self.mlp(self.post_attention_layernorm(x)))
-        return x, k, v
+        return torch.addcmul(x, self.mlp_layer_scale.scale, self.mlp(self.post_attention_layernorm(x)))
 
 
 class _Transformer(nn.Module):
@@ -352,6 +332,9 @@ class Code2Wav(nn.Module):
             for m in self._convs + [m for m in self.modules() if isinstance(m, _CausalConv) and m.state_len == 0]:
                 if m.groups == 1:
                     m.conv.weight = nn.Parameter(prepare_weight(m.conv.weight), requires_grad=False)
+            for m in self.modules():
+                if isinstance(m, _TransConv):  # (K, out, in) storage: contiguous tile loads along ``in``
+                    m.conv.weight = nn.Parameter(_trans.prepare_weight(m.conv.weight), requires_grad=False)
 
     def num_samples(self, frames: int) -> int:
         """Samples one ``decode`` of ``frames`` frames returns: frames·T − D (0 for no frames)."""
@@ -407,14 +390,12 @@ class Code2Wav(nn.Module):
                                  state_out=conv_out[m.slot], residual=residual, pre_start=(pos, lag, unit))
             return y
 
-        def tconv(m: _TransConv, h, lag, unit):
-            h = zero_pre_start(h, pos, lag, unit)
-            length = h.shape[-1] * m.stride
-            y = F.conv_transpose1d(h, m.conv.weight, None, stride=m.stride)
-            if m.overlap:
-                y = torch.cat([y[..., :m.overlap] + tail_in[m.slot], y[..., m.overlap:]], dim=-1)
-                tail_out[m.slot].copy_(y[..., length:])
-            return y[..., :length] + m.conv.bias[:, None]
+        def tconv(m: _TransConv, h, lag, unit, snake: _Snake | None = None):
+            alpha, beta = snake.params() if snake is not None else (None, None)
+            y, _ = trans_conv1d(h, m.conv.weight, m.conv.bias, m.stride,
+                                tail=tail_in[m.slot] if m.overlap else None, snake_alpha=alpha, snake_beta=beta,
+                                pre_start=(pos, lag, unit), tail_out=tail_out[m.slot] if m.overlap else None)
+            return y
 
         h = x.transpose(1, 2)  # (B, hidden, n)
         lag, unit = 0, 1  # lag: pre-start samples at a fresh stream's chunk head; unit: samples per frame
@@ -427,7 +408,7 @@ class Code2Wav(nn.Module):
         h = conv(self.decoder[0], h, lag, unit)
         for blk in self.decoder[1:-2]:
             act, tc, *units = blk.block
-            h = tconv(tc, snake_beta_ref(h, *act.params()), lag, unit)
+            h = tconv(tc, h, lag, unit, snake=act)
             lag, unit = lag * tc.stride + tc.overlap, unit * tc.stride
             for u in units:
                 r = conv(u.conv1, h, lag, unit, snake=u.act1)
@@ -487,24 +468,11 @@ class Code2Wav(nn.Module):
         n = codes.shape[-1]
         x = self.code_embedding(codes + self.code_offset).mean(1)
         qpos = pos[:, None] + torch.arange(n, device=pos.device)
-        keep = past_k.shape[3]
-        kpos = pos[:, None] - keep + torch.arange(keep + n, device=pos.device)
-        # angles for exactly the positions in use (no table caps the stream length); fp32 as the reference
+        # angles for exactly the positions in use (no table caps the stream length); fp32 as the reference;
+        # built once per step, shared by every layer
         freqs = qpos[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        # the sliding-window masks depend only on the positions: built once per step, shared by all layers
-        window = self.cfg.sliding_window
-        masks = []
-        for a in range(0, n, _ATTN_BLOCK):
-            e = min(n, a + _ATTN_BLOCK)
-            kp, qp = kpos[:, None, a:e + keep], qpos[:, a:e, None]
-            masks.append((a, e, ((kp >= 0) & (kp <= qp) & (qp - kp < window))[:, None]))
-        ks, vs = [], []
         for i, layer in enumerate(self.pre_transformer.layers):
-            x, k, v = layer(x, cos, sin, past_k[i], past_v[i], masks)
-            ks.append(k)
-            vs.append(v)
-        torch.stack(ks, out=new_k)
-        torch.stack(vs, out=new_v)
+            x = layer(x, cos, sin, past_k[i], past_v[i], pos, new_k[i], new_v[i])
         return self.pre_transformer.norm(x)
