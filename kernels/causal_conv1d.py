@@ -105,19 +105,27 @@ def _snake_params(alpha_ptr, beta_ptr, offs_c, cmask, HAS_SNAKE: tl.constexpr, E
 
 @triton.jit
 def _causal_conv1d_dense_kernel(
-    x_ptr, w_ptr, bias_ptr, state_ptr, alpha_ptr, beta_ptr, y_ptr, so_ptr, res_ptr, pos_ptr,
+    x_ptr, w_ptr, bias_ptr, state_ptr, alpha_ptr, beta_ptr, y_ptr, so_ptr, res_ptr, pos_ptr, ws_ptr, cnt_ptr,
     C_in, C_out, L, dilation, lag, unit,
     sxb, sxc, sxt, swo, swi, swk, ssb, ssc, sst, syb, syc, syt, sob, soc, sot, srb, src, srt,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SNAKE: tl.constexpr,
     WRITE_STATE: tl.constexpr, HAS_RES: tl.constexpr, HAS_LEAD: tl.constexpr, EPS: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
     """x: (B, C_in, L), w: (C_out, C_in, WIDTH), state/state_out: (B, C_in, S), y/res: (B, C_out, L),
-    pos: (B,) int64 (x-positions below lag - pos·unit read as zero)."""
+    pos: (B,) int64 (x-positions below lag - pos·unit read as zero).
+
+    SPLIT > 1 splits the input channels over SPLIT programs per output tile (short chunks: enough programs to
+    pull the weights through every SM): each stores its fp32 partial tile in ws (SPLIT, B, C_out, L) and bumps
+    the tile's counter in cnt (int32, zero between launches); the last to arrive sums the partials in split
+    order (deterministic), finishes the tile and resets the counter."""
     # time blocks vary fastest so programs sharing a weight block run together (L2 reuse)
     pid_t = tl.program_id(0)
-    pid_o = tl.program_id(1)
+    pid_os = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    pid_o = pid_os // SPLIT
+    split = pid_os % SPLIT
     S = (WIDTH - 1) * dilation
     lead = _lead(pos_ptr, b, lag, unit, HAS_LEAD)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -127,7 +135,9 @@ def _causal_conv1d_dense_kernel(
     acc = tl.zeros([BLOCK_O, BLOCK_T], dtype=tl.float32)
     # one flat runtime loop over (in-block, tap) with a single dot in its body: a constant 7-trip tap loop
     # gets unrolled by LLVM and spills; the snake parameters are re-read per tap (BLOCK_C floats, cached)
-    for it in range(0, tl.cdiv(C_in, BLOCK_C) * WIDTH):
+    n_cb = tl.cdiv(C_in, BLOCK_C)
+    per = tl.cdiv(n_cb, SPLIT)  # in-blocks of this split: [split·per, min((split+1)·per, n_cb))
+    for it in range(split * per * WIDTH, tl.minimum((split + 1) * per, n_cb) * WIDTH):
         k = it % WIDTH
         offs_c = (it // WIDTH) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = offs_c < C_in
@@ -142,13 +152,37 @@ def _causal_conv1d_dense_kernel(
         else:
             acc = tl.dot(w, xv, acc)
     if WRITE_STATE:
-        if (pid_t == 0) & (pid_o == 0):
+        if (pid_t == 0) & (pid_os == 0):
             for c0 in range(0, C_in, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 cmask = offs_c < C_in
                 alpha_e, inv_beta = _snake_params(alpha_ptr, beta_ptr, offs_c, cmask, HAS_SNAKE, EPS)
                 _store_state(x_ptr, state_ptr, so_ptr, alpha_e, inv_beta, b, offs_c, cmask, L, S, lead,
                              sxb, sxc, sxt, ssb, ssc, sst, sob, soc, sot, HAS_STATE, HAS_SNAKE, BLOCK_S)
+    if SPLIT == 1:
+        _finish_tile(acc, bias_ptr, res_ptr, y_ptr, b, offs_o, offs_t, omask, tmask, syb, syc, syt, srb, src, srt,
+                     HAS_BIAS, HAS_RES)
+    else:
+        B = tl.num_programs(2)
+        n_t = tl.num_programs(0)
+        tile_mask = omask[:, None] & tmask[None, :]
+        ws_tile = (b * C_out + offs_o[:, None]) * L + offs_t[None, :]
+        tl.store(ws_ptr + split * B * C_out * L + ws_tile, acc, mask=tile_mask)
+        tile = (b * (tl.num_programs(1) // SPLIT) + pid_o) * n_t + pid_t
+        # acq_rel: our partial is visible before the count, and the last sees every other partial
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            acc = tl.zeros([BLOCK_O, BLOCK_T], dtype=tl.float32)
+            for sp in range(SPLIT):
+                acc += tl.load(ws_ptr + sp * B * C_out * L + ws_tile, mask=tile_mask, other=0.0)
+            _finish_tile(acc, bias_ptr, res_ptr, y_ptr, b, offs_o, offs_t, omask, tmask, syb, syc, syt, srb, src,
+                         srt, HAS_BIAS, HAS_RES)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (graph replays included)
+
+
+@triton.jit
+def _finish_tile(acc, bias_ptr, res_ptr, y_ptr, b, offs_o, offs_t, omask, tmask, syb, syc, syt, srb, src, srt,
+                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)[:, None]
     if HAS_RES:  # the residual unit's skip connection, added in fp32 and rounded once
@@ -210,13 +244,13 @@ def _dense_config(c_out: int, length: int, width: int, dtype: torch.dtype) -> tu
             return 16, 16, 32, 4
         return (32, 16, 32, 4) if length <= 64 else (32, 16, 64, 4)
     if c_out <= 16:
-        return 16, 32, 64, 4
+        return 16, 32, 64 if length > 64 else 32, 4
     if length <= 64:
         return 32, 64 if width > 1 else 32, 32, 4
     return 64, 32 if width > 1 else 16, 64, 4
 
 
-_DW_BLOCK_C, _DW_BLOCK_T, _DW_WARPS = 16, 128, 4
+_DW_BLOCK_C, _DW_BLOCK_T, _DW_MAX_WARPS = 16, 128, 8
 _BLOCK_S = 16
 
 
@@ -273,11 +307,48 @@ def _dw_config(length: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_T, num_warps) for the depthwise kernel: the time tile follows the real length (a
     one-frame ConvNeXt step has 2-4 samples), so short chunks do not run 128-wide mostly-masked tiles."""
     bt = min(max(triton.next_power_of_2(max(length, 1)), 16), _DW_BLOCK_T)
-    return _DW_BLOCK_C, bt, max(1, min(_DW_WARPS, _DW_BLOCK_C * bt // 256))
+    return _DW_BLOCK_C, bt, max(1, min(_DW_MAX_WARPS, _DW_BLOCK_C * bt // 256))
+
+
+# Programs a dense conv should launch at least (an H100 has 132 SMs): below that, split the input channels.
+MIN_PROGRAMS = 132
+_MAX_SPLIT = 16
+_COUNTERS: dict = {}
+
+
+def _split_for(programs: int, in_blocks: int) -> int:
+    """Input-channel splits for a dense conv with ``programs`` output tiles: enough to reach MIN_PROGRAMS, at
+    most one per in-block, and no empty split. From the shapes only: tiny shapes (few in-blocks) stay at 1."""
+    if programs >= MIN_PROGRAMS or in_blocks < 2:
+        return 1
+    want = min(triton.cdiv(MIN_PROGRAMS, programs), in_blocks, _MAX_SPLIT)
+    return triton.cdiv(in_blocks, triton.cdiv(in_blocks, want))
+
+
+def _dense_tiles(c_in: int, c_out: int, length: int, width: int, dtype: torch.dtype,
+                 batch: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_O, BLOCK_C, BLOCK_T, num_warps, SPLIT) for a dense conv: ``_dense_config``'s tiles, the
+    short-chunk ones when the long ones would leave SMs idle, then an input-channel split up to MIN_PROGRAMS."""
+    bo, bc, bt, warps = _dense_config(c_out, length, width, dtype)
+    if triton.cdiv(length, bt) * triton.cdiv(c_out, bo) * batch < MIN_PROGRAMS and length > 64:
+        bo, bc, bt, warps = _dense_config(c_out, 64, width, dtype)
+    programs = max(triton.cdiv(length, bt), 1) * triton.cdiv(c_out, bo) * batch
+    return bo, bc, bt, warps, _split_for(programs, triton.cdiv(c_in, bc))
+
+
+def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
+    """Per-device int32 arrival counters of split tiles, zero between launches (the last program of a tile
+    resets its counter), so one zeroed buffer serves every launch and graph replay on that device's stream.
+    Split convs must not run concurrently on two streams of one device."""
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 def _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha, snake_beta,
-                          return_state, out, state_out, residual, pre_start):
+                          return_state, out, state_out, residual, pre_start, split=None):
     batch, c_in, length = x.shape
     c_out, _, width = weight.shape
     s = (width - 1) * dilation
@@ -318,15 +389,22 @@ def _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha,
             *x.stride(), weight.stride(0), weight.stride(2), *st_strides, *y.stride(), *so_strides,
             BLOCK_C=bc, BLOCK_T=bt, num_warps=warps, **common)
     else:
-        bo, bc, bt, warps = _dense_config(c_out, length, width, x.dtype)
-        grid = (max(triton.cdiv(length, bt), 1), triton.cdiv(c_out, bo), batch)
+        bo, bc, bt, warps, auto_split = _dense_tiles(c_in, c_out, length, width, x.dtype, batch)
+        tiles = max(triton.cdiv(length, bt), 1) * triton.cdiv(c_out, bo)
+        split = auto_split if split is None else split
+        grid = (max(triton.cdiv(length, bt), 1), triton.cdiv(c_out, bo) * split, batch)
         res = residual if residual is not None else dummy
+        if split > 1:
+            ws = torch.empty((split, batch, c_out, length), device=x.device, dtype=torch.float32)
+            cnt = _tile_counters(x.device, tiles * batch)
+        else:
+            ws, cnt = dummy, dummy
         _causal_conv1d_dense_kernel[grid](
-            *args, res, pos, c_in, c_out, length, dilation, lag, unit,
+            *args, res, pos, ws, cnt, c_in, c_out, length, dilation, lag, unit,
             *x.stride(), *weight.stride(), *st_strides, *y.stride(), *so_strides,
             *(residual.stride() if residual is not None else (0, 0, 0)),
             BLOCK_O=bo, BLOCK_C=bc, BLOCK_T=bt, num_warps=warps, num_stages=2, HAS_RES=residual is not None,
-            **common)
+            SPLIT=split, **common)
     return (y, state_out) if return_state else y
 
 
@@ -431,24 +509,28 @@ def _specs() -> list[KernelSpec]:
         t = tname[dt]
         ptrs = {n: f"*{t}" for n in ("x_ptr", "w_ptr", "bias_ptr", "state_ptr", "y_ptr", "so_ptr")}
         ptrs.update({"alpha_ptr": "*fp32", "beta_ptr": "*fp32"})
-        dense_sig = dict(ptrs, res_ptr=f"*{t}", pos_ptr="*i64", C_in="i32", C_out="i32", L="i32",
+        dense_sig = dict(ptrs, res_ptr=f"*{t}", pos_ptr="*i64", ws_ptr="*fp32", cnt_ptr="*i32",
+                         C_in="i32", C_out="i32", L="i32",
                          dilation="i32", lag="i32", unit="i32",
                          **{n: "i32" for n in ("sxb", "sxc", "sxt", "swo", "swi", "swk", "ssb", "ssc", "sst",
                                                "syb", "syc", "syt", "sob", "soc", "sot", "srb", "src", "srt")})
-        # (name, width, snake, streaming state + pre-start mask, residual, c_out, length) per released conv
-        dense_uses = [("res_conv7", 7, True, True, False, 768, 32),
-                      ("res_conv7_long", 7, True, True, False, 768, 4096),
-                      ("res_conv1", 1, True, False, True, 768, 32),
-                      ("res_conv1_long", 1, True, False, True, 768, 4096),
-                      ("in_conv_1024_1536", 7, False, True, False, 1536, 4),
-                      ("out_conv_96_1", 7, True, True, False, 1, 1920)]
-        for name, width, snake, stream, res, c_out, length in dense_uses:
-            bo, bc, bt, warps = _dense_config(c_out, length, width, dt)
+        # (name, width, snake, streaming state + pre-start mask, residual, c_in, c_out, length) per released
+        # conv; one-frame lengths take the input-channel split their shapes get at batch 1
+        dense_uses = [("res_conv7", 7, True, True, False, 768, 768, 32),
+                      ("res_conv7_384", 7, True, True, False, 384, 384, 160),
+                      ("res_conv7_192", 7, True, True, False, 192, 192, 640),
+                      ("res_conv7_long", 7, True, True, False, 768, 768, 4096),
+                      ("res_conv1", 1, True, False, True, 768, 768, 32),
+                      ("res_conv1_long", 1, True, False, True, 768, 768, 4096),
+                      ("in_conv_1024_1536", 7, False, True, False, 1024, 1536, 4),
+                      ("out_conv_96_1", 7, True, True, False, 96, 1, 1920)]
+        for name, width, snake, stream, res, c_in, c_out, length in dense_uses:
+            bo, bc, bt, warps, split = _dense_tiles(c_in, c_out, length, width, dt, 1)
             specs.append(KernelSpec(
                 name=f"causal_conv1d_dense_{name}_{t}", fn=_causal_conv1d_dense_kernel, signature=dense_sig,
                 constexprs=dict(WIDTH=width, HAS_BIAS=True, HAS_STATE=stream, HAS_SNAKE=snake,
-                                WRITE_STATE=stream, HAS_RES=res, HAS_LEAD=stream, EPS=SNAKE_EPS, BLOCK_O=bo,
-                                BLOCK_C=bc, BLOCK_T=bt, BLOCK_S=_BLOCK_S),
+                                WRITE_STATE=stream, HAS_RES=res, HAS_LEAD=stream, EPS=SNAKE_EPS, SPLIT=split,
+                                BLOCK_O=bo, BLOCK_C=bc, BLOCK_T=bt, BLOCK_S=_BLOCK_S),
                 num_warps=warps, num_stages=2))
         dw_sig = dict(ptrs, pos_ptr="*i64", C="i32", L="i32", dilation="i32", lag="i32", unit="i32",
                       **{n: "i32" for n in ("sxb", "sxc", "sxt", "swc", "swk", "ssb", "ssc", "sst",

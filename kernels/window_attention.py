@@ -16,8 +16,8 @@ Shapes: q (B, n, H, D), k/v (B, n, KV, D) (e.g. views of one fused projection; l
 streaming state; new_* must not overlap past_*), pos (B,) int64. Returns o (B, n, H, D) contiguous.
 
 Kernel: one program per (query block, head, stream). Query block [a, a + BLOCK_Q) needs key slots
-[a, a + BLOCK_Q + P): one (BLOCK_K = next_pow2(BLOCK_Q + P)) tile, read from the history for slots < P and from
-the (rotated on the fly) new keys for the rest; a single-pass softmax over it. Programs of query block 0 and
+[a, a + BLOCK_Q + P), read in BLOCK_K-row pieces from the history for slots < P and from the (rotated on the
+fly) new keys for the rest, with an online softmax in fp32. Programs of query block 0 and
 the first head of each kv group write that group's new window. Static shapes, no host syncs: graph-safe.
 """
 from __future__ import annotations
@@ -76,41 +76,48 @@ def _window_attention_kernel(
     q = _rope_tile(q_ptr + b * sqb + h * sqh, cos_ptr + b * scb, sin_ptr + b * scb, qi, qmask, offs_d, D,
                    sqn, scn, HALF)
 
-    # key slots [a, a + BLOCK_K): history below P, new (rotated) keys from P on
-    j = a + tl.arange(0, BLOCK_K)
-    jmask = j < P + n
-    old = j < P
-    t = tl.where(old, 0, j - P)  # index into the new keys
-    km_old = (jmask & old)[:, None] & dmask[None, :]
-    k_old = tl.load(pk_ptr + b * spkb + g * spkh + j[:, None] * spks + offs_d[None, :], mask=km_old, other=0.0)
-    k_new = _rope_tile(k_ptr + b * skb + g * skh, cos_ptr + b * scb, sin_ptr + b * scb, t, jmask & ~old,
-                       offs_d, D, skn, scn, HALF)
-    keys = tl.where(old[:, None], k_old, k_new)
-    vm_new = (jmask & ~old)[:, None] & dmask[None, :]
-    v_old = tl.load(pv_ptr + b * spvb + g * spvh + j[:, None] * spvs + offs_d[None, :], mask=km_old, other=0.0)
-    v_new = tl.load(v_ptr + b * svb + t[:, None] * svn + g * svh + offs_d[None, :], mask=vm_new, other=0.0)
-    values = tl.where(old[:, None], v_old, v_new)
-
-    if q_ptr.dtype.element_ty == tl.float32:
-        s = tl.dot(q, tl.trans(keys), input_precision="ieee")
-    else:
-        s = tl.dot(q, tl.trans(keys))
-    kpos = pos - P + j
+    # key slots [a, a + BLOCK_Q + P) in BLOCK_K-row pieces with an online softmax: history below P, new
+    # (rotated on the fly) keys from P on; small pieces keep the rotary temporaries in registers
     qpos = pos + qi
-    valid = (jmask[None, :] & (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
-             & (qpos[:, None] - kpos[None, :] < window))
-    s = tl.where(valid, s * scale, float("-inf"))
-    m = tl.max(s, axis=1)
-    m = tl.where(qmask, m, 0.0)  # padded query rows have no valid key: keep them finite
-    p = tl.exp(s - m[:, None])
-    p = tl.where(valid, p, 0.0)
-    l = tl.sum(p, axis=1)
-    l = tl.where(l > 0, l, 1.0)
-    if q_ptr.dtype.element_ty == tl.float32:
-        o = tl.dot(p, values, input_precision="ieee")
-    else:
-        o = tl.dot(p.to(values.dtype), values)
-    o = o / l[:, None]
+    m_i = tl.full([BLOCK_Q], -1.0e30, dtype=tl.float32)  # finite: a fully masked piece gives exp(-inf) = 0
+    l_i = tl.zeros([BLOCK_Q], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_Q, BLOCK_D], dtype=tl.float32)
+    for kb in range(a, tl.minimum(a + BLOCK_Q + P, P + n), BLOCK_K):
+        j = kb + tl.arange(0, BLOCK_K)
+        jmask = j < P + n
+        old = j < P
+        t = tl.where(old, 0, j - P)  # index into the new keys
+        km_old = (jmask & old)[:, None] & dmask[None, :]
+        k_old = tl.load(pk_ptr + b * spkb + g * spkh + j[:, None] * spks + offs_d[None, :], mask=km_old,
+                        other=0.0)
+        k_new = _rope_tile(k_ptr + b * skb + g * skh, cos_ptr + b * scb, sin_ptr + b * scb, t, jmask & ~old,
+                           offs_d, D, skn, scn, HALF)
+        keys = tl.where(old[:, None], k_old, k_new)
+        if q_ptr.dtype.element_ty == tl.float32:
+            s = tl.dot(q, tl.trans(keys), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(keys))
+        kpos = pos - P + j
+        valid = (jmask[None, :] & (kpos[None, :] >= 0) & (kpos[None, :] <= qpos[:, None])
+                 & (qpos[:, None] - kpos[None, :] < window))
+        s = tl.where(valid, s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        vm_new = (jmask & ~old)[:, None] & dmask[None, :]
+        v_old = tl.load(pv_ptr + b * spvb + g * spvh + j[:, None] * spvs + offs_d[None, :], mask=km_old,
+                        other=0.0)
+        v_new = tl.load(v_ptr + b * svb + t[:, None] * svn + g * svh + offs_d[None, :], mask=vm_new, other=0.0)
+        values = tl.where(old[:, None], v_old, v_new)
+        acc = acc * alpha[:, None]
+        if q_ptr.dtype.element_ty == tl.float32:
+            acc = tl.dot(p, values, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(p.to(values.dtype), values, acc)
+        m_i = m_new
+    l_i = tl.where(l_i > 0, l_i, 1.0)  # padded query rows saw no key
+    o = acc / l_i[:, None]
     tl.store(o_ptr + b * sob + qi[:, None] * son + h * soh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
              mask=qmask[:, None] & dmask[None, :])
 
@@ -142,10 +149,9 @@ _BLOCK_W = 16
 
 
 def _config(P: int, D: int) -> tuple[int, int, int, int]:
-    """(BLOCK_Q, BLOCK_K, BLOCK_D, num_warps): one key tile covers a query block's whole window."""
-    bk = triton.next_power_of_2(_BLOCK_Q + P)
+    """(BLOCK_Q, BLOCK_K, BLOCK_D, num_warps): 16-row key pieces (a query block's window is BLOCK_Q + P slots)."""
     bd = max(16, triton.next_power_of_2(D))
-    return _BLOCK_Q, bk, bd, 4 if bk * bd <= 128 * 64 else 8
+    return _BLOCK_Q, 16, bd, 4
 
 
 def _check(q, k, v, cos, sin, past_k, past_v, pos, window, new_k, new_v):
