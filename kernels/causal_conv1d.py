@@ -336,10 +336,12 @@ def _dense_tiles(c_in: int, c_out: int, length: int, width: int, dtype: torch.dt
     return bo, bc, bt, warps, _split_for(programs, triton.cdiv(c_in, bc))
 
 
-def _tile_counters(device: torch.device, n: int) -> torch.Tensor:
+def tile_counters(device: torch.device | str, n: int = 0) -> torch.Tensor:
     """Per-device int32 arrival counters of split tiles, zero between launches (the last program of a tile
     resets its counter), so one zeroed buffer serves every launch and graph replay on that device's stream.
-    Split convs must not run concurrently on two streams of one device."""
+    Split convs must not run concurrently on two streams of one device. A model calls it once at load so the
+    zero-fill is not part of its first step (nor of a graph capture)."""
+    device = torch.device(device)
     buf = _COUNTERS.get(device)
     if buf is None or buf.numel() < n:
         buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
@@ -396,7 +398,7 @@ def _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha,
         res = residual if residual is not None else dummy
         if split > 1:
             ws = torch.empty((split, batch, c_out, length), device=x.device, dtype=torch.float32)
-            cnt = _tile_counters(x.device, tiles * batch)
+            cnt = tile_counters(x.device, tiles * batch)
         else:
             ws, cnt = dummy, dummy
         _causal_conv1d_dense_kernel[grid](

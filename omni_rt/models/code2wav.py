@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Code2WavConfig
+from ..kernels import causal_conv1d as _cc
 from ..kernels import trans_conv1d as _trans
 from ..kernels.causal_conv1d import causal_conv1d, prepare_weight
 from ..kernels.trans_conv1d import trans_conv1d
@@ -327,6 +328,7 @@ class Code2Wav(nn.Module):
         dim = c.head_dim
         inv = 1.0 / (c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
         self.register_buffer("inv_freq", inv, persistent=False)
+        _cc.tile_counters(device)  # the split convs' arrival counters, zeroed here rather than in a step
         if torch.device(device).type == "cuda":
             # the dense conv kernel's weight tiles load contiguously in (width, out, in) storage
             for m in self._convs + [m for m in self.modules() if isinstance(m, _CausalConv) and m.state_len == 0]:
