@@ -12,12 +12,12 @@ compare the public op's CPU path (the gather-per-sequence reference) against SDP
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _kernel_bench import median_us, timed
 from omni_rt.kernels.paged_attention import paged_decode_attention
 
 CUDA = torch.cuda.is_available()
@@ -54,26 +54,6 @@ def _sdpa(q, k, v):
     return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True).squeeze(2)
 
 
-def _timed(fn, reps):
-    def run():
-        for _ in range(reps):
-            fn()
-        if CUDA:
-            torch.cuda.synchronize()
-    return run
-
-
-def _median_us(fn, reps, rounds=30):
-    run = _timed(fn, reps)
-    run()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t0) / reps)
-    return sorted(times)[len(times) // 2] * 1e6
-
-
 @pytest.mark.benchmark(group="paged_decode_attention")
 @pytest.mark.parametrize("impl", ["paged", "sdpa"])
 @pytest.mark.parametrize("case", list(CASES))
@@ -89,10 +69,10 @@ def test_decode_attention(benchmark, case, impl):
     reps = REPS if CUDA else 1
     fn = paged if impl == "paged" else dense
     kv_bytes = 2 * batch * ctx * kv_heads * head_dim * dtype.itemsize
-    us = _median_us(fn, reps, rounds=30 if CUDA else 3)
+    us = median_us(fn, reps, rounds=30 if CUDA else 3)
     benchmark.extra_info.update({"case": case, "impl": impl, "kv_MB": kv_bytes / 1e6, "median_us": us,
                                  "GB_per_s": kv_bytes / (us * 1e-6) / 1e9})
     if impl == "paged":
-        sdpa_us = _median_us(dense, reps, rounds=30 if CUDA else 3)
+        sdpa_us = median_us(dense, reps, rounds=30 if CUDA else 3)
         benchmark.extra_info.update({"sdpa_us": sdpa_us, "speedup_vs_sdpa": sdpa_us / us})
-    benchmark.pedantic(_timed(fn, reps), rounds=20 if CUDA else 1, warmup_rounds=1 if CUDA else 0)
+    benchmark.pedantic(timed(fn, reps), rounds=20 if CUDA else 1, warmup_rounds=1 if CUDA else 0)

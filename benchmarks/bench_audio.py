@@ -10,13 +10,11 @@ for the encoder), else on CPU (fp32). The reference runs its torch path on CPU, 
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import numpy as np
 import pytest
 import torch
 
+from _model_bench import median_s
 from omni_rt import audio
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -48,13 +46,7 @@ def _reference(fe, wav: np.ndarray, device: str = "cpu"):
 
 
 def _median_s(fn, reps: int) -> float:
-    fn()  # warm-up: allocator, cuFFT plans, filter cache
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return median_s(fn, reps, warmup=True)   # warm-up: allocator, cuFFT plans, filter cache
 
 
 @pytest.mark.parametrize("seconds", SECONDS)

@@ -12,70 +12,37 @@ peak; CPU: peak RSS).
 """
 from __future__ import annotations
 
-import statistics
-import time
-
 import pytest
 import torch
 
+from _model_bench import CONFIGS, CUDA, DEVICE, DTYPE, paired_towers, record_same_run, sync, tower_config
 from omni_rt.config import OmniConfig
-from omni_rt.loader import assign_parameters
 from omni_rt.models.audio_encoder import AudioEncoder
-from omni_rt.testing import full_config, random_state_dict, resolve_config
 
-CUDA = torch.cuda.is_available()
-DEVICE = "cuda" if CUDA else "cpu"
-DTYPE = torch.bfloat16 if CUDA else torch.float32
 PREFIX = "thinker.audio_tower."
 SECONDS = [5, 30, 300, 2400]
-CONFIGS = ["full"] if CUDA else ["tiny", "small"]
 SMOKE_MAX_SECONDS = 30  # with --benchmark-disable on CPU, longer audio is skipped to keep the smoke run quick
-
-
-def _sync() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
-def _config_dict(name: str) -> dict:
-    if name != "full":
-        return resolve_config(name)
-    # The released audio tower in full; every other stack at 1 layer, since random_state_dict draws them too.
-    cfg = full_config(layers=1)
-    cfg["thinker_config"]["audio_config"]["encoder_layers"] = full_config()["thinker_config"]["audio_config"][
-        "encoder_layers"]
-    return cfg
-
 
 _MODELS: dict[str, tuple] = {}
 
 
 def _models(name: str):
     """(ours, transformers' audio tower or None) on DEVICE in DTYPE with the same random weights, cached."""
-    if name in _MODELS:
-        return _MODELS[name]
-    cfg_dict = _config_dict(name)
-    cfg = OmniConfig.from_dict(cfg_dict).thinker.audio
-    with torch.device("meta"):
-        ours = AudioEncoder(cfg)
-    weights = {n: t for n, t in random_state_dict(cfg_dict, seed=0, dtype=DTYPE, device=DEVICE)
-               if n.startswith(PREFIX)}
-    assign_parameters(ours, weights.items(), prefix=PREFIX)
-    ref = None
-    try:
-        from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import \
-            Qwen3OmniMoeAudioEncoderConfig
-        from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeAudioEncoder
+    if name not in _MODELS:
+        cfg_dict = tower_config(name, "audio_config")
+        with torch.device("meta"):
+            ours = AudioEncoder(OmniConfig.from_dict(cfg_dict).thinker.audio)
 
-        hf_cfg = Qwen3OmniMoeAudioEncoderConfig(**cfg_dict["thinker_config"]["audio_config"])
-        hf_cfg._attn_implementation = "sdpa"
-        with torch.device(DEVICE):  # the released tower's random init is slow on the host
-            ref = Qwen3OmniMoeAudioEncoder(hf_cfg)
-        ref = ref.to(dtype=DTYPE).eval()
-        ref.load_state_dict({n[len(PREFIX):]: t for n, t in weights.items()}, strict=True)
-    except ImportError:
-        pass
-    _MODELS[name] = (ours.eval(), ref)
+        def build_ref():
+            from transformers.models.qwen3_omni_moe.configuration_qwen3_omni_moe import \
+                Qwen3OmniMoeAudioEncoderConfig
+            from transformers.models.qwen3_omni_moe.modeling_qwen3_omni_moe import Qwen3OmniMoeAudioEncoder
+
+            hf_cfg = Qwen3OmniMoeAudioEncoderConfig(**cfg_dict["thinker_config"]["audio_config"])
+            hf_cfg._attn_implementation = "sdpa"
+            return Qwen3OmniMoeAudioEncoder(hf_cfg)
+
+        _MODELS[name] = paired_towers(cfg_dict, PREFIX, ours, build_ref)
     return _MODELS[name]
 
 
@@ -84,15 +51,6 @@ def _features(seconds: int) -> torch.Tensor:
     frames = seconds * 100
     x = torch.randn(128, frames, generator=g) * 0.35 + torch.linspace(0.6, -0.6, 128)[:, None]
     return torch.maximum(x, x.max() - 2.0).to(device=DEVICE, dtype=DTYPE)
-
-
-def _median_s(fn, reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def _peak_growth_bytes(fn) -> int:
@@ -131,13 +89,13 @@ def test_audio_encoder_latency(benchmark, config, seconds):
     def run_ours():
         with torch.inference_mode():
             out = ours(x, lens)
-        _sync()
+        sync()
         return out
 
     def run_ref():
         with torch.inference_mode():
             out = ref(x, feature_lens=lens).last_hidden_state
-        _sync()
+        sync()
         return out
 
     out = run_ours()  # warm-up: Triton compile / allocator / oneDNN primitive caches
@@ -145,13 +103,7 @@ def test_audio_encoder_latency(benchmark, config, seconds):
     info = benchmark.extra_info
     info.update({"config": config, "device": DEVICE, "dtype": str(DTYPE), "seconds": seconds,
                  "tokens": out.shape[0]})
-    if ref is not None:
-        expected = run_ref()
-        info["max_rel_diff_vs_ref"] = ((out.float() - expected.float()).abs().max()
-                                       / expected.float().abs().max()).item()
-        info["ref_s"] = _median_s(run_ref, reps)
-        info["ours_s"] = _median_s(run_ours, reps)
-        info["speedup"] = info["ref_s"] / info["ours_s"]
+    record_same_run(info, out, run_ours, run_ref if ref is not None else None, reps)
     if seconds == max(SECONDS):
         info["peak_mem_ours_MB"] = _peak_growth_bytes(run_ours) / 2**20
         if ref is not None:

@@ -13,12 +13,12 @@ forced-Triton path against the reference and times it once.
 """
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from _kernel_bench import median_us, timed
 from omni_rt.kernels import force_triton
 from omni_rt.kernels.block_window_attention import block_window_attention, block_window_attention_ref
 
@@ -58,26 +58,6 @@ def _setup(lengths: list[int], heads: int, head_dim: int, device: str, dtype: to
     return (q, k, v, cu), (padded[0], padded[1], padded[2], mask)
 
 
-def _timed(fn, reps):
-    def run():
-        for _ in range(reps):
-            fn()
-        if CUDA:
-            torch.cuda.synchronize()
-    return run
-
-
-def _median_us(fn, reps, rounds):
-    run = _timed(fn, reps)
-    run()
-    times = []
-    for _ in range(rounds):
-        t0 = time.perf_counter()
-        run()
-        times.append((time.perf_counter() - t0) / reps)
-    return sorted(times)[len(times) // 2] * 1e6
-
-
 @pytest.mark.benchmark(group="block_window_attention")
 @pytest.mark.parametrize("impl", ["triton", "sdpa_padded"])
 @pytest.mark.parametrize("case", list(CASES))
@@ -103,10 +83,10 @@ def test_block_window_attention(benchmark, case, impl):
     reps, rounds = (REPS, 30) if CUDA else (1, 1)
     fn = triton_fn if impl == "triton" else sdpa_fn
     flops = 4 * heads * head_dim * sum(n * n for n in lengths)
-    us = _median_us(fn, reps, rounds)
+    us = median_us(fn, reps, rounds)
     benchmark.extra_info.update({"case": case, "impl": impl, "tokens": sum(lengths), "windows": len(lengths),
                                  "median_us": us, "TFLOP_per_s": flops / (us * 1e-6) / 1e12})
     if impl == "triton":
-        sdpa_us = _median_us(sdpa_fn, reps, rounds)
+        sdpa_us = median_us(sdpa_fn, reps, rounds)
         benchmark.extra_info.update({"sdpa_us": sdpa_us, "speedup_vs_sdpa": sdpa_us / us})
-    benchmark.pedantic(_timed(fn, reps), rounds=20 if CUDA else 1, warmup_rounds=1 if CUDA else 0)
+    benchmark.pedantic(timed(fn, reps), rounds=20 if CUDA else 1, warmup_rounds=1 if CUDA else 0)

@@ -22,6 +22,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from _kernel_bench import report_bandwidth, synced
 from omni_rt.kernels.causal_conv1d import causal_conv1d, causal_conv1d_ref, prepare_weight, snake_beta_ref
 
 CUDA = torch.cuda.is_available()
@@ -82,15 +83,6 @@ def _bytes_flops(a):
     return nbytes, flops
 
 
-def _sync(fn):
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-    return run
-
-
 @pytest.mark.parametrize("frames", FRAMES)
 @pytest.mark.parametrize("name", list(CONVS_CUDA if CUDA else CONVS_CPU))
 @pytest.mark.parametrize("impl", IMPLS)
@@ -115,12 +107,6 @@ def test_bench_causal_conv1d(benchmark, impl, name, frames):
     scale = y_ref.float().abs().max().item()
     assert (y.float() - y_ref.float()).abs().max().item() <= tol * max(scale, 1.0), f"{impl} disagrees"
     benchmark.group = f"causal_conv1d-{name}-F{frames}"
-    benchmark(_sync(fn))
+    benchmark(synced(fn))
     nbytes, flops = _bytes_flops(a)
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if CUDA else "cpu",
-                                 "length": a["x"].shape[2], "MB_moved": nbytes / 1e6})
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        med = stats.stats.median
-        benchmark.extra_info.update({"median_us": med * 1e6, "GB_per_s": nbytes / med / 1e9,
-                                     "TFLOP_per_s": flops / med / 1e12})
+    report_bandwidth(benchmark, nbytes, flops, length=a["x"].shape[2], MB_moved=nbytes / 1e6)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _kernel_bench import report_bandwidth, synced
 from omni_rt.kernels.counter_uniform import counter_uniform, counter_uniform_ref
 
 CUDA = torch.cuda.is_available()
@@ -26,18 +27,10 @@ def test_bench_counter_uniform(benchmark, impl, name):
     steps = torch.arange(b, device=device, dtype=torch.int64)
     op = counter_uniform if impl == "triton" else counter_uniform_ref
 
-    def run():
-        out = op(seeds, steps, n)
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
+    run = synced(lambda: op(seeds, steps, n))
 
     assert torch.equal(run(), counter_uniform_ref(seeds, steps, n))
     benchmark.group = f"counter_uniform-{name}"
     benchmark(run)
     nbytes = b * n * 8
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if CUDA else "cpu", "bytes": nbytes,
-                                 "floor_us_h100": nbytes / 3.35e12 * 1e6})
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        benchmark.extra_info.update({"GB_per_s": nbytes / stats.stats.median / 1e9})
+    report_bandwidth(benchmark, nbytes)

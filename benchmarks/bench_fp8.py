@@ -2,7 +2,8 @@
 
 CUDA (sm_89+; unrun so far — no GPU was available when this was written):
 - ``fp8_linear`` (weight-only w8a16 and w8a8) vs ``F.linear`` bf16 at the thinker's attention shapes
-  (q_proj 4096×2048, o_proj 2048×4096), M in {1, 16, 256, 4096}; extra_info: weight GB/s (FP8 bytes read).
+  (q_proj 4096×2048, the fused qkv_proj (4096+512+512)×2048 with each part on its own scale grid, o_proj
+  2048×4096), M in {1, 16, 256, 4096}; extra_info: weight GB/s (FP8 bytes read).
 - ``fused_moe_fp8`` vs bf16 ``fused_moe`` at the thinker MoE (E=128, H=2048, I=768, top-8), M in {1, 16, 64, 256};
   weight GB/s of the experts touched. H100 floor at M=1: 37.7 MB / 3.35 TB/s ≈ 11 µs per layer in FP8
   (22.5 µs in bf16). Random routing is near uniform: the worst case for expert reuse.
@@ -26,7 +27,9 @@ from omni_rt.kernels import fused_moe_fp8 as f8
 from omni_rt.quant import quantize_blockwise, quantize_parts
 
 CUDA = torch.cuda.is_available()
-DENSE = {"q_proj": (4096, 2048), "o_proj": (2048, 4096)} if CUDA else {"q_proj": (160, 136)}
+DENSE = {"q_proj": (4096, 2048), "qkv_proj": (5120, 2048), "o_proj": (2048, 4096)} if CUDA else \
+    {"q_proj": (160, 136), "qkv_proj": (224, 136)}
+PARTS = {"qkv_proj": (4096, 512, 512)} if CUDA else {"qkv_proj": (160, 32, 32)}   # fused: parts' own grids
 MOE = (128, 2048, 768, 8) if CUDA else (8, 136, 72, 2)
 PROMPTS = [[449, 11, 198, 100, 200, 300, 42, 450, 198, 449, 12, 198],
            [449, 11, 198, 7, 8, 9, 10, 300, 301, 302, 17, 18, 19, 450, 198, 449, 12, 198]]
@@ -44,14 +47,15 @@ def test_fp8_linear(benchmark, device, m, shape, impl):
     n, k = DENSE[shape]
     dtype = torch.bfloat16 if CUDA else torch.float32
     w = torch.randn(n, k, device=device) / k ** 0.5
-    q, s = quantize_blockwise(w)
+    parts = PARTS.get(shape)
+    q, s = quantize_blockwise(w) if parts is None else quantize_parts(w, parts)
     w = w.to(dtype)
     x = torch.randn(m, k, device=device, dtype=dtype)
     if impl == "bf16":
         fn = lambda: torch.nn.functional.linear(x, w)  # noqa: E731
         nbytes = n * k * w.element_size()
     else:
-        fn = lambda: fl.fp8_linear(x, q, s, act_fp8=impl == "w8a8")  # noqa: E731
+        fn = lambda: fl.fp8_linear(x, q, s, act_fp8=impl == "w8a8", parts=parts)  # noqa: E731
         nbytes = n * k + s.numel() * 4
     fn()
     _sync()

@@ -13,21 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _kernel_bench import report_bandwidth, synced
 from omni_rt.kernels.qk_norm_rope import qk_norm_rope, qk_norm_rope_ref
 
 CUDA = torch.cuda.is_available()
 SHAPES = {"decode_32q4kv": (1, 32, 4, 128), "prefill75_32q4kv": (75, 32, 4, 128)} if CUDA else \
     {"tiny_4q2kv": (3, 4, 2, 16)}
 IMPLS = ["triton", "torch"] if CUDA else ["ref"]
-
-
-def _sync(fn):
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-    return run
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -55,12 +47,7 @@ def test_bench_qk_norm_rope(benchmark, impl, name):
     q_ref, _ = qk_norm_rope_ref(q, k, v, w, w, 1e-6, cos, sin, cache, slots)
     assert (qo.float() - q_ref.float()).abs().max().item() <= 3e-2 * max(q_ref.float().abs().max().item(), 1.0)
     benchmark.group = f"qk_norm_rope-{name}"
-    benchmark(_sync(fn))
+    benchmark(synced(fn))
     e = q.element_size()
     nbytes = (2 * t * (h + kvh) * d + 2 * t * kvh * d + 2 * t * kvh * d + 2 * t * d) * e
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if CUDA else "cpu", "bytes": nbytes,
-                                 "floor_us_h100": nbytes / 3.35e12 * 1e6})
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        med = stats.stats.median
-        benchmark.extra_info.update({"median_us": med * 1e6, "GB_per_s": nbytes / med / 1e9})
+    report_bandwidth(benchmark, nbytes)

@@ -15,21 +15,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _kernel_bench import report_bandwidth, synced
 from omni_rt.kernels.rms_norm import rms_norm, rms_norm_ref
 
 CUDA = torch.cuda.is_available()
 SHAPES = {"decode_2048": (1, 2048), "prefill75_2048": (75, 2048), "qnorm_32x128": (8, 32, 128)} if CUDA else \
     {"tiny_48": (3, 48), "heads_4x16": (3, 4, 16)}
 IMPLS = ["triton", "torch"] if CUDA else ["ref"]
-
-
-def _sync(fn):
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-    return run
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -49,12 +41,7 @@ def test_bench_rms_norm(benchmark, impl, name):
     y, y_ref = (out[0], want[0]) if with_res else (out, want)
     assert (y.float() - y_ref.float()).abs().max().item() <= 3e-2 * max(y_ref.float().abs().max().item(), 1.0)
     benchmark.group = f"rms_norm-{name}"
-    benchmark(_sync(fn))
+    benchmark(synced(fn))
     e = x.element_size()
     nbytes = (x.numel() * (4 if with_res else 2) + w.numel()) * e
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if CUDA else "cpu", "bytes": nbytes,
-                                 "floor_us_h100": nbytes / 3.35e12 * 1e6})
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        med = stats.stats.median
-        benchmark.extra_info.update({"median_us": med * 1e6, "GB_per_s": nbytes / med / 1e9})
+    report_bandwidth(benchmark, nbytes)

@@ -1,7 +1,11 @@
 """Dense block-FP8 linear layer: ``y = x @ dequant(W_q, scale).T`` with 128×128 weight blocks.
 
 Weights are ``float8_e4m3fn (N, K)`` codes with an fp32 scale grid ``(ceil(N/128), ceil(K/128))`` (format in
-``omni_rt.quant``). Two paths share one GEMM kernel:
+``omni_rt.quant``). A fused weight (q/k/v or gate/up: ``parts`` row counts, up to 3) keeps each part's own grid,
+quantized before fusion: its grid is the parts' grids stacked, ``(Σ ceil(part/128), ceil(K/128))``, and row ``n``
+of part ``p`` (starting at row ``r_p``) reads scale row ``s_p + (n - r_p) // 128`` (``s_p``: the scale rows of the
+parts before it). Parts whose widths are not multiples of 128 (the tiny fixtures) then need no padding: the
+kernel maps rows to scale rows. Two paths share one GEMM kernel:
 
 - weight-only (decode, and the default): activations stay bf16/fp16/fp32; each weight tile is dequantized
   inside the K loop (``code · scale`` rounded to the activation dtype, which is exactly what the reference's
@@ -27,7 +31,7 @@ import triton.language as tl
 from . import KernelSpec, use_triton
 
 __all__ = ["fp8_linear", "fp8_linear_ref", "per_token_group_quant", "per_token_group_quant_ref", "get_config",
-           "COMPILE_SPECS", "SCALE_BLOCK"]
+           "scale_rows", "COMPILE_SPECS", "SCALE_BLOCK"]
 
 SCALE_BLOCK = 128
 FP8_MAX = 448.0
@@ -46,6 +50,8 @@ def _fp8_linear_kernel(
     ws_ptr,           # (ceil(N/128), ceil(K/128)) fp32 weight scales
     out_ptr,          # (M, N)
     M, N, K,
+    part1, part2,     # row where part 2 / part 3 of a fused weight starts (N when there is no such part)
+    srow1, srow2,     # their first scale rows
     stride_xm, stride_xk, stride_xsm, stride_xsk,
     stride_wn, stride_wk, stride_wsn, stride_wsk,
     stride_om, stride_on,
@@ -70,7 +76,10 @@ def _fp8_linear_kernel(
     n_mask = offs_n < N
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_rows = w_ptr + offs_n.to(tl.int64)[:, None] * stride_wn
-    ws_rows = ws_ptr + (offs_n // SCALE_BN) * stride_wsn
+    # Each part of a fused weight is on its own 128-row grid (see the module docstring).
+    srow = tl.where(offs_n < part1, offs_n // SCALE_BN,
+                    tl.where(offs_n < part2, srow1 + (offs_n - part1) // SCALE_BN, srow2 + (offs_n - part2) // SCALE_BN))
+    ws_rows = ws_ptr + srow * stride_wsn
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = k * BLOCK_K
@@ -164,7 +173,25 @@ def _has_fp8_dot(index: int) -> bool:
     return torch.cuda.get_device_capability(index) >= (8, 9)
 
 
-def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> None:
+def scale_rows(n: int, parts: tuple[int, ...] | None = None) -> int:
+    """Rows of the scale grid of an (n, K) weight, fused from ``parts`` (row counts summing to n) or not."""
+    return math.ceil(n / SCALE_BLOCK) if parts is None else sum(math.ceil(p / SCALE_BLOCK) for p in parts)
+
+
+def _part_bounds(n: int, parts: tuple[int, ...] | None) -> tuple[int, int, int, int]:
+    """(part1, part2, srow1, srow2): where parts 2 and 3 start, in rows and in scale rows (n when absent)."""
+    parts = tuple(parts or (n,))
+    starts, srows = [0], [0]
+    for p in parts:
+        starts.append(starts[-1] + p)
+        srows.append(srows[-1] + math.ceil(p / SCALE_BLOCK))
+    starts, srows = starts[1:-1], srows[1:-1]
+    starts += [n] * (2 - len(starts))
+    srows += [srows[-1] if srows else 0] * (2 - len(srows))
+    return starts[0], starts[1], srows[0], srows[1]
+
+
+def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, parts: tuple[int, ...] | None = None) -> None:
     if x.dtype not in _ACT_DTYPES:
         raise ValueError(f"x must be one of {_ACT_DTYPES}, got {x.dtype}")
     if weight.dim() != 2 or weight.dtype != torch.float8_e4m3fn:
@@ -173,10 +200,12 @@ def _check(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> None:
     n, k = weight.shape
     if x.shape[-1] != k:
         raise ValueError(f"x's last dim {x.shape[-1]} != weight's K {k}")
-    want = (math.ceil(n / SCALE_BLOCK), math.ceil(k / SCALE_BLOCK))
+    if parts is not None and (not 1 <= len(parts) <= 3 or sum(parts) != n or min(parts) < 1):
+        raise ValueError(f"parts must be 1 to 3 positive row counts summing to N={n}, got {parts}")
+    want = (scale_rows(n, parts), math.ceil(k / SCALE_BLOCK))
     if tuple(scale.shape) != want or scale.dtype != torch.float32:
-        raise ValueError(f"scale must be float32 {want} (ceil(N/128), ceil(K/128)), got {scale.dtype} "
-                         f"{tuple(scale.shape)}")
+        grid = "(ceil(N/128), ceil(K/128))" if parts is None else "(Σ ceil(part/128), ceil(K/128))"
+        raise ValueError(f"scale must be float32 {want} {grid}, got {scale.dtype} {tuple(scale.shape)}")
     devices = {t.device for t in (x, weight, scale)}
     if len(devices) != 1:
         raise ValueError(f"x, weight and scale must be on one device, got {sorted(map(str, devices))}")
@@ -198,16 +227,19 @@ def per_token_group_quant(x: torch.Tensor, group: int = SCALE_BLOCK) -> tuple[to
 
 
 def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-               act_fp8: bool = False, config: dict | None = None) -> torch.Tensor:
+               act_fp8: bool = False, config: dict | None = None,
+               parts: tuple[int, ...] | None = None) -> torch.Tensor:
     """y = x @ (weight · scale).T (+ bias).
 
     x: (..., K) bf16/fp16/fp32 (any strides); weight: (N, K) float8_e4m3fn; scale: (ceil(N/128), ceil(K/128))
-    fp32. ``act_fp8``: quantize x per (token, 128 columns) and use the FP8 tensor cores (sm_89+ only; the
-    interpreter emulates it). Returns (..., N) in x's dtype. On CPU without forced Triton: the reference.
+    fp32, or for a weight fused from ``parts`` (row counts, up to 3, summing to N) each part's grid stacked:
+    (Σ ceil(part/128), ceil(K/128)). ``act_fp8``: quantize x per (token, 128 columns) and use the FP8 tensor
+    cores (sm_89+ only; the interpreter emulates it). Returns (..., N) in x's dtype. On CPU without forced
+    Triton: the reference.
     """
-    _check(x, weight, scale)
+    _check(x, weight, scale, parts)
     if not use_triton(x, weight, scale):
-        return fp8_linear_ref(x, weight, scale, bias, act_fp8)
+        return fp8_linear_ref(x, weight, scale, bias, act_fp8, parts)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
     m, k = x2.shape
@@ -224,7 +256,7 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
             a, a_scale = x2, scale  # xs_ptr unused
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _fp8_linear_kernel[grid](
-            a, a_scale, weight, scale, out, m, n, k,
+            a, a_scale, weight, scale, out, m, n, k, *_part_bounds(n, parts),
             a.stride(0), a.stride(1), a_scale.stride(0), a_scale.stride(1),
             weight.stride(0), weight.stride(1), scale.stride(0), scale.stride(1),
             out.stride(0), out.stride(1),
@@ -241,11 +273,22 @@ def fp8_linear(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias:
 # References
 # --------------------------------------------------------------------------------------------------------
 
-def _dequant(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _dequant(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype,
+             parts: tuple[int, ...] | None = None) -> torch.Tensor:
     n, k = weight.shape
-    rows = torch.arange(n, device=weight.device) // SCALE_BLOCK
+    rows = torch.cat([base + torch.arange(p, device=weight.device) // SCALE_BLOCK
+                      for p, base in zip(parts or (n,), _scale_bases(parts or (n,)))])
     cols = torch.arange(k, device=weight.device) // SCALE_BLOCK
     return (weight.float() * scale[rows][:, cols]).to(dtype)
+
+
+def _scale_bases(parts: tuple[int, ...]) -> list[int]:
+    """First scale row of each part."""
+    bases, s = [], 0
+    for p in parts:
+        bases.append(s)
+        s += math.ceil(p / SCALE_BLOCK)
+    return bases
 
 
 def per_token_group_quant_ref(x: torch.Tensor, group: int = SCALE_BLOCK) -> tuple[torch.Tensor, torch.Tensor]:
@@ -259,16 +302,16 @@ def per_token_group_quant_ref(x: torch.Tensor, group: int = SCALE_BLOCK) -> tupl
 
 
 def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None = None,
-                   act_fp8: bool = False) -> torch.Tensor:
+                   act_fp8: bool = False, parts: tuple[int, ...] | None = None) -> torch.Tensor:
     """Weight-only: ``F.linear(x, dequant(weight).to(x.dtype))``. w8a8: quantize x per token group first and
     compute in fp32 on both dequantized operands. Shapes as ``fp8_linear``."""
     if act_fp8:
         lead = x.shape[:-1]
         q, s = per_token_group_quant_ref(x.reshape(-1, x.shape[-1]))
         xd = (q.float() * s.repeat_interleave(SCALE_BLOCK, dim=1)[:, : q.shape[1]])
-        y = (xd @ _dequant(weight, scale, torch.float32).t()).to(x.dtype).view(*lead, -1)
+        y = (xd @ _dequant(weight, scale, torch.float32, parts).t()).to(x.dtype).view(*lead, -1)
     else:
-        y = torch.nn.functional.linear(x, _dequant(weight, scale, x.dtype))
+        y = torch.nn.functional.linear(x, _dequant(weight, scale, x.dtype, parts))
     return y if bias is None else y + bias
 
 
@@ -278,7 +321,7 @@ def fp8_linear_ref(x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, b
 
 def _compile_specs() -> list[KernelSpec]:
     specs = []
-    ints = ("M", "N", "K", "stride_xm", "stride_xsm", "stride_wn", "stride_wsn", "stride_om")
+    ints = ("M", "N", "K", "part1", "part2", "srow1", "srow2", "stride_xm", "stride_xsm", "stride_wn", "stride_wsn", "stride_om")
     units = {"stride_xk": 1, "stride_xsk": 1, "stride_wk": 1, "stride_wsk": 1, "stride_on": 1}
     for m, act_fp8 in ((1, False), (64, False), (4096, False), (4096, True)):
         cfg = get_config(m, torch.bfloat16, act_fp8)

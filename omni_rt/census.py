@@ -8,6 +8,9 @@ the engine's own stage callables, which carry ``profiling.census_stage(name)`` m
 stage                 what runs (batch B)
 ====================  =========================================================================================
 audio_encode          ``thinker.audio_tower`` on B audios of ``audio_seconds`` (30 s) — as ``Stages.audio_encode``
+vision_encode         ``Stages.vision_encode``: B requests of one ``image_size`` (1280×720) image each — the vision
+                      tower (patch embed, blocks, merger and deepstack mergers) and the scatter of its features
+                      into the prompt (absent for a checkpoint without a vision tower)
 thinker_prefill       ``Stages.thinker_prefill``: B prompts of 75 tokens + lm_head + first-token sampling (the
                       engine runs prefill eagerly at its real length)
 thinker_decode        ``Stages.thinker_decode`` through ``ThinkerDecodeGraphs`` (embed → decoder → lm_head →
@@ -39,7 +42,7 @@ import torch
 from . import profiling
 from .profiling import CensusRecorder, StageRecord, census_stage
 
-STAGES = ("audio_encode", "thinker_prefill", "thinker_decode", "talker_prefill", "talker_decode",
+STAGES = ("audio_encode", "vision_encode", "thinker_prefill", "thinker_decode", "talker_prefill", "talker_decode",
           "code_predictor_frame", "code2wav_step")
 FIRST_PACKET_STAGES = ("audio_encode", "thinker_prefill", "thinker_decode", "talker_prefill",
                        "code_predictor_frame", "code2wav_step")
@@ -133,6 +136,29 @@ def build_meta_model(cfg, dtype: torch.dtype = torch.bfloat16, quant: str | None
     return model.eval()
 
 
+def _image_request(cfg, i: int, height: int, width: int, dtype: torch.dtype, device: torch.device):
+    """A request whose prompt is one height×width image (``VS`` + its pads expanded + ``VE``) and a question, the
+    image's pixel values an empty tensor of the processor's shape on ``device`` (nothing is computed)."""
+    from .engine.sequence import Request, Sequence
+    from .models.mrope import VisionItem, expand_vision_pads
+    from .prompting import VisionInput
+    from .request import SamplingParams
+    from .vision import VisionPreprocessConfig, image_size
+
+    th = cfg.thinker
+    pre = VisionPreprocessConfig.from_checkpoint(None, th.vision)
+    h, w = image_size(height, width, pre)
+    item = VisionItem("image", (1, h // pre.patch_size, w // pre.patch_size))
+    prompt = ([cfg.im_start_token_id, cfg.user_token_id, th.vision_start_token_id]
+              + expand_vision_pads(item, th, th.vision.spatial_merge_size)
+              + [th.vision_end_token_id, 1, cfg.im_end_token_id, cfg.im_start_token_id, cfg.assistant_token_id])
+    seq = Sequence(i, SamplingParams().resolved("thinker"), (cfg.im_end_token_id,), i, prompt)
+    req = Request(f"census-vision-{i}", seq, [], None)
+    req.vision = [VisionInput(item, torch.empty(h * w // pre.patch_size ** 2, pre.patch_dim, dtype=dtype,
+                                                device=device))]
+    return req
+
+
 def _chat_prompt(cfg, n: int) -> list[int]:
     """n token ids: a user turn then '<|im_start|>assistant\\n' (the talker's recipe needs the assistant turn)."""
     filler = 1
@@ -142,13 +168,15 @@ def _chat_prompt(cfg, n: int) -> list[int]:
 
 
 def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch.dtype = torch.bfloat16,
-           quant: str | None = None, audio_seconds: float = 30.0, thinker_prefill_tokens: int = 75,
+           quant: str | None = None, audio_seconds: float = 30.0, image_size: tuple[int, int] = (720, 1280),
+           thinker_prefill_tokens: int = 75,
            talker_prefill_tokens: int = 80, context: int | None = None, block_size: int = 16,
            max_prefill_tokens: int = 4096) -> CensusResult:
     """Count every stage's launches, host syncs, bytes and flops for ``config`` at ``batch`` (see the module doc).
 
     config: "full" | "small" | "tiny" | a config.json path or checkpoint dir | a config dict | an OmniConfig.
     context: KV length of the decode stages (default ``profiling.DECODE_CONTEXT``).
+    image_size: (height, width) of the vision_encode stage's image.
     """
     from .config import OmniConfig
     from .engine.config import EngineConfig
@@ -196,6 +224,12 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
         mels = [torch.empty(cfg.thinker.audio.num_mel_bins, frames, device=meta) for _ in range(B)]
         with census_stage("audio_encode"):
             th.audio_tower(torch.cat(mels, dim=1).to(dtype), [frames] * B)
+
+        # ---- vision_encode: one image per request through the engine's callable (as Engine._prepare calls it)
+        if th.visual is not None:
+            for i in range(B):
+                req = _image_request(cfg, i, *image_size, dtype, meta)
+                st.vision_encode(req, to_device(req.thinker.prompt_ids, torch.long, meta), [])
 
         # ---- thinker_prefill: B fresh prompts of n tokens
         prompt = _chat_prompt(cfg, n)

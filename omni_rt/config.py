@@ -480,6 +480,31 @@ class OmniConfig:
     def has_talker(self) -> bool:
         return self.talker is not None and self.code2wav is not None
 
+    @property
+    def kind(self) -> str:
+        """Which released checkpoint this one is shaped like: "Instruct" (a talker: speech out), "Thinking" (text
+        out, a vision tower) or "Captioner" (text out, audio in only). Read from the config: a name that says
+        Captioner (``_name_or_path`` / ``name_or_path``), else the Captioner's shape — no talker and no
+        ``thinker_config.vision_config``."""
+        names = " ".join(str(self.raw.get(k, "")) for k in ("_name_or_path", "name_or_path")).lower()
+        if "captioner" in names:
+            return "Captioner"
+        if self.has_talker:
+            return "Instruct"
+        return "Thinking" if self.thinker.vision is not None else "Captioner"
+
+    def vision_refusal(self) -> str | None:
+        """Why this checkpoint takes no images or video (None when it takes them): no vision tower, or a
+        Captioner (audio in only, whatever its config carries)."""
+        if self.kind == "Captioner":
+            return ("this is a Captioner checkpoint (audio in, text out): it takes no images or video"
+                    + (" (it has no vision tower: thinker_config.vision_config is absent)"
+                       if self.thinker.vision is None else ""))
+        if self.thinker.vision is None:
+            return (f"this {self.kind} checkpoint has no vision tower (thinker_config.vision_config is absent), "
+                    f"so it cannot take images or video")
+        return None
+
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> "OmniConfig":
         top = _Reader(data, "")

@@ -239,6 +239,54 @@ def _weights_layout(cfg: OmniConfig) -> dict[str, Shape]:
     return out
 
 
+# Projections that read the same input and that omni_rt computes with ONE GEMM: their on-disk matrices (and
+# biases, and FP8 scale grids) are concatenated along the output rows at load time, in part order, into one
+# parameter of the owning module. On disk (and in ``checkpoint_layout``/``model_layout``, which are
+# transformers' names) they stay separate; only the in-memory module holds the fused parameter.
+# (owner module name, fused leaf module, parts in row order)
+_FUSIONS = (
+    (re.compile(r"^(?P<owner>(?:.+\.)?self_attn)\.(?P<part>q|k|v)_proj\.(?P<leaf>weight|bias|weight_scale_inv)$"),
+     "qkv_proj", ("q", "k", "v")),
+    (re.compile(r"^(?P<owner>(?:.+\.)?(?:mlp|shared_expert))\.(?P<part>gate|up)_proj\.(?P<leaf>weight|weight_scale_inv)$"),
+     "gate_up_proj", ("gate", "up")),
+)
+
+
+def fused_target(name: str) -> tuple[str, int, int] | None:
+    """Where an on-disk part goes: ``x.self_attn.k_proj.weight`` -> ("x.self_attn.qkv_proj.weight", 1, 3)
+    (fused name, part index, part count); ``x.mlp.up_proj.weight_scale_inv`` -> ("x.mlp.gate_up_proj
+    .weight_scale_inv", 1, 2); None for a tensor that is not fused (experts, routers, o_proj, norms, ...)."""
+    for pattern, fused, parts in _FUSIONS:
+        m = pattern.match(name)
+        if m:
+            return f"{m['owner']}.{fused}.{m['leaf']}", parts.index(m["part"]), len(parts)
+    return None
+
+
+def fused_parts(target: str) -> tuple[str, ...] | None:
+    """The on-disk names a fused parameter is built from, in row order (inverse of ``fused_target``)."""
+    for _, fused, parts in _FUSIONS:
+        owner, sep, rest = target.rpartition(f".{fused}.")
+        if sep and "." not in rest:
+            return tuple(f"{owner}.{p}_proj.{rest}" for p in parts)
+    return None
+
+
+def fused_layout(layout: dict[str, Shape]) -> dict[str, Shape]:
+    """A name -> shape layout (on-disk or ``model_layout``) with fused parts replaced by their fused parameter
+    (rows summed): the parameters of omni_rt's modules. Scale grids are each part's grid stacked."""
+    out: dict[str, Shape] = {}
+    for name, shape in layout.items():
+        fused = fused_target(name)
+        if fused is None:
+            out[name] = shape
+            continue
+        target = fused[0]
+        prev = out.get(target)
+        out[target] = shape if prev is None else (prev[0] + shape[0], *shape[1:])
+    return out
+
+
 _EXPERT = re.compile(r"^(?P<prefix>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<proj>gate_proj|up_proj|down_proj)\.weight$")
 
 

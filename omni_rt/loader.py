@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import OmniConfig
 from .errors import CheckpointError
-from .layout import checkpoint_layout, is_scale, model_layout, parse_expert_name
+from .layout import checkpoint_layout, fused_parts, fused_target, is_scale, model_layout, parse_expert_name
 from .quant import (BLOCK, FP8_DTYPE, SCALE_SUFFIX, dequantize_blockwise, is_fp8_eligible, quantize_blockwise,
                     scale_name, scale_shape)
 
@@ -250,41 +250,114 @@ def iter_weights(path: str | os.PathLike, cfg: OmniConfig, dtype: torch.dtype, d
         raise CheckpointError(f"incomplete expert stacks after reading {path}: {sorted(stacks)[:3]}")
 
 
+class _FusedBuffer:
+    """One fused parameter (q/k/v or gate/up) being filled part by part as the parts stream in."""
+
+    def __init__(self, target: str, rows: list[int]):
+        self.target, self.rows = target, rows
+        self.tensor: torch.Tensor | None = None
+        self.filled: set[int] = set()
+
+    def put(self, name: str, index: int, t: torch.Tensor, shape: tuple[int, ...]) -> bool:
+        """Copy part ``index`` (on-disk ``name``) into its rows; True once every part is in."""
+        want = (self.rows[index], *shape[1:])
+        if tuple(t.shape) != want:
+            raise CheckpointError(f"weight '{name}' has shape {tuple(t.shape)}, expected {want} (part {index} of "
+                                  f"the fused '{self.target}' {shape})")
+        if index in self.filled:
+            raise CheckpointError(f"weight '{name}' given twice")
+        if self.tensor is None:
+            self.tensor = torch.empty(shape, dtype=t.dtype, device=t.device)
+        elif t.dtype != self.tensor.dtype or t.device != self.tensor.device:
+            raise CheckpointError(f"weight '{name}' is {t.dtype} on {t.device}, but the other parts of "
+                                  f"'{self.target}' are {self.tensor.dtype} on {self.tensor.device}")
+        start = sum(self.rows[:index])
+        self.tensor[start:start + self.rows[index]].copy_(t)
+        self.filled.add(index)
+        return len(self.filled) == len(self.rows)
+
+
+def _part_rows(owner: nn.Module, leaf: str, shape: tuple[int, ...], count: int) -> list[int] | None:
+    """Rows of each part of the fused parameter ``leaf`` of ``owner``: its ``parts`` widths, or their scale-grid
+    rows (each part on its own 128-row grid) for ``weight_scale_inv``."""
+    parts = getattr(owner, "parts", None)
+    if parts is None or len(parts) != count:
+        return None
+    if leaf.endswith(SCALE_SUFFIX):
+        return [-(-p // BLOCK[0]) for p in parts]
+    return list(parts)
+
+
 def assign_parameters(module: nn.Module, weights: Iterable[tuple[str, torch.Tensor]], prefix: str = "",
                       strict: bool = True) -> None:
     """Assign tensors as ``module``'s parameters (built on the meta device) without copying them again.
 
-    ``weights`` names are full model names; only those under ``prefix`` are taken. With ``strict``, every
-    parameter of ``module`` must be assigned and every weight under ``prefix`` must match a parameter.
-    Afterwards each submodule's ``materialize_buffers(device)`` hook (if any) builds its non-persistent
-    buffers (rotary tables, code offsets), which are not stored in checkpoints.
+    ``weights`` names are full model names (transformers' in-memory names: ``iter_weights``,
+    ``testing.random_state_dict``); only those under ``prefix`` are taken. Parts of a fused projection
+    (q/k/v_proj → ``qkv_proj``, gate/up_proj → ``gate_up_proj``; ``layout.fused_target``) are copied into the
+    fused parameter's rows as they arrive (one copy, like the expert stacks); a part of the wrong shape or
+    given twice is a ``CheckpointError`` naming it. With ``strict``, every parameter of ``module`` must be
+    assigned (a fused one needs all its parts: the missing ones are named) and every weight under ``prefix``
+    must match a parameter. Afterwards each submodule's ``materialize_buffers(device)`` hook (if any) builds
+    its non-persistent buffers (rotary tables, code offsets), which are not stored in checkpoints.
     """
     params = dict(module.named_parameters())
     seen = set()
     device = None
-    for name, tensor in weights:
-        if prefix and not name.startswith(prefix):
-            continue
-        local = name[len(prefix):]
-        if local not in params:
-            if strict:
-                raise CheckpointError(f"weight '{name}' has no parameter in {type(module).__name__}")
-            continue
-        expected = tuple(params[local].shape)
-        if tuple(tensor.shape) != expected:
-            raise CheckpointError(f"weight '{name}' has shape {tuple(tensor.shape)}, parameter expects {expected}")
-        if (params[local].dtype == torch.float8_e4m3fn) != (tensor.dtype == torch.float8_e4m3fn):
-            raise CheckpointError(f"weight '{name}' is {tensor.dtype}, parameter expects {params[local].dtype}")
+    pending: dict[str, _FusedBuffer] = {}
+
+    def assign(local: str, tensor: torch.Tensor) -> None:
         owner_name, _, leaf = local.rpartition(".")
         owner = module.get_submodule(owner_name) if owner_name else module
         owner._parameters[leaf] = nn.Parameter(tensor, requires_grad=False)
         seen.add(local)
+
+    for name, tensor in weights:
+        if prefix and not name.startswith(prefix):
+            continue
+        local = name[len(prefix):]
+        fused = fused_target(local) if local not in params else None
+        target = fused[0] if fused is not None and fused[0] in params else None
+        if local not in params and target is None:
+            if strict:
+                raise CheckpointError(f"weight '{name}' has no parameter in {type(module).__name__}")
+            continue
+        param = params[target or local]
+        if (param.dtype == torch.float8_e4m3fn) != (tensor.dtype == torch.float8_e4m3fn):
+            raise CheckpointError(f"weight '{name}' is {tensor.dtype}, parameter expects {param.dtype}")
         device = tensor.device
+        if target is not None:
+            if target in seen:
+                raise CheckpointError(f"weight '{name}' given twice (its fused '{prefix + target}' is complete)")
+            buf = pending.get(target)
+            if buf is None:
+                owner_name, _, leaf = target.rpartition(".")
+                owner = module.get_submodule(owner_name)
+                rows = _part_rows(owner, leaf, tuple(param.shape), fused[2])
+                if rows is None or sum(rows) != param.shape[0]:
+                    raise CheckpointError(f"weight '{name}': parameter '{prefix + target}' is not a fused "
+                                          f"projection of {fused[2]} parts")
+                buf = pending[target] = _FusedBuffer(prefix + target, rows)
+            if buf.put(name, fused[1], tensor, tuple(param.shape)):
+                assign(target, pending.pop(target).tensor)
+            continue
+        expected = tuple(param.shape)
+        if tuple(tensor.shape) != expected:
+            raise CheckpointError(f"weight '{name}' has shape {tuple(tensor.shape)}, parameter expects {expected}")
+        assign(local, tensor)
     if strict:
+        if pending:
+            target, buf = next(iter(pending.items()))
+            absent = [prefix + n for i, n in enumerate(fused_parts(target)) if i not in buf.filled]
+            raise CheckpointError(f"no weight for {absent} (part of the fused '{buf.target}'; {len(pending)} fused "
+                                  f"parameter(s) incomplete)")
         missing = [n for n in params if n not in seen]
         if missing:
-            raise CheckpointError(f"no weight for parameter(s) {[prefix + n for n in missing[:3]]} "
-                                  f"({len(missing)} missing)")
+            shown = []
+            for n in missing[:3]:
+                parts = fused_parts(n)
+                shown.append(f"{prefix + n} (from {', '.join(prefix + p for p in parts)})" if parts else prefix + n)
+            raise CheckpointError(f"no weight for parameter(s) {shown} ({len(missing)} missing)")
     if device is not None:
         for sub in module.modules():
             hook = getattr(sub, "materialize_buffers", None)

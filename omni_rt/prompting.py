@@ -61,9 +61,9 @@ class PromptBuilder:
         self.merge = cfg.thinker.vision.spatial_merge_size if cfg.thinker.vision is not None else 2
 
     def _require_vision(self, label: str) -> vision_mod.VisionPreprocessConfig:
-        if self.preprocess is None:
-            raise ValueError(f"{label}: this checkpoint has no vision tower (thinker_config.vision_config is "
-                             f"absent), so it cannot take images or video")
+        refusal = self.cfg.vision_refusal()
+        if refusal is not None or self.preprocess is None:
+            raise ValueError(f"{label}: {refusal or 'this checkpoint has no vision tower'}")
         return self.preprocess
 
     def image(self, img: Any, label: str) -> VisionInput:
@@ -74,10 +74,12 @@ class PromptBuilder:
             raise type(e)(str(e).replace("image 0", label)) from e
         return VisionInput(VisionItem("image", tuple(grid[0].tolist())), pv)
 
-    def video(self, frames: Any, fps: float | None, label: str, audio_tokens_: int | None = None
-              ) -> VisionInput:
+    def video(self, frames: Any, fps: float | None, label: str, audio_tokens_: int | None = None,
+              decoded: bool = False) -> VisionInput:
+        """decoded: frames from ``load_video`` (a file), which the official pipeline resizes in float."""
         pre = self._require_vision(label)
-        pv, grid, spg = vision_mod.preprocess_video(frames, 2.0 if fps is None else fps, pre, name=label)
+        pv, grid, spg = vision_mod.preprocess_video(frames, 2.0 if fps is None else fps, pre, name=label,
+                                                    float_resize=decoded)
         return VisionInput(VisionItem("video", tuple(grid[0].tolist()), spg, audio_tokens_), pv)
 
     # ---------------------------------------------------------------------------------------- Prompt
@@ -170,7 +172,7 @@ class PromptBuilder:
                     wav = vision_mod.load_video_audio(src, label)
                     audios.append(wav)
                     track = audio_tokens(wav, self.cfg.thinker.audio.n_window)
-                v = self.video(frames, fps, label, track)
+                v = self.video(frames, fps, label, track, decoded=isinstance(src, (str, os.PathLike)))
                 vision.append(v)
                 replacements.append((th.video_token_id, expand_vision_pads(v.item, th, self.merge)))
         ids = self.tokenizer.encode(self.tokenizer.render(messages))

@@ -290,9 +290,9 @@ class Runtime:
 
     def _require_vision(self, what: str):
         visual = self._live().model.thinker.visual
-        if visual is None:
-            raise ValueError(f"{what}: this checkpoint has no vision tower (thinker_config.vision_config is "
-                             f"absent), so it cannot take images or video")
+        refusal = self.cfg.vision_refusal()
+        if refusal is not None or visual is None:
+            raise ValueError(f"{what}: {refusal or 'this checkpoint has no vision tower'}")
         return visual
 
     def stage_times(self, reset: bool = False) -> dict[str, float]:

@@ -261,8 +261,29 @@ def _resize_uint8(frames: torch.Tensor, height: int, width: int) -> torch.Tensor
     return F.interpolate(frames.cpu(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
 
 
+def _resize_float(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 3, H, W) any dtype → (N, 3, height, width) float32: the bicubic-antialias kernel in float, unclamped and
+    unrounded — what transformers' video processor does with the *float* frames qwen-omni-utils hands it."""
+    frames = frames.to(torch.float32)
+    if frames.shape[-2:] == (height, width):
+        return frames
+    return F.interpolate(frames.cpu(), size=(height, width), mode="bicubic", align_corners=False, antialias=True)
+
+
+def _resize_float_rounded(frames: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """(N, 3, H, W) uint8 → uint8: torchvision's v1 ``transforms.functional.resize`` on a uint8 tensor (float
+    bicubic-antialias, clamped to [0, 255], rounded), the resize qwen-omni-utils' ``fetch_video`` applies. It
+    differs from the uint8 kernel of ``_resize_uint8`` by up to ~17 levels on noisy frames (bicubic overshoot is
+    clamped once here, between the two passes there)."""
+    if frames.shape[-2:] == (height, width):
+        return frames
+    out = _resize_float(frames, height, width).clamp_(0, 255).round_()
+    return out.to(torch.uint8)
+
+
 def _normalize(frames: torch.Tensor, cfg: VisionPreprocessConfig) -> torch.Tensor:
-    """uint8 → float32 with transformers' fused rescale+normalise: (x - mean/r) / (std/r), r = rescale factor."""
+    """uint8/float → float32 with transformers' fused rescale+normalise: (x - mean/r) / (std/r), r = rescale
+    factor."""
     mean = torch.tensor(cfg.image_mean) * (1.0 / cfg.rescale_factor)
     std = torch.tensor(cfg.image_std) * (1.0 / cfg.rescale_factor)
     x = frames.to(torch.float32)
@@ -281,9 +302,9 @@ def _patchify(frames: torch.Tensor, cfg: VisionPreprocessConfig) -> tuple[torch.
     return x.reshape(gt * gh * gw, C * tp * p * p), (gt, gh, gw)
 
 
-def _process_frames(frames: torch.Tensor, size: tuple[int, int], cfg: VisionPreprocessConfig
-                    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
-    frames = _resize_uint8(frames, *size)
+def _process_frames(frames: torch.Tensor, size: tuple[int, int], cfg: VisionPreprocessConfig,
+                    float_resize: bool = False) -> tuple[torch.Tensor, tuple[int, int, int]]:
+    frames = (_resize_float if float_resize else _resize_uint8)(frames, *size)
     return _patchify(_normalize(frames, cfg), cfg)
 
 
@@ -334,11 +355,15 @@ def video_size(height: int, width: int, cfg: VisionPreprocessConfig = DEFAULT) -
 
 
 def preprocess_video(frames: np.ndarray, fps: float, cfg: VisionPreprocessConfig | None = None,
-                     name: str = "video", frame_group: int = 64
+                     name: str = "video", frame_group: int = 64, float_resize: bool = False
                      ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Frames already sampled, uint8 (T, H, W, 3), at ``fps`` → (pixel_values_videos (t·h·w, 3·tp·p·p),
     video_grid_thw (1, 3), second_per_grid = temporal_patch / fps), as ``Qwen2VLVideoProcessor`` with the
-    sizes ``Qwen3OmniMoeProcessor`` passes. Frames are resized in groups of ``frame_group`` (bounded memory)."""
+    sizes ``Qwen3OmniMoeProcessor`` passes. Frames are resized in groups of ``frame_group`` (bounded memory).
+
+    float_resize: True for frames that ``load_video`` decoded from a file. The official pipeline hands the
+    processor qwen-omni-utils' frames as a *float* tensor, and the processor resizes float frames in float
+    (unclamped, unrounded: up to ~1.3 levels from the uint8 kernel it applies to uint8 arrays)."""
     cfg = cfg or DEFAULT
     if not (isinstance(fps, (int, float, np.floating, np.integer)) and math.isfinite(fps) and fps > 0):
         raise ValueError(f"{name}: fps must be a finite number > 0, got {fps!r}")
@@ -348,7 +373,7 @@ def preprocess_video(frames: np.ndarray, fps: float, cfg: VisionPreprocessConfig
     group = max(tp, frame_group - frame_group % tp)
     rows, gt = [], 0
     for s in range(0, x.shape[0], group):
-        patches, (t, gh, gw) = _process_frames(x[s: s + group], size, cfg)
+        patches, (t, gh, gw) = _process_frames(x[s: s + group], size, cfg, float_resize)
         rows.append(patches)
         gt += t
     grid = torch.tensor([[gt, gh, gw]], dtype=torch.long)
@@ -368,7 +393,13 @@ def _av(name: str):
 def load_video(path: str | os.PathLike, name: str = "video") -> tuple[np.ndarray, float]:
     """Decode a video file with PyAV and sample it as qwen-omni-utils does: 2 fps, 4..768 frames, an even count,
     indices ``linspace(0, n - 1, k).round()``, then its first resize (factor 28, per-frame pixels bounded by the
-    video's total budget). Returns (uint8 (T, H, W, 3) frames, the sampled fps)."""
+    video's total budget) as torchvision's v1 resize does it on a uint8 tensor (float kernel, clamped, rounded).
+    Returns (uint8 (T, H, W, 3) frames, the sampled fps); hand them to ``preprocess_video(..., float_resize=True)``
+    (qwen-omni-utils returns them as float, so the processor's resize of them is a float one).
+
+    Equal to qwen-omni-utils 0.0.9's ``fetch_video`` with its decord reader (frames, sample fps) on h264, FFV1 and
+    raw video (tests/fixtures/vision/video_files.npz); lossy codecs whose decoders are not bit-exact across FFmpeg
+    versions (MPEG-4 part 2) can differ in the decoded pixels themselves."""
     av = _av(name)
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -395,8 +426,8 @@ def load_video(path: str | os.PathLike, name: str = "video") -> tuple[np.ndarray
     h, w = clip.shape[2], clip.shape[3]
     max_pixels = max(min(_UTILS_VIDEO_MAX_PIXELS, _UTILS_VIDEO_TOTAL_PIXELS / nframes * 2),
                      int(_UTILS_VIDEO_MIN_PIXELS * 1.05))
-    rh, rw = smart_resize(h, w, _UTILS_FACTOR, _UTILS_VIDEO_MIN_PIXELS, int(max_pixels))
-    clip = _resize_uint8(clip, rh, rw)
+    rh, rw = smart_resize(h, w, _UTILS_FACTOR, _UTILS_VIDEO_MIN_PIXELS, max_pixels)  # float, as there
+    clip = _resize_float_rounded(clip, rh, rw)
     return clip.permute(0, 2, 3, 1).contiguous().numpy(), sample_fps
 
 

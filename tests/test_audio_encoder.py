@@ -73,11 +73,14 @@ def oracle(hf_tiny, clips: list[torch.Tensor]) -> torch.Tensor:
 
 
 def test_parameter_names_are_the_checkpoint_names(encoder, tiny_config):
-    from omni_rt.layout import checkpoint_layout
+    """The checkpoint's names, except q/k/v (weights and biases), which are one fused parameter each."""
+    from omni_rt.layout import checkpoint_layout, fused_layout
 
     disk = {n[len(PREFIX):]: s for n, s in checkpoint_layout(tiny_config).items() if n.startswith(PREFIX)}
     ours = {n: tuple(p.shape) for n, p in encoder.named_parameters()}
-    assert ours == disk
+    assert ours == fused_layout(disk)
+    d = tiny_config.thinker.audio.d_model
+    assert ours["layers.0.self_attn.qkv_proj.weight"] == (3 * d, d) and "layers.0.self_attn.q_proj.weight" in disk
     assert not any(p.requires_grad for p in encoder.parameters())
 
 

@@ -33,7 +33,7 @@ def test_json_shape_and_stage_names():
         assert set(s["est_ms"]) == {"h100", "h200"} and s["est_ms"]["h100"] >= s["est_ms"]["h200"] > 0
     graphed = {s["name"]: s["graphed"] for s in data["stages"]}
     assert graphed["thinker_decode"] and graphed["code_predictor_frame"] and graphed["code2wav_step"]
-    assert not graphed["thinker_prefill"] and not graphed["audio_encode"]
+    assert not graphed["thinker_prefill"] and not graphed["audio_encode"] and not graphed["vision_encode"]
     assert set(data["first_packet"]["est_ms"]) == {"h100", "h200"}
     # Outside its stages the census launches almost nothing (the model is built on meta with no init kernels).
     # setup (zeroed static graph buffers and decoder states, KV pools, the talker's text feed) is a fixed cost:
@@ -138,9 +138,44 @@ def test_tiny_engine_step_and_tiny_census_see_the_same_ops(tiny_checkpoint):
     cen = census("tiny", 1, dtype=torch.float32, audio_seconds=seconds, thinker_prefill_tokens=prompt_len,
                  context=prompt_len + 1).records
     for name in STAGES:
+        if name == "vision_encode":
+            continue   # an audio prompt: test_tiny_engine_and_tiny_census_encode_an_image_alike covers it
         where = next((s for s in steps if s.get(name) is not None and s[name].launches), None)
         assert where is not None, f"the engine's first two steps never ran {name}"
         assert _compare(where[name].op_names()) == _compare(cen[name].op_names()), name
+
+
+def test_tiny_engine_and_tiny_census_encode_an_image_alike(tiny_checkpoint):
+    """The vision_encode stage: the tiny engine's first step on an image prompt (every Triton kernel forced on,
+    under the interpreter) runs the same ops as the tiny census at that image size."""
+    from _engine import make_engine, make_request
+    from omni_rt import vision
+    from omni_rt.models.mrope import VisionItem, expand_vision_pads
+    from omni_rt.models.omni import load_model
+    from omni_rt.prompting import VisionInput
+    from omni_rt.request import SamplingParams
+
+    model = load_model(tiny_checkpoint, torch.float32, "cpu")
+    cfg, th = model.cfg, model.cfg.thinker
+    size = (64, 96)   # one frame of 4×6 patches: 6 tokens
+    img = np.random.default_rng(0).integers(0, 256, size + (3,), dtype=np.uint8)
+    pv, grid = vision.preprocess_images([img])
+    item = VisionItem("image", tuple(grid[0].tolist()))
+    prompt = ([cfg.im_start_token_id, cfg.user_token_id, th.vision_start_token_id]
+              + expand_vision_pads(item, th, th.vision.spatial_merge_size)
+              + [th.vision_end_token_id, 7, cfg.im_end_token_id, cfg.im_start_token_id, cfg.assistant_token_id])
+    engine = make_engine(model, max_batch_size=1)
+    req = make_request(model, "r", prompt, SamplingParams(max_new_tokens=2))
+    req.vision = [VisionInput(item, pv)]
+    engine.submit(req)
+    with force_triton(True), CensusRecorder(dry=False) as rec:
+        engine.step()
+    assert req.error is None
+    ours = rec.stages.get("vision_encode")
+    assert ours is not None and ours.launches, "the engine's first step did not run vision_encode"
+    cen = census("tiny", 1, dtype=torch.float32, image_size=size).records["vision_encode"]
+    assert _compare(ours.op_names()) == _compare(cen.op_names())
+    assert any(n == "triton:_block_window_attn_kernel" for n in cen.op_names())
 
 
 def test_budgets_at_full_shapes(full_census):
@@ -161,7 +196,8 @@ def test_budgets_at_full_shapes(full_census):
 # Launch budgets held at full shapes, batch 1. Issue 13 asks thinker_decode <= 600, talker_decode <= 300,
 # code_predictor_frame <= 1000, code2wav_step <= 250, thinker_prefill <= 800, talker_prefill <= 400 and a first
 # packet <= 60 ms (H100 model). Where a budget is not reached yet the bound is what is reached
-# (benchmarks/results/census/after.json): no stage may grow back.
-BUDGETS = {"thinker_decode": 786, "talker_decode": 539, "code_predictor_frame": 1810, "code2wav_step": 175,
-           "thinker_prefill": 1899, "talker_prefill": 1022}
+# (benchmarks/results/census/after.json): no stage may grow back. vision_encode (issue 14: one 1280×720 image,
+# 27 layers) has no issue budget: its bound is what is reached.
+BUDGETS = {"thinker_decode": 690, "talker_decode": 459, "code_predictor_frame": 1510, "code2wav_step": 143,
+           "thinker_prefill": 1803, "talker_prefill": 942, "vision_encode": 474}
 FIRST_PACKET_H100_MS = 60.0

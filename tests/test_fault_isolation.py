@@ -8,6 +8,8 @@ import pytest
 
 import omni_rt
 
+from _fixtures import runtime_fixture
+
 STAGES = ["audio_encode", "thinker_prefill", "thinker_decode", "talker_prefill", "talker_decode",
           "code_predictor_frame", "code2wav_step"]
 G = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=8)
@@ -21,11 +23,7 @@ def prompt(*words):
 JOBS = {"victim": prompt(5, 6, 7), "a": prompt(100, 200), "b": prompt(42, 43, 44, 45)}
 
 
-@pytest.fixture(scope="module")
-def rt(tiny_checkpoint):
-    runtime = omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=4)
-    yield runtime
-    runtime.close()
+rt = runtime_fixture(max_batch_size=4)
 
 
 @pytest.fixture(scope="module")

@@ -242,3 +242,30 @@ def test_bad_quantization_argument(plain_ckpt):
         make_checkpoint(os.path.join(plain_ckpt, "x"), "tiny", quantization="fp4")
     assert build_parser().parse_args(["bench", "--synthetic", "tiny", "--quant", "fp8"]).quant == "fp8"
     assert build_parser().parse_args(["run", "--model", "d"]).quant is None
+
+
+def test_fused_fp8_weights_keep_each_parts_grid(fp8_ckpt, plain_ckpt):
+    """Kept FP8 (sm_90): q/k/v and the shared expert's gate/up are one FP8 parameter each whose scale grid is the
+    parts' own grids stacked (the tiny-wide widths are not multiples of 128, so the parts' edge blocks do not
+    line up with 128-row blocks of the fused weight); dequantized (CPU/sm_80) they are the parts concatenated."""
+    from omni_rt.models.omni import load_model
+
+    raw = _tensors(fp8_ckpt)
+    kept = dict(load_model(fp8_ckpt, keep_fp8=True).named_parameters())
+    deq = dict(load_model(fp8_ckpt).named_parameters())
+    at_load = dict(load_model(plain_ckpt, quantization="fp8", keep_fp8=True).named_parameters())
+    for owner, fused, names in (("thinker.model.layers.0.self_attn", "qkv_proj", ("q_proj", "k_proj", "v_proj")),
+                                ("talker.model.layers.0.mlp.shared_expert", "gate_up_proj", ("gate_proj", "up_proj"))):
+        parts = [f"{owner}.{n}.weight" for n in names]
+        assert any(raw[p].shape[0] % 128 for p in parts)
+        w, s = kept[f"{owner}.{fused}.weight"], kept[f"{owner}.{fused}.weight_scale_inv"]
+        assert w.dtype == torch.float8_e4m3fn
+        assert torch.equal(w.view(torch.uint8), torch.cat([raw[p].view(torch.uint8) for p in parts]))
+        assert torch.equal(s, torch.cat([raw[p + "_scale_inv"].float() for p in parts]))
+        want = torch.cat([dequantize_blockwise(raw[p], raw[p + "_scale_inv"].float(), torch.float32) for p in parts])
+        assert torch.equal(deq[f"{owner}.{fused}.weight"], want)
+        rows = tuple(raw[p].shape[0] for p in parts)
+        assert torch.equal(dequantize_blockwise(w, s, torch.float32, parts=rows), want)
+        # quantized at load (streaming, each on-disk part on its own grid before the fusion): the same
+        assert torch.equal(at_load[f"{owner}.{fused}.weight"].view(torch.uint8), w.view(torch.uint8))
+        assert torch.equal(at_load[f"{owner}.{fused}.weight_scale_inv"], s)

@@ -8,7 +8,7 @@ import torch
 
 from omni_rt.kernels import force_triton
 from omni_rt.kernels import fp8_linear as fl
-from omni_rt.quant import dequantize_blockwise, quantize_blockwise
+from omni_rt.quant import dequantize_blockwise, quantize_blockwise, quantize_parts
 
 from _tolerances import assert_close
 
@@ -93,6 +93,41 @@ def test_launcher_validation():
         fl.fp8_linear(x, q, s, config=dict(SMALL, BLOCK_K=48))
 
 
+@pytest.mark.parametrize("parts", [(72, 24, 24), (130, 40, 40), (128, 256, 1), (200, 200), (257,)])
+@pytest.mark.parametrize("m", [1, 6])
+@pytest.mark.parametrize("act_fp8", [False, True])
+def test_fused_parts_keep_their_own_scale_grids(parts, m, act_fp8, device):
+    """A fused q/k/v (gate/up) weight whose parts were quantized each on its own grid, widths not multiples of
+    128 (partial edge blocks that do not line up with the fused rows): the kernel maps rows to their part's
+    scale rows; equal to the parts computed one by one and to dequantize-by-parts then matmul."""
+    k = 136
+    w = torch.randn(sum(parts), k, device=device) / k ** 0.5
+    q, s = quantize_parts(w, parts)
+    x = torch.randn(m, k, device=device)
+    with force_triton():
+        out = fl.fp8_linear(x, q, s, act_fp8=act_fp8, config=SMALL, parts=parts)
+    ref = fl.fp8_linear_ref(x, q, s, act_fp8=act_fp8, parts=parts)
+    assert_close(out, ref, name=f"fused {parts}")
+    if not act_fp8:
+        assert torch.equal(ref, torch.nn.functional.linear(x, dequantize_blockwise(q, s, x.dtype, parts=parts)))
+    # the parts one by one (each its own GEMM: only the summation blocking may differ)
+    one_by_one = torch.cat([fl.fp8_linear_ref(x, *quantize_blockwise(p), act_fp8=act_fp8)
+                            for p in w.split(list(parts))], dim=-1)
+    assert_close(ref, one_by_one, name="fused vs parts")
+
+
+def test_fused_parts_validation(device):
+    q, s = quantize_parts(torch.randn(300, 64, device=device), (150, 150))
+    x = torch.randn(2, 64, device=device)
+    with pytest.raises(ValueError, match="scale"):
+        fl.fp8_linear(x, q, s)                        # 2 scale rows per part: not the unfused (3, 1) grid
+    with pytest.raises(ValueError, match="parts"):
+        fl.fp8_linear(x, q, s, parts=(150, 149))
+    with pytest.raises(ValueError, match="parts"):
+        fl.fp8_linear(x, q, s, parts=(75, 75, 75, 75))
+    assert fl.scale_rows(200, (100, 100)) == 2 and fl.scale_rows(200) == 2 and fl.scale_rows(300, (150, 150)) == 4
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("m", [1, 16, 300])
 @pytest.mark.parametrize("act_fp8", [False, True])
@@ -111,3 +146,15 @@ def test_fp8_linear_bf16_gpu(m, act_fp8):
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert_close(static, fl.fp8_linear_ref(x, q, s, act_fp8=act_fp8), name="bf16 graph replay")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("parts", [(4096, 512, 512), (2048, 256, 256), (3000, 520, 520)])
+def test_fused_qkv_fp8_linear_gpu(parts):
+    """The thinker's / talker's fused q/k/v shape (and one whose parts straddle 128-row blocks), decode M=1."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 weights stay FP8 only on sm_89+")
+    k = 2048
+    q, s = quantize_parts(torch.randn(sum(parts), k, device="cuda") / k ** 0.5, parts)
+    x = torch.randn(1, k, device="cuda", dtype=torch.bfloat16)
+    assert_close(fl.fp8_linear(x, q, s, parts=parts), fl.fp8_linear_ref(x, q, s, parts=parts), name="fused qkv")

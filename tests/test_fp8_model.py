@@ -142,9 +142,10 @@ def test_kept_fp8_model_matches_meta_build_and_dequantized_forward(wide):
     got = {n: (p.dtype, tuple(p.shape)) for n, p in kept.named_parameters()}
     want = {n: (p.dtype, tuple(p.shape)) for n, p in meta.named_parameters()}
     assert got == want
-    assert kept.thinker.model.layers[0].mlp.gate_proj.weight.dtype == torch.float8_e4m3fn
-    assert kept.talker.model.layers[0].mlp.shared_expert.up_proj.weight.dtype == torch.float8_e4m3fn
-    assert kept.talker.code_predictor.model.layers[0].mlp.up_proj.weight.dtype == torch.float32
+    assert kept.thinker.model.layers[0].mlp.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+    assert kept.thinker.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
+    assert kept.talker.model.layers[0].mlp.shared_expert.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+    assert kept.talker.code_predictor.model.layers[0].mlp.gate_up_proj.weight.dtype == torch.float32
     assert kept.weight_memory()["thinker"] < deq.weight_memory()["thinker"] / 2
 
     tc = kept.cfg.thinker.text

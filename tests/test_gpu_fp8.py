@@ -38,7 +38,7 @@ def ckpts(tmp_path_factory):
 def test_fp8_resident_and_equal_to_dequantized(ckpts):
     _, fp8 = ckpts
     gpu = load_model(fp8, torch.bfloat16, "cuda")
-    assert gpu.thinker.model.layers[0].self_attn.q_proj.weight.dtype == torch.float8_e4m3fn
+    assert gpu.thinker.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
     assert gpu.thinker.model.layers[1].mlp.experts.gate_up_proj.dtype == torch.float8_e4m3fn
     assert gpu.talker.model.layers[0].mlp.shared_expert.down_proj.weight.dtype == torch.float8_e4m3fn
     cpu = load_model(fp8, torch.float32, "cpu")

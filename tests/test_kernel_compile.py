@@ -264,9 +264,11 @@ def compile_results() -> dict:
     """Run the compile worker once for the whole module (in a subprocess without TRITON_INTERPRET)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
-    # The worker runs this file as a script (sys.path[0] = tests/), so without this it would import whatever
-    # omni_rt the interpreter finds (e.g. an editable install of another checkout): compile the one under test.
-    root = os.path.dirname(os.path.dirname(importlib.import_module("omni_rt").__file__))
+    # The worker must compile the kernels this test imported (a git worktree's, not an installed checkout's):
+    # run as a script, its sys.path starts with tests/, so put this omni_rt's parent first.
+    import omni_rt
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(omni_rt.__file__)))
     env["PYTHONPATH"] = os.pathsep.join([root] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
     jobs = max(1, min(os.cpu_count() or 1, 8))
     with tempfile.TemporaryDirectory() as tmp:

@@ -120,3 +120,73 @@ def test_layout_matches_transformers_on_meta(name):
     assert ours == expected
     if name == "full":
         assert sum(torch.Size(s).numel() for s in ours.values()) > 3.0e10  # ~31.7 B + talker + code2wav
+
+
+# ------------------------------------------------------------------------------ fused q/k/v and gate/up
+def test_fused_parameters_are_the_on_disk_parts_concatenated(tiny_checkpoint):
+    """q/k/v (with the AuT's biases) and the dense MLPs' gate/up are one parameter each in memory: the on-disk
+    matrices stacked in part order. Every other parameter keeps its checkpoint name."""
+    from omni_rt.layout import fused_layout
+    from omni_rt.models.omni import load_model
+
+    disk = load_file(os.path.join(tiny_checkpoint, "model.safetensors"))
+    model = load_model(tiny_checkpoint)
+    params = dict(model.named_parameters())
+    assert {n: tuple(p.shape) for n, p in params.items()} == fused_layout(model_layout(model.cfg))
+    for p in ("thinker.model.layers.0.self_attn", "talker.model.layers.1.self_attn",
+              "talker.code_predictor.model.layers.0.self_attn", "code2wav.pre_transformer.layers.1.self_attn"):
+        assert torch.equal(params[f"{p}.qkv_proj.weight"], torch.cat([disk[f"{p}.{x}_proj.weight"] for x in "qkv"]))
+    a = "thinker.audio_tower.layers.1.self_attn"
+    for leaf in ("weight", "bias"):
+        assert torch.equal(params[f"{a}.qkv_proj.{leaf}"], torch.cat([disk[f"{a}.{x}_proj.{leaf}"] for x in "qkv"]))
+    for p in ("talker.model.layers.0.mlp.shared_expert", "talker.code_predictor.model.layers.1.mlp",
+              "code2wav.pre_transformer.layers.0.mlp"):
+        assert torch.equal(params[f"{p}.gate_up_proj.weight"],
+                           torch.cat([disk[f"{p}.gate_proj.weight"], disk[f"{p}.up_proj.weight"]]))
+    assert not any(n.endswith(("q_proj.weight", "gate_proj.weight")) for n in params)
+
+
+def _attention():
+    from omni_rt.models.layers import Attention, DenseMLP
+
+    with torch.device("meta"):
+        m = torch.nn.ModuleDict({"self_attn": Attention(16, 2, 1, 8, 1e-6), "mlp": DenseMLP(16, 12)})
+    w = {"self_attn.q_proj.weight": torch.randn(16, 16), "self_attn.k_proj.weight": torch.randn(8, 16),
+         "self_attn.v_proj.weight": torch.randn(8, 16), "self_attn.o_proj.weight": torch.randn(16, 16),
+         "self_attn.q_norm.weight": torch.ones(8), "self_attn.k_norm.weight": torch.ones(8),
+         "mlp.gate_proj.weight": torch.randn(12, 16), "mlp.up_proj.weight": torch.randn(12, 16),
+         "mlp.down_proj.weight": torch.randn(16, 12)}
+    return m, w
+
+
+def test_assign_parameters_fuses_parts_in_any_order_and_stays_strict():
+    from omni_rt.loader import assign_parameters
+
+    m, w = _attention()
+    assign_parameters(m, reversed(list(w.items())))       # v before k before q: rows still q, k, v
+    assert torch.equal(m["self_attn"].qkv_proj.weight, torch.cat([w[f"self_attn.{x}_proj.weight"] for x in "qkv"]))
+    assert torch.equal(m["mlp"].gate_up_proj.weight, torch.cat([w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"]]))
+
+    bad = dict(w, **{"self_attn.k_proj.weight": torch.randn(9, 16)})
+    with pytest.raises(CheckpointError, match=r"self_attn\.k_proj\.weight.*\(9, 16\).*\(8, 16\)"):
+        assign_parameters(_attention()[0], bad.items())
+    missing = {k: v for k, v in w.items() if k != "self_attn.v_proj.weight"}
+    with pytest.raises(CheckpointError, match=r"self_attn\.v_proj\.weight"):
+        assign_parameters(_attention()[0], missing.items())
+    with pytest.raises(CheckpointError, match=r"mlp\.up_proj\.weight"):
+        assign_parameters(_attention()[0], [(k, v) for k, v in w.items() if k != "mlp.up_proj.weight"])
+    with pytest.raises(CheckpointError, match=r"self_attn\.q_proj\.weight.*twice"):
+        assign_parameters(_attention()[0], list(w.items()) + [("self_attn.q_proj.weight", w["self_attn.q_proj.weight"])])
+    with pytest.raises(CheckpointError, match=r"self_attn\.w_proj\.weight"):
+        assign_parameters(_attention()[0], list(w.items()) + [("self_attn.w_proj.weight", torch.ones(2, 2))])
+
+
+def test_torch_load_state_dict_takes_the_checkpoint_names():
+    """``module.load_state_dict`` with transformers' separate names (what the reference's state_dict holds) fills
+    the fused parameters too; a missing part stays a missing-key error."""
+    m, w = _attention()
+    m = m.to_empty(device="cpu")
+    m.load_state_dict(w, strict=True)
+    assert torch.equal(m["self_attn"].qkv_proj.weight, torch.cat([w[f"self_attn.{x}_proj.weight"] for x in "qkv"]))
+    with pytest.raises(RuntimeError, match="qkv_proj"):
+        m.load_state_dict({k: v for k, v in w.items() if k != "self_attn.k_proj.weight"}, strict=True)

@@ -15,6 +15,8 @@ import omni_rt
 from omni_rt.errors import CancelledRequest
 from omni_rt.testing import make_checkpoint, tiny_config
 
+from _fixtures import runtime_fixture
+
 IM_START, IM_END, USER, ASSISTANT, NL = 449, 450, 11, 12, 198
 
 
@@ -25,11 +27,7 @@ def text_ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("tiny_text"), cfg, seed=0)
 
 
-@pytest.fixture(scope="module")
-def rt(text_ckpt):
-    runtime = omni_rt.Runtime(text_ckpt, device="cpu", max_batch_size=4)
-    yield runtime
-    runtime.close()
+rt = runtime_fixture("text_ckpt", max_batch_size=4)
 
 
 def prompt(*words):

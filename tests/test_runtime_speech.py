@@ -13,16 +13,13 @@ import omni_rt
 from omni_rt.bench import question_prompt, spoken_question
 
 from _tolerances import PARITY
+from _fixtures import hf_speech_generate, runtime_fixture
 
 T_GREEDY = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=10)
 K_GREEDY = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=26)
 
 
-@pytest.fixture(scope="module")
-def rt(tiny_checkpoint):
-    runtime = omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=4)
-    yield runtime
-    runtime.close()
+rt = runtime_fixture(max_batch_size=4)
 
 
 @pytest.fixture(scope="module")
@@ -39,22 +36,9 @@ def hf_generate(hf, prompt: omni_rt.Prompt, speaker: str):
         f = fe(prompt.audios[0], sampling_rate=16000, padding=True, truncation=False, return_attention_mask=True,
                return_tensors="pt")
         kwargs = dict(input_features=f["input_features"], feature_attention_mask=f["attention_mask"])
-    captured = {}
-    original = hf.code2wav.chunked_decode
-
-    def capture(codes, *a, **k):
-        captured["codes"] = codes.clone()
-        return original(codes, *a, **k)
-
-    hf.code2wav.chunked_decode = capture
-    try:
-        with torch.inference_mode():
-            seq, wav = hf.generate(torch.tensor([prompt.token_ids]), speaker=speaker,
-                                   thinker_max_new_tokens=T_GREEDY.max_new_tokens, thinker_do_sample=False,
-                                   talker_max_new_tokens=K_GREEDY.max_new_tokens, talker_do_sample=False, **kwargs)
-    finally:
-        hf.code2wav.chunked_decode = original
-    return seq[0, len(prompt.token_ids):].tolist(), captured["codes"][0].numpy(), wav.reshape(-1).numpy()
+    ids, codes, wav = hf_speech_generate(hf, list(prompt.token_ids), speaker, T_GREEDY.max_new_tokens,
+                                         K_GREEDY.max_new_tokens, **kwargs)
+    return ids, codes.numpy(), wav.numpy()
 
 
 @pytest.mark.parametrize("speaker", ["Ethan", "chelsie", "AIDEN"])

@@ -24,16 +24,14 @@ from omni_rt.serve.protocol import Limits  # noqa: E402
 
 from omni_rt.serve.live import live_server  # noqa: E402
 
+from _fixtures import runtime_fixture  # noqa: E402
+
 TALKER_STEPS = 8
 TOKENS = 6
 TIMEOUT = 120
 
 
-@pytest.fixture(scope="module")
-def rt(tiny_checkpoint):
-    runtime = omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=4)
-    yield runtime
-    runtime.close()
+rt = runtime_fixture(max_batch_size=4)
 
 
 @pytest.fixture(scope="module")

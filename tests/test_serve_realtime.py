@@ -17,10 +17,11 @@ pytest.importorskip("uvicorn")
 ws_sync = pytest.importorskip("websockets.sync.client")
 pytest.importorskip("silero_vad")
 
-import omni_rt  # noqa: E402
 from omni_rt.serve.app import create_app  # noqa: E402
 
 from omni_rt.serve.live import live_server  # noqa: E402
+
+from _fixtures import runtime_fixture  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(__file__), "data")
 TIMEOUT = 120
@@ -36,11 +37,7 @@ def clip() -> tuple[np.ndarray, dict]:
         return pcm, json.load(f)
 
 
-@pytest.fixture(scope="module")
-def rt(tiny_checkpoint):
-    runtime = omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=2)
-    yield runtime
-    runtime.close()
+rt = runtime_fixture(max_batch_size=2)
 
 
 @pytest.fixture(scope="module")

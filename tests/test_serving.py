@@ -14,13 +14,10 @@ from omni_rt.bench import question_prompt, spoken_question
 from omni_rt.errors import DeviceFault
 
 from _tolerances import PARITY
+from _fixtures import runtime_fixture
 
 
-@pytest.fixture(scope="module")
-def rt(tiny_checkpoint):
-    runtime = omni_rt.Runtime(tiny_checkpoint, device="cpu", max_batch_size=8)
-    yield runtime
-    runtime.close()
+rt = runtime_fixture(max_batch_size=8)
 
 
 def text_prompt(*words):

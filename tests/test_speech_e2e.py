@@ -14,6 +14,7 @@ from omni_rt.models.omni import load_model
 from omni_rt.request import SamplingParams
 
 from _engine import audio_of, make_engine, make_request, run
+from _fixtures import hf_speech_generate
 from _tolerances import PARITY
 from test_thinker import audio_prompt, hf_features, speech_like
 
@@ -28,23 +29,7 @@ def model(tiny_checkpoint):
 
 def reference(hf_tiny, ids, speaker, thinker_max, talker_max, eos=IM_END, **kwargs):
     """(generated thinker ids, codes (G, frames), waveform (samples,)) from the reference's greedy generate."""
-    captured = {}
-    orig = hf_tiny.code2wav.chunked_decode
-
-    def spy(codes, *args, **kw):
-        captured["codes"] = codes.clone()
-        return orig(codes, *args, **kw)
-
-    hf_tiny.code2wav.chunked_decode = spy
-    try:
-        seqs, wav = hf_tiny.generate(torch.tensor([ids]), speaker=speaker, return_audio=True,
-                                     thinker_max_new_tokens=thinker_max, thinker_eos_token_id=eos,
-                                     thinker_do_sample=False, talker_do_sample=False,
-                                     talker_max_new_tokens=talker_max, **kwargs)
-    finally:
-        del hf_tiny.code2wav.chunked_decode
-    assert hf_tiny.code2wav.chunked_decode == orig
-    return seqs[0, len(ids):].tolist(), captured["codes"][0], wav.flatten()
+    return hf_speech_generate(hf_tiny, ids, speaker, thinker_max, talker_max, thinker_eos_token_id=eos, **kwargs)
 
 
 def ours(model, ids, speaker, thinker_max, talker_max, eos=IM_END, audio=None, talker=None):

@@ -171,3 +171,56 @@ def test_preprocessor_config_is_read(tmp_path):
     assert cfg.min_pixels == 100000 and cfg.max_pixels == 200000
     assert vision.num_image_tokens(10, 10, cfg) == vision.image_size(10, 10, cfg)[0] * \
         vision.image_size(10, 10, cfg)[1] // 1024
+
+
+# ---------------------------------------------------------------------------------------------- video files
+FILES = os.path.join(os.path.dirname(__file__), "fixtures", "vision", "video_files.npz")
+
+
+@pytest.fixture(scope="module")
+def files():
+    return np.load(FILES)
+
+
+def _file_names():
+    with np.load(FILES) as f:
+        return sorted({k.split("/")[1] for k in f.files if k.startswith("file/")})
+
+
+@pytest.mark.parametrize("name", _file_names())
+def test_video_file_decode_equals_qwen_omni_utils(files, name, tmp_path):
+    """A video file through load_video + preprocess_video equals the official pipeline: qwen-omni-utils'
+    fetch_video (decord reader: decode, 2 fps sampling, its factor-28 resize; frames exact, sample fps) and then
+    Qwen2VLVideoProcessor on its float frames (rows kept in the fixture ≤ 1e-5, every column's sum too)."""
+    pytest.importorskip("av")
+    key = f"file/{name}"
+    path = tmp_path / f"{name}.{files[f'{key}/ext']}"
+    path.write_bytes(files[f"{key}/bytes"].tobytes())
+    frames, fps = vision.load_video(path)
+    assert fps == pytest.approx(float(files[f"{key}/sample_fps"]), rel=1e-12)
+    assert list(frames.shape) == files[f"{key}/frames_shape"].tolist()
+    np.testing.assert_array_equal(frames[:, 0], files[f"{key}/frames_first_row"])
+    assert hashlib.sha256(frames.tobytes()).digest() == files[f"{key}/frames_sha256"].tobytes()
+
+    pv, grid, spg = vision.preprocess_video(frames, fps, float_resize=True)
+    assert grid.tolist() == files[f"{key}/grid"].tolist()
+    assert list(pv.shape) == files[f"{key}/pv_shape"].tolist()
+    rows = torch.from_numpy(files[f"{key}/pv_rows_index"])
+    err = (pv[rows] - torch.from_numpy(files[f"{key}/pv_rows"])).abs().max().item()
+    assert err <= PARITY["pixel_values_abs"], f"{name}: max |diff| {err}"
+    colsum = pv.double().sum(0).numpy()
+    np.testing.assert_allclose(colsum, files[f"{key}/pv_colsum"], rtol=0, atol=pv.shape[0] * PARITY["pixel_values_abs"])
+    assert spg == pytest.approx(2 / float(files[f"{key}/sample_fps"]))
+
+
+def test_decoded_frames_are_resized_as_float_by_the_processor(files, tmp_path):
+    """The uint8 kernel (for frames given as arrays) would be off by more than the tolerance on a decoded file:
+    the flag is what makes file input equal the reference, not a no-op."""
+    pytest.importorskip("av")
+    key = "file/h264_7fps"
+    path = tmp_path / "v.mp4"
+    path.write_bytes(files[f"{key}/bytes"].tobytes())
+    frames, fps = vision.load_video(path)
+    pv = vision.preprocess_video(frames, fps)[0]
+    rows = torch.from_numpy(files[f"{key}/pv_rows_index"])
+    assert (pv[rows] - torch.from_numpy(files[f"{key}/pv_rows"])).abs().max().item() > PARITY["pixel_values_abs"]

@@ -16,6 +16,8 @@ import omni_rt
 from omni_rt import vision
 from omni_rt.models.mrope import VisionItem, expand_vision_pads, multimodal_positions
 
+from _fixtures import runtime_fixture
+
 GREEDY = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=10)
 RNG = np.random.default_rng(7)
 IMG = RNG.integers(0, 256, (70, 90, 3), dtype=np.uint8)
@@ -25,11 +27,8 @@ _t = np.arange(16000 * 4) / 16000
 WAV = (0.3 * np.sin(2 * np.pi * 220 * _t) * (1 + np.sin(_t * 3))).astype(np.float32)
 
 
-@pytest.fixture(scope="module")
-def rt(tiny_checkpoint):
-    # max_prefill_tokens 7: prefill chunk boundaries fall inside images and videos (deepstack slicing).
-    with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_prefill_tokens=7) as r:
-        yield r
+# max_prefill_tokens 7: prefill chunk boundaries fall inside images and videos (deepstack slicing).
+rt = runtime_fixture(max_prefill_tokens=7)
 
 
 def _features(wav):
@@ -130,7 +129,7 @@ def test_audio_in_video_prompt(rt, hf_tiny, tmp_path):
     track = vision.load_video_audio(path)
     assert decoded.shape[0] == 8 and fps == pytest.approx(2.0)      # 4 s at 4 fps sampled at 2 fps
     assert np.abs(track - WAV).max() < 1e-4
-    pv, g, spg = vision.preprocess_video(decoded, fps)
+    pv, g, spg = vision.preprocess_video(decoded, fps, float_resize=True)   # as the runtime does for files
     msgs = _user({"type": "video", "video": path}, {"type": "text", "text": "What happens?"})
     prep = _check(rt, hf_tiny, msgs, aiv=True, pixel_values_videos=pv, video_grid_thw=g,
                   video_second_per_grid=torch.tensor([spg]), use_audio_in_video=True, **_features(track))
@@ -230,6 +229,71 @@ def test_checkpoint_without_vision_tower_refuses_images(tmp_path_factory):
         with pytest.raises(ValueError, match="no vision tower"):
             r.encode_image(IMG)
         assert r.generate(_user({"type": "text", "text": "Hi"}), thinker=GREEDY, return_audio=False).token_ids
+
+
+def _text_only(cfg: dict) -> dict:
+    """A config of a checkpoint without a talker, as Thinking and Captioner ship (enable_audio_output false)."""
+    cfg["enable_audio_output"] = False
+    for key in ("talker_config", "code2wav_config"):
+        cfg.pop(key, None)
+    return cfg
+
+
+def test_captioner_checkpoint_takes_audio_and_refuses_images_and_video(tmp_path_factory):
+    """A Captioner-shaped checkpoint (no talker, no vision tower: audio in, text out) loads, describes audio,
+    and refuses images and videos with an error that names the checkpoint kind."""
+    from omni_rt.testing import make_checkpoint
+    from omni_rt.testing.configs import tiny_config
+
+    cfg = _text_only(tiny_config())
+    del cfg["thinker_config"]["vision_config"]
+    path = make_checkpoint(tmp_path_factory.mktemp("captioner"), cfg, seed=0, dtype=torch.float32)
+    with omni_rt.Runtime(path, device="cpu") as r:
+        assert r.cfg.kind == "Captioner" and r.model.thinker.visual is None and not r.cfg.has_talker
+        assert r.generate(_user({"type": "audio", "audio": WAV[:16000]}), thinker=GREEDY,
+                          return_audio=False).token_ids
+        for item in ({"type": "image", "image": IMG}, {"type": "video", "video": FRAMES, "fps": 2.0}):
+            with pytest.raises(ValueError, match="Captioner checkpoint.*no images or video"):
+                r.generate(_user(item, {"type": "text", "text": "Hi"}), thinker=GREEDY, return_audio=False)
+        with pytest.raises(ValueError, match="Captioner"):
+            r.encode_image(IMG)
+        th = r.cfg.thinker
+        pretokenized = omni_rt.Prompt(token_ids=[th.vision_start_token_id, th.image_token_id, th.vision_end_token_id],
+                                      images=[IMG])
+        with pytest.raises(ValueError, match="Captioner"):
+            r.generate(pretokenized, thinker=GREEDY, return_audio=False)
+
+
+def test_checkpoint_kinds_from_config():
+    """Instruct (talker), Thinking (text out, vision tower), Captioner (its shape, or a name that says so: then
+    images are refused even if its config carries a vision tower); Thinking and Instruct take images."""
+    from omni_rt.config import OmniConfig
+    from omni_rt.testing.configs import tiny_config
+
+    instruct = OmniConfig.from_dict(tiny_config())
+    thinking = OmniConfig.from_dict(_text_only(tiny_config()))
+    named = OmniConfig.from_dict(dict(_text_only(tiny_config()), _name_or_path="Qwen/Qwen3-Omni-30B-A3B-Captioner"))
+    assert (instruct.kind, thinking.kind, named.kind) == ("Instruct", "Thinking", "Captioner")
+    assert instruct.vision_refusal() is None and thinking.vision_refusal() is None
+    assert "Captioner" in named.vision_refusal() and named.thinker.vision is not None
+    no_tower = tiny_config()
+    del no_tower["thinker_config"]["vision_config"]
+    assert "Instruct checkpoint has no vision tower" in OmniConfig.from_dict(no_tower).vision_refusal()
+
+
+def test_thinking_checkpoint_takes_images(rt, tmp_path_factory):
+    """A Thinking-shaped checkpoint (no talker, vision tower kept) loads its vision tower and answers about an
+    image as the Instruct checkpoint's thinker does (same seed: the same thinker weights, drawn per tensor)."""
+    from omni_rt.testing import make_checkpoint
+    from omni_rt.testing.configs import tiny_config
+
+    path = make_checkpoint(tmp_path_factory.mktemp("thinking"), _text_only(tiny_config()), seed=0,
+                           dtype=torch.float32)
+    msgs = _user({"type": "image", "image": IMG}, {"type": "text", "text": "What is it?"})
+    with omni_rt.Runtime(path, device="cpu") as r:
+        assert r.cfg.kind == "Thinking" and r.model.thinker.visual is not None
+        out = r.generate(msgs, thinker=GREEDY, return_audio=False).token_ids
+    assert out == rt.generate(msgs, thinker=GREEDY, return_audio=False).token_ids
 
 
 def test_concurrent_mixed_modalities_equal_solo(rt):

@@ -10,13 +10,13 @@ reference gives the talker 1-D positions there (use_audio_in_video is not passed
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 import omni_rt
 from omni_rt import vision
 
 from _tolerances import PARITY
+from _fixtures import hf_speech_generate, runtime_fixture
 
 RNG = np.random.default_rng(11)
 IMG = RNG.integers(0, 256, (70, 90, 3), dtype=np.uint8)
@@ -25,29 +25,12 @@ THINKER = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=12)
 TALKER = omni_rt.SamplingParams(temperature=0.0, max_new_tokens=40)
 
 
-@pytest.fixture(scope="module")
-def rt(tiny_checkpoint):
-    with omni_rt.Runtime(tiny_checkpoint, device="cpu", max_prefill_tokens=64) as r:
-        yield r
+rt = runtime_fixture(max_prefill_tokens=64)
 
 
 def reference(hf_tiny, ids, **kwargs):
-    captured = {}
-    orig = hf_tiny.code2wav.chunked_decode
-
-    def spy(codes, *args, **kw):
-        captured["codes"] = codes.clone()
-        return orig(codes, *args, **kw)
-
-    hf_tiny.code2wav.chunked_decode = spy
-    try:
-        seqs, wav = hf_tiny.generate(torch.tensor([ids]), speaker="ethan", return_audio=True,
-                                     thinker_max_new_tokens=THINKER.max_new_tokens,
-                                     thinker_eos_token_id=450, thinker_do_sample=False, talker_do_sample=False,
-                                     talker_max_new_tokens=TALKER.max_new_tokens, **kwargs)
-    finally:
-        del hf_tiny.code2wav.chunked_decode
-    return seqs[0, len(ids):].tolist(), captured["codes"][0], wav.flatten()
+    return hf_speech_generate(hf_tiny, ids, "ethan", THINKER.max_new_tokens, TALKER.max_new_tokens,
+                              thinker_eos_token_id=450, **kwargs)
 
 
 def check(rt, hf_tiny, msgs, **kwargs):

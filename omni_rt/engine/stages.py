@@ -147,14 +147,16 @@ class Stages:
         """The request's images/videos → (TM-RoPE positions (3, n), rope delta, image features, video features,
         deepstack (mask, per-tap features) or None); every pad run is checked against its medium first."""
         thinker, th = self.model.thinker, self.model.cfg.thinker
-        if thinker.visual is None:
-            raise ValueError("this checkpoint has no vision tower, so it cannot take images or video")
+        refusal = self.model.cfg.vision_refusal()
+        if refusal is not None or thinker.visual is None:
+            raise ValueError(refusal or "this checkpoint has no vision tower, so it cannot take images or video")
         positions, delta = multimodal_positions(req.thinker.prompt_ids, th, th.vision.spatial_merge_size,
                                                 audio_counts, [v.item for v in req.vision])
-        feats, taps = thinker.visual.encode([(v.pixel_values, v.item.grid) for v in req.vision], self.dtype)
-        image, video, deepstack = _scatter_vision(ids, [v.item.kind for v in req.vision], feats, taps,
-                                                  th.image_token_id, th.video_token_id)
-        return positions.to(self.device), delta, image, video, deepstack
+        with census_stage("vision_encode"):
+            feats, taps = thinker.visual.encode([(v.pixel_values, v.item.grid) for v in req.vision], self.dtype)
+            image, video, deepstack = _scatter_vision(ids, [v.item.kind for v in req.vision], feats, taps,
+                                                      th.image_token_id, th.video_token_id)
+            return positions.to(self.device), delta, image, video, deepstack
 
     def sample_thinker(self, hidden: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
         """hidden (B, H) → next ids (B,) on the device (penalties over prompt + output when asked)."""

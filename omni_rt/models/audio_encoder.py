@@ -37,6 +37,7 @@ from torch import nn
 from ..config import AudioEncoderConfig
 from ..kernels.block_window_attention import block_window_attention
 from ..sampling import to_device
+from .layers import fuse_parts_on_load, make_linear, split
 
 __all__ = ["AudioEncoder", "num_audio_tokens"]
 
@@ -90,18 +91,16 @@ class _Attention(nn.Module):
     def __init__(self, d_model: int, heads: int):
         super().__init__()
         self.heads, self.head_dim = heads, d_model // heads
-        self.q_proj = nn.Linear(d_model, d_model, bias=True)
-        self.k_proj = nn.Linear(d_model, d_model, bias=True)
-        self.v_proj = nn.Linear(d_model, d_model, bias=True)
+        # q, k and v in one GEMM, biases too (the checkpoint's q/k/v_proj weights and biases, concatenated at load)
+        self.qkv_proj = make_linear(d_model, (d_model, d_model, d_model), bias=True)
         self.out_proj = nn.Linear(d_model, d_model, bias=True)
+        fuse_parts_on_load(self)
 
     def forward(self, x: torch.Tensor, cu_seqlens: torch.Tensor, max_seqlen: int | None = None) -> torch.Tensor:
         """x: (tokens, d_model); cu_seqlens: (windows + 1,) int32 on x's device; max_seqlen: the longest window,
         known on the host from the chunk plan (so the kernel never reads cu_seqlens back). → (tokens, d_model)."""
         n = x.shape[0]
-        q = self.q_proj(x).view(n, self.heads, self.head_dim)
-        k = self.k_proj(x).view(n, self.heads, self.head_dim)
-        v = self.v_proj(x).view(n, self.heads, self.head_dim)
+        q, k, v = (p.view(n, self.heads, self.head_dim) for p in split(self.qkv_proj(x), self.qkv_proj.parts))
         o = block_window_attention(q, k, v, cu_seqlens, scale=self.head_dim ** -0.5, max_seqlen=max_seqlen)
         return self.out_proj(o.reshape(n, self.heads * self.head_dim))
 

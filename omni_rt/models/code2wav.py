@@ -40,7 +40,7 @@ from ..kernels import trans_conv1d as _trans
 from ..kernels.causal_conv1d import causal_conv1d, prepare_weight
 from ..kernels.trans_conv1d import trans_conv1d
 from ..kernels.window_attention import window_attention
-from .layers import RMSNorm
+from .layers import DenseMLP, RMSNorm, fuse_parts_on_load, make_linear, split
 
 __all__ = ["Code2Wav", "Code2WavState", "StateLayout"]
 
@@ -162,10 +162,11 @@ class _Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = c.num_attention_heads, c.num_key_value_heads, c.head_dim
         self.window = c.sliding_window
-        self.q_proj = nn.Linear(c.hidden_size, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(c.hidden_size, self.kv_heads * self.head_dim, bias=False)
+        # q, k and v in one GEMM (the checkpoint's q_proj/k_proj/v_proj, concatenated at load)
+        self.qkv_proj = make_linear(c.hidden_size, (self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                                    self.kv_heads * self.head_dim))
         self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
+        fuse_parts_on_load(self)
 
     def forward(self, x, cos, sin, past_k, past_v, pos, new_k, new_v):
         """x: (B, n, hidden); cos/sin: (B, n, head_dim); past_k/v: (B, kv_heads, W-1, head_dim) rotated history;
@@ -173,23 +174,13 @@ class _Attention(nn.Module):
         and returns out (B, n, hidden). Rotary, the window update and the masked attention are one kernel
         (``kernels.window_attention``; its reference is this layer's former torch code)."""
         b, n, _ = x.shape
-        q = self.q_proj(x).view(b, n, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b, n, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b, n, self.kv_heads, self.head_dim)
+        q, k, v = split(self.qkv_proj(x), self.qkv_proj.parts)  # views of the fused projection
+        q = q.view(b, n, self.heads, self.head_dim)
+        k = k.view(b, n, self.kv_heads, self.head_dim)
+        v = v.view(b, n, self.kv_heads, self.head_dim)
         o, _, _ = window_attention(q, k, v, cos, sin, past_k, past_v, pos, self.window, self.head_dim ** -0.5,
                                    new_k=new_k, new_v=new_v)
         return self.o_proj(o.reshape(b, n, -1))
-
-
-class _Mlp(nn.Module):
-    def __init__(self, c: Code2WavConfig):
-        super().__init__()
-        self.gate_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class _TransformerLayer(nn.Module):
@@ -199,7 +190,7 @@ class _TransformerLayer(nn.Module):
         self.self_attn = _Attention(c)
         self.self_attn_layer_scale = _LayerScale(c.hidden_size, c.layer_scale_initial_scale)
         self.post_attention_layernorm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.mlp = _Mlp(c)
+        self.mlp = DenseMLP(c.hidden_size, c.intermediate_size)   # gate/up as one GEMM, silu·mul one kernel
         self.mlp_layer_scale = _LayerScale(c.hidden_size, c.layer_scale_initial_scale)
 
     def forward(self, x, cos, sin, past_k, past_v, pos, new_k, new_v):

@@ -25,7 +25,7 @@ from torch import nn
 from ..config import CodePredictorConfig
 from ..kernels.qk_norm_rope import qk_norm_rope
 from ..sampling import SamplingTensors, sample
-from .layers import DenseMLP, RMSNorm, Rotary
+from .layers import DenseMLP, RMSNorm, Rotary, fuse_parts_on_load, make_linear, split
 
 # The residual codes' fixed sampling whenever the talker samples (reference prepare_inputs_for_generation:
 # top_k 50, top_p 0.8, temperature 1; greedy when the talker is greedy). The seed is the talker's, salted so
@@ -98,12 +98,13 @@ class CodePredictorAttention(nn.Module):
         self.heads, self.kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.scale = self.head_dim ** -0.5
         h = cfg.hidden_size
-        self.q_proj = nn.Linear(h, self.heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
+        # q, k and v in one GEMM (the checkpoint's q_proj/k_proj/v_proj, concatenated at load)
+        self.qkv_proj = make_linear(h, (self.heads * self.head_dim, self.kv_heads * self.head_dim,
+                                        self.kv_heads * self.head_dim))
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
         self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        fuse_parts_on_load(self)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, k_cache: torch.Tensor,
                 v_cache: torch.Tensor, start: int, slots: torch.Tensor | None = None) -> torch.Tensor:
@@ -111,9 +112,10 @@ class CodePredictorAttention(nn.Module):
         place at those positions; cos/sin: (T, head_dim); slots: (B·T,) ``b·S + position`` (the K/V write then
         happens inside the q/k kernel) or None → (B, T, hidden)."""
         b, t, _ = x.shape
-        q = self.q_proj(x).view(b * t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(b * t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(b * t, self.kv_heads, self.head_dim)
+        q, k, v = split(self.qkv_proj(x).view(b * t, -1), self.qkv_proj.parts)
+        q = q.view(b * t, self.heads, self.head_dim)
+        k = k.view(b * t, self.kv_heads, self.head_dim)
+        v = v.view(b * t, self.kv_heads, self.head_dim)
         # q/k norms, rotary (the (t, head_dim) tables serve all b rows) and the workspace write — the workspace
         # seen as b pages of S rows — in one kernel on the Triton path
         pages = (k_cache.transpose(1, 2), v_cache.transpose(1, 2)) if slots is not None else None

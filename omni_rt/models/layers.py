@@ -1,5 +1,9 @@
 """Shared building blocks: RMSNorm, rotary embeddings (1-D and interleaved M-RoPE), the q/k-norm GQA
-attention front that calls the paged-KV kernels, dense SwiGLU MLP.
+attention front that calls the paged-KV kernels, dense SwiGLU MLP, and fused projections.
+
+Fused projections: q/k/v are one GEMM (``qkv_proj``, rows q then k then v) and a dense MLP's gate/up are one GEMM
+(``gate_up_proj``, gate rows first). Checkpoints keep transformers' separate matrices; ``loader.assign_parameters``
+(and ``load_state_dict`` through ``fuse_parts_on_load``) concatenates them at load time (``layout.fused_target``).
 
 Numerics follow transformers' Qwen3-Omni modules exactly (fp32 norm statistics, cos/sin computed in fp32 and
 cast to the activation dtype) so fp32 runs agree with the oracle to ~1e-6 and bf16 runs round the same way.
@@ -9,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..kernels import fp8_linear as _fp8
 from ..kernels import qk_norm_rope as _qk_norm_rope
 from ..kernels import rms_norm as _rms_norm
+from ..kernels import silu_mul as _silu_mul
+from ..layout import fused_parts, fused_target
 from ..sampling import to_device  # noqa: F401 - re-exported for the models
 from ..kernels import paged_attention as _paged
 from ..kernels import prefill_attention as _prefill
@@ -35,27 +40,69 @@ class FP8Linear(nn.Module):
 
     weight: (out, in) float8_e4m3fn codes; weight_scale_inv: (ceil(out/128), ceil(in/128)) fp32 (the on-disk
     names of Qwen's FP8 format). Forward dequantizes inside the GEMM's K loop (``kernels.fp8_linear``).
+    ``parts`` (row counts): a fused weight (q/k/v, gate/up) whose parts were quantized each on its own 128×128
+    grid before fusion; weight_scale_inv is then their grids stacked, (Σ ceil(part/128), ceil(in/128)).
     ``act_fp8_min_tokens``: from this many tokens on (prefill), also quantize activations (w8a8); None = never.
     """
 
-    def __init__(self, in_features: int, out_features: int):
+    def __init__(self, in_features: int, out_features: int, parts: tuple[int, ...] | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.parts = tuple(parts) if parts is not None else None
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=torch.float8_e4m3fn),
                                    requires_grad=False)
-        self.weight_scale_inv = nn.Parameter(torch.empty(-(-out_features // 128), -(-in_features // 128)),
-                                             requires_grad=False)
+        self.weight_scale_inv = nn.Parameter(torch.empty(_fp8.scale_rows(out_features, self.parts),
+                                                         -(-in_features // 128)), requires_grad=False)
         self.act_fp8_min_tokens: int | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (..., in) → (..., out) in x's dtype."""
         w8a8 = self.act_fp8_min_tokens is not None and x.numel() // x.shape[-1] >= self.act_fp8_min_tokens
-        return _fp8.fp8_linear(x, self.weight, self.weight_scale_inv, act_fp8=w8a8)
+        return _fp8.fp8_linear(x, self.weight, self.weight_scale_inv, act_fp8=w8a8, parts=self.parts)
 
 
-def make_linear(in_features: int, out_features: int, fp8: bool = False) -> nn.Module:
-    """nn.Linear without bias, or FP8Linear when the weights stay FP8 on the device."""
-    return FP8Linear(in_features, out_features) if fp8 else nn.Linear(in_features, out_features, bias=False)
+class FusedLinear(nn.Linear):
+    """One GEMM for several projections of the same input: weight (Σ parts, in), rows part after part (and the
+    bias likewise). ``parts``: the output widths, in row order. Forward returns the fused (..., Σ parts) output;
+    callers split it with views (``split``)."""
+
+    def __init__(self, in_features: int, parts: tuple[int, ...], bias: bool = False):
+        super().__init__(in_features, sum(parts), bias=bias)
+        self.parts = tuple(parts)
+
+
+def make_linear(in_features: int, out_features: int | tuple[int, ...], fp8: bool = False,
+                bias: bool = False) -> nn.Module:
+    """nn.Linear, or FP8Linear when the weights stay FP8 on the device (bias-free only). ``out_features`` as a
+    tuple of part widths: one fused projection (FusedLinear / FP8Linear with ``parts``)."""
+    parts = tuple(out_features) if isinstance(out_features, (tuple, list)) else None
+    out = sum(parts) if parts is not None else out_features
+    if fp8:
+        if bias:
+            raise ValueError("FP8Linear has no bias")
+        return FP8Linear(in_features, out, parts)
+    return FusedLinear(in_features, parts, bias) if parts is not None else nn.Linear(in_features, out, bias=bias)
+
+
+def split(y: torch.Tensor, parts: tuple[int, ...]) -> tuple[torch.Tensor, ...]:
+    """The parts of a fused projection's output (..., Σ parts) as views (no copy, no launch)."""
+    return y.split(parts, dim=-1)
+
+
+def fuse_parts_on_load(module: nn.Module) -> None:
+    """Let ``module.load_state_dict`` (and a parent's) take transformers' separate q/k/v (gate/up) tensors for this
+    module's fused parameters: a pre-hook concatenates a complete set of parts (``layout.fused_target``) into the
+    fused name before torch matches keys. Incomplete sets are left alone, so torch reports them as usual."""
+    module.register_load_state_dict_pre_hook(_fuse_state_dict_parts)
+
+
+def _fuse_state_dict_parts(module, state_dict, prefix, *_):
+    own = {prefix + n for n, _ in module.named_parameters()}
+    targets = {fused_target(k)[0] for k in list(state_dict) if k.startswith(prefix) and fused_target(k) is not None}
+    for target in targets:
+        names = fused_parts(target)
+        if target in own and all(n in state_dict for n in names):
+            state_dict[target] = torch.cat([state_dict.pop(n) for n in names])
 
 
 class RMSNorm(nn.Module):
@@ -150,20 +197,21 @@ class Attention(nn.Module):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, head_dim
         self.scale = head_dim ** -0.5
-        self.q_proj = make_linear(hidden, heads * head_dim, fp8)
-        self.k_proj = make_linear(hidden, kv_heads * head_dim, fp8)
-        self.v_proj = make_linear(hidden, kv_heads * head_dim, fp8)
+        # q, k and v in one GEMM (the checkpoint's q_proj/k_proj/v_proj, concatenated at load)
+        self.qkv_proj = make_linear(hidden, (heads * head_dim, kv_heads * head_dim, kv_heads * head_dim), fp8)
         self.o_proj = make_linear(heads * head_dim, hidden, fp8)
         self.q_norm = RMSNorm(head_dim, eps)
         self.k_norm = RMSNorm(head_dim, eps)
+        fuse_parts_on_load(self)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata) -> torch.Tensor:
         """x: (tokens, hidden) → (tokens, hidden). Writes the new K/V into ``kv_cache`` pages first."""
         t = x.shape[0]
-        q = self.q_proj(x).view(t, self.heads, self.head_dim)
-        k = self.k_proj(x).view(t, self.kv_heads, self.head_dim)
-        v = self.v_proj(x).view(t, self.kv_heads, self.head_dim)
+        q, k, v = split(self.qkv_proj(x), self.qkv_proj.parts)   # strided views: the kernels take row strides
+        q = q.view(t, self.heads, self.head_dim)
+        k = k.view(t, self.kv_heads, self.head_dim)
+        v = v.view(t, self.kv_heads, self.head_dim)
         # q/k norms, rotary and the K/V page write: one kernel on the Triton path
         q, k = _qk_norm_rope.qk_norm_rope(q, k, v, self.q_norm.weight, self.k_norm.weight, self.q_norm.eps, cos, sin,
                                           kv_cache, meta.slot_mapping)
@@ -178,13 +226,16 @@ class Attention(nn.Module):
 
 
 class DenseMLP(nn.Module):
-    """down(silu(gate(x)) * up(x)); ``fp8``: block-FP8 weights (FP8Linear)."""
+    """down(silu(gate(x)) * up(x)) with gate and up as one GEMM (``gate_up_proj``: (2I, H), gate rows first; the
+    checkpoint's gate_proj/up_proj concatenated at load) and silu·mul as one kernel; ``fp8``: block-FP8 weights
+    (FP8Linear, each part on its own scale grid)."""
 
     def __init__(self, hidden: int, intermediate: int, fp8: bool = False):
         super().__init__()
-        self.gate_proj = make_linear(hidden, intermediate, fp8)
-        self.up_proj = make_linear(hidden, intermediate, fp8)
+        self.gate_up_proj = make_linear(hidden, (intermediate, intermediate), fp8)
         self.down_proj = make_linear(intermediate, hidden, fp8)
+        fuse_parts_on_load(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        """x: (..., hidden) → (..., hidden)."""
+        return self.down_proj(_silu_mul.silu_mul(self.gate_up_proj(x)))

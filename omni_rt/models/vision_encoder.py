@@ -51,10 +51,12 @@ class _Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
                 max_seqlen: int) -> torch.Tensor:
-        """x: (N, hidden); cos/sin: (N, head_dim) fp32; cu_seqlens: (frames + 1,) int32 → (N, hidden)."""
+        """x: (N, hidden); cos / signed sin: (N, head_dim) fp32 (see ``_rotate``); cu_seqlens: (frames + 1,)
+        int32 → (N, hidden)."""
         n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.heads, self.head_dim).unbind(1)
-        q, k = _rotate(q, cos, sin), _rotate(k, cos, sin)
+        qkv = self.qkv(x).view(n, 3, self.heads, self.head_dim)
+        q, k = _rotate(qkv[:, :2], cos, sin).unbind(1)   # q and k rotated in one pass
+        v = qkv[:, 2]
         if use_triton(q, k, v, cu_seqlens):
             o = block_window_attention(q, k, v, cu_seqlens, scale=self.head_dim ** -0.5, max_seqlen=max_seqlen)
         else:
@@ -75,12 +77,22 @@ def _frame_attention_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_
     return out
 
 
-def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate-half rotary in fp32 (as the reference), back to x's dtype. x: (N, heads, head_dim)."""
+def _signed_sin(sin: torch.Tensor) -> torch.Tensor:
+    """sin (N, head_dim) → [-sin1 | sin2]: the sign of rotate_half moved onto the table, once per forward."""
+    half = sin.shape[-1] // 2
+    return torch.cat([-sin[..., :half], sin[..., half:]], dim=-1)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """Rotate-half rotary in fp32 (as the reference), back to x's dtype. x: (N, ..., head_dim); tables (N, head_dim).
+
+    The reference's ``x·cos + [-x2 | x1]·sin`` equals ``x·cos + [x2 | x1]·[-sin1 | sin2]`` bit for bit (a sign
+    flip is exact), which saves the per-layer negation; q and k come in together (N, 2, heads, head_dim)."""
     xf = x.float()
     half = xf.shape[-1] // 2
-    rot = torch.cat([-xf[..., half:], xf[..., :half]], dim=-1)
-    return (xf * cos[:, None] + rot * sin[:, None]).to(x.dtype)
+    swapped = torch.cat([xf[..., half:], xf[..., :half]], dim=-1)
+    shape = (x.shape[0],) + (1,) * (x.dim() - 2) + (x.shape[-1],)
+    return (xf * cos.view(shape) + swapped * signed_sin.view(shape)).to(x.dtype)
 
 
 class _MLP(nn.Module):
@@ -204,7 +216,7 @@ class VisionEncoder(nn.Module):
         freqs = pos[..., None].float() * self._inv_freq(device)  # (N, 2, head_dim/4)
         emb = torch.cat([freqs[:, 0], freqs[:, 1]], dim=-1)
         emb = torch.cat([emb, emb], dim=-1)
-        cos, sin = emb.cos(), emb.sin()
+        cos, sin = emb.cos(), _signed_sin(emb.sin())
         taps = []
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, cu, max_len)

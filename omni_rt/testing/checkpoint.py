@@ -228,11 +228,14 @@ def build_synthetic_model(config, dtype: torch.dtype, device: str | torch.device
 
 
 def _quantized(weights, params: set[str]):
-    """(name, tensor) stream → FP8 codes + scales for every parameter that has a ``*_scale_inv`` slot."""
+    """(name, tensor) stream → FP8 codes + scales for every parameter that has a ``*_scale_inv`` slot (a part of a
+    fused q/k/v or gate/up parameter on its own grid: ``assign_parameters`` stacks the parts' grids)."""
+    from ..layout import fused_target
     from ..quant import quantize_blockwise, quantize_parts, scale_name
 
     for name, t in weights:
-        if scale_name(name) not in params:
+        fused = fused_target(name)
+        if scale_name(fused[0] if fused is not None else name) not in params:
             yield name, t
             continue
         if name.endswith("gate_up_proj"):
