@@ -11,15 +11,21 @@ audio_encode          ``thinker.audio_tower`` on B audios of ``audio_seconds`` (
 vision_encode         ``Stages.vision_encode``: B requests of one ``image_size`` (1280×720) image each — the vision
                       tower (patch embed, blocks, merger and deepstack mergers) and the scatter of its features
                       into the prompt (absent for a checkpoint without a vision tower)
-thinker_prefill       ``Stages.thinker_prefill``: B prompts of 75 tokens + lm_head + first-token sampling (the
-                      engine runs prefill eagerly at its real length)
+thinker_prefill       ``Stages.thinker_prefill``: B prompts of 75 tokens + lm_head + first-token sampling, at the
+                      token bucket the engine runs (``PrefillGraphs``: 128 for 75 tokens, replayed on CUDA)
 thinker_decode        ``Stages.thinker_decode`` through ``ThinkerDecodeGraphs`` (embed → decoder → lm_head →
                       sample) at KV context ``DECODE_CONTEXT`` — the step the engine replays as a graph
-talker_prefill        ``Stages.talker_prefill`` (80 tokens) + ``Stages.sample_code0`` (the first code 0)
-talker_decode         ``Stages.talker_decode`` (trailing-text entry, decoder) + ``Stages.sample_code0``
-code_predictor_frame  ``Stages.code_predictor_frame`` through ``code_predictor_graphs`` (15 residual codes)
-code2wav_step         ``Stages.code2wav_step``: one streaming frame through ``code2wav_graphs``
+talker_prefill        ``Stages.talker_prefill`` (80 tokens, bucket 128) + ``Stages.sample_code0`` (first code 0)
+talker_decode         ``Stages.speech_frame`` through ``speech_frame_graphs`` — the steady-state speech frame the
+                      engine replays as one graph per batch bucket: its talker decode (trailing-text entry,
+                      decoder, code 0) and the eager input fill around the replay
+code_predictor_frame  the same frame's code-predictor part (15 residual codes)
+code2wav_step         the same frame's one-frame streaming Code2Wav step
 ====================  =========================================================================================
+
+``graphed`` is true exactly for the stages the engine replays from a CUDA graph (the runners it builds on CUDA
+are installed; on meta each runs its step function eagerly under ``census_graphed``). The first packet's own
+code-predictor frame and Code2Wav step (run through their own graphs) are costed as the steady-state ones.
 
 Host reads inside a stage (``.item()``, ``.tolist()``, ``.cpu()``, ``nonzero``, boolean masks, ``bool(t)``) are
 counted as ``host_syncs``; on meta they return stand-ins (0, zeros, "no element") so the code runs on. The
@@ -180,9 +186,8 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
     """
     from .config import OmniConfig
     from .engine.config import EngineConfig
-    from .engine.graphs import ThinkerDecodeGraphs, code2wav_graphs, code_predictor_graphs
+    from .engine.graphs import ThinkerDecodeGraphs
     from .engine.kv_cache import KVCachePool
-    from .engine.model_runner import DecoderRunner
     from .engine.sequence import Request, Sequence
     from .engine.stages import Stages
     from .kernels import force_triton
@@ -241,7 +246,7 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
             reqs.append(Request(f"census-{i}", seq, [], None))
         pool = KVCachePool(tc.num_hidden_layers, B * cdiv(n, block_size), block_size, tc.num_key_value_heads,
                            tc.head_dim, dtype, meta)
-        st.thinker_runner = DecoderRunner(th.forward, pool, max_prefill_tokens)
+        st.thinker_runner = st.decoder_runner("thinker", pool)
         tap = cfg.talker.accept_hidden_layer if cfg.has_talker else None
         ids, _ = st.thinker_prefill(reqs, [n] * B, tap)
         ids.tolist()   # the engine's read-back, outside the stage
@@ -263,9 +268,7 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
             tpool = KVCachePool(kc.num_hidden_layers, B * cdiv(m + 1, block_size), block_size,
                                 kc.num_key_value_heads, kc.head_dim, dtype, meta)
             st.talker_pool = tpool
-            st.talker_runner = DecoderRunner(model.talker.forward, tpool, max_prefill_tokens)
-            st.frame_graph = code_predictor_graphs(model.talker.code_predictor, B, meta, dtype)
-            st.c2w_graph = code2wav_graphs(model.code2wav, B, frames=1)
+            st.talker_runner = st.decoder_runner("talker", tpool)
             speaker = next(iter(cfg.talker.speaker_id.values()))
             tparams = SamplingParams().resolved("talker")
             for i, r in enumerate(reqs):
@@ -278,25 +281,21 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
                 r.feed.push([1, 1, 1])             # the thinker is a few tokens ahead of the talker
             slots = to_device(list(range(B)), torch.long, meta)
 
-            # ---- talker_prefill (and its first code 0), then the frame: the first packet's path
+            # ---- talker_prefill and its first code 0 (the first frame's code predictor and Code2Wav step are
+            #      costed as the steady-state frame's: the same kernels through their own graphs)
             last = torch.stack(st.talker_prefill(reqs, [m] * B))
             with census_stage("talker_prefill"):
-                code0 = st.sample_code0(reqs, last, slots)
+                st.sample_code0(reqs, last, slots)
             for r in reqs:
                 r.talker.prefilled = m
                 r.talker.push(0)
-            frames_, nxt = st.code_predictor_frame(reqs, last, code0)
 
-            # ---- talker_decode: one step with its trailing-text entry, and its code 0
+            # ---- the steady-state speech frame, as the engine replays it (one graph per batch bucket): talker
+            #      decode with its trailing-text entry + code 0 → code-predictor frame → one Code2Wav step
             for r in reqs:
                 r.feed.entry(len(r.talker.output) - 1)   # the scheduler's readiness check (projects the token)
-            hidden = st.talker_decode(reqs, slots)
-            with census_stage("talker_decode"):
-                st.sample_code0(reqs, hidden, slots)
-
-            # ---- code2wav_step: one frame per stream through the Code2Wav graph
-            audio, _ = st.code2wav_step(reqs, frames_[:, :, None], slots)
-            audio.cpu()   # the engine's read-back, outside the stage
+            st.speech_graph = st.speech_frame_runner()
+            st.speech_frame(reqs)["audio"].cpu()   # the engine's read-back, outside the stages
     return CensusResult(label, B, dict(recorder.stages))
 
 

@@ -249,7 +249,8 @@ class Runtime:
 
     def stats(self) -> dict:
         """Cheap, thread-safe counters (api.md): KV blocks and speech slots free/total, requests running and
-        waiting, and ``fault`` (None, or what killed the runtime). After ``close()`` it returns the counters as
+        waiting, ``warmup_s`` (seconds the start-up warm-up of every batch and prefill bucket took: Triton
+        compiles and graph captures; ~0 on CPU) and ``fault`` (None, or what killed the runtime). After ``close()`` it returns the counters as
         the runtime left them (every request ended, every block and slot returned); it never raises."""
         engine = self.engine
         if engine is None or self._final_stats is not None:

@@ -11,10 +11,11 @@ from __future__ import annotations
 import dataclasses
 import threading
 
+import numpy as np
 import pytest
 import torch
 
-from omni_rt.engine.graphs import GraphRunner, ThinkerDecodeGraphs, batch_buckets
+from omni_rt.engine.graphs import GraphRunner, PrefillGraphs, ThinkerDecodeGraphs, batch_buckets, token_buckets
 from omni_rt.engine.kv_cache import KVCachePool
 from omni_rt.engine.model_runner import DecoderRunner, text_positions
 from omni_rt.engine.sequence import Sequence
@@ -89,6 +90,13 @@ def test_runner_pads_to_the_bucket_and_slices_outputs():
     assert fn.calls[-1]["table"].tolist() == [[-1] * 5]  # not given: all padding
 
 
+def test_warm_up_runs_every_bucket_on_padding():
+    fn, runner = _toy()
+    runner.warm_up()
+    assert [c["x"].tolist() for c in fn.calls] == [[7] * b for b in runner.buckets]   # all padding
+    assert runner.graphs == {} and runner.replays == 0
+
+
 def test_runner_oversized_batch_falls_back_to_exact_buffers():
     fn, runner = _toy(max_bs=4)
     out = runner.run(7, {"x": torch.arange(7), "pos": torch.ones(3, 7, dtype=torch.int64)})
@@ -96,6 +104,47 @@ def test_runner_oversized_batch_falls_back_to_exact_buffers():
     assert out["y"].tolist() == [10 * i + 3 for i in range(7)]
     assert fn.calls[-1]["table"].eq(-1).all()
     assert runner.inputs["x"].tolist() == [0, 0, 0, 0]  # the static buffers were not touched
+
+
+def test_host_inputs_are_packed_and_copied_once():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Copies(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.n = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.n += func in (torch.ops.aten.copy_.default, torch.ops.aten._to_copy.default)
+            return func(*args, **(kwargs or {}))
+
+    fn = _Recorder()
+    inputs = {"x": torch.zeros(6, dtype=torch.int64), "pos": torch.zeros(3, 6, dtype=torch.int64),
+              "table": torch.zeros(6, 5, dtype=torch.int32)}
+    runner = GraphRunner(fn, inputs, {"x": 7, "pos": 0, "table": -1}, 6, batch_dims={"pos": 1},
+                         host_inputs=("x", "pos", "table"))
+    storage = runner.packed.untyped_storage().data_ptr()
+    assert all(t.untyped_storage().data_ptr() == storage for t in runner.inputs.values())
+    assert runner.inputs["table"].eq(-1).all() and runner.inputs["x"].eq(7).all()   # padding from the start
+
+    def fill_table(host):   # host fillers get the bucket's rows of the staging buffer as numpy
+        host[...] = -1
+        host[:3, 0] = [4, 5, 6]
+
+    with Copies() as copies:
+        out = runner.run(3, {"x": [1, 2, 3], "pos": [5, 6, 8], "table": fill_table})
+    assert copies.n == 1   # every host input in one copy
+    seen = fn.calls[-1]
+    assert seen["x"].tolist() == [1, 2, 3, 7] and seen["pos"].tolist() == [[5, 6, 8, 0]] * 3
+    assert seen["table"][:, 0].tolist() == [4, 5, 6, -1]
+    assert out["y"].tolist() == [25, 38, 54] and out["z"].tolist() == [0, 1, 2]
+    runner.run(5, {"x": np.arange(5)})
+    assert fn.calls[-1]["x"].tolist() == [0, 1, 2, 3, 4, 7] and fn.calls[-1]["table"].eq(-1).all()
+    out = runner.run(8, {"x": list(range(8)), "pos": [1] * 8, "table": fill_table})   # above the largest bucket
+    assert fn.calls[-1]["x"].shape == (8,) and out["y"].tolist() == [10 * i + 3 for i in range(8)]
+    assert fn.calls[-1]["table"][:, 0].tolist() == [4, 5, 6] + [-1] * 5
+    with pytest.raises(ValueError, match="rows along dim"):
+        runner.run(2, {"x": [1, 2, 3]})
 
 
 def test_runner_rejects_bad_inputs():
@@ -123,6 +172,39 @@ def _pool(model, device, num_blocks=64, block_size=8, dtype=torch.float32):
     tc = model.cfg.thinker.text
     return KVCachePool(tc.num_hidden_layers, num_blocks, block_size, tc.num_key_value_heads, tc.head_dim, dtype,
                        device)
+
+
+@pytest.mark.parametrize("graph_tokens,chunk", [(24, 24), (16, 48)], ids=["bucketed-chunks", "above-largest"])
+def test_bucketed_prefill_equals_the_unpadded_run(cpu_model, graph_tokens, chunk):
+    """Prefill chunks padded to a token bucket (pad tokens on slot -1, past cu_seqlens) give the hidden states,
+    taps and greedy ids of the unpadded run, and write no KV slot but the real tokens'; chunks above the
+    largest bucket run eagerly at their length through the same fill."""
+    assert token_buckets(24) == [16, 24] and token_buckets(512)[:2] == [16, 32] and token_buckets(8) == [8]
+    tap = 2
+    prompts = [PROMPTS[0][:5], PROMPTS[1][:17], PROMPTS[2][:1], PROMPTS[3] * 3]   # 5 + 17 + 1 + 39 tokens
+    h = cpu_model.cfg.thinker.text.hidden_size
+    results = []
+    with torch.inference_mode():
+        for bucketed in (False, True):
+            pool = _pool(cpu_model, "cpu")
+            graphs = (PrefillGraphs(cpu_model.thinker.forward, pool, 3, 16, h, torch.float32, tap, graph_tokens)
+                      if bucketed else None)
+            runner = DecoderRunner(cpu_model.thinker.forward, pool, chunk, graphs)
+            embeds = [cpu_model.thinker.embed(torch.tensor(p)) for p in prompts]
+            positions = [text_positions(0, len(p), "cpu") for p in prompts]
+            hidden, taps = runner.prefill([0, 1, 2], embeds[:3], positions[:3], tap)   # one packed chunk
+            more, more_taps = runner.prefill([3], embeds[3:], positions[3:], tap)     # chunked: 24 + 15 / 39
+            hidden, taps = hidden + more, taps + more_taps
+            ids = cpu_model.thinker.logits(torch.stack([x[-1] for x in hidden])).argmax(-1)
+            written = int((pool.k_caches[0].reshape(-1, pool.num_kv_heads * pool.head_dim) != 0).any(-1).sum())
+            results.append((hidden, taps, ids, written))
+            if bucketed:
+                assert graphs.runner.buckets == token_buckets(graph_tokens)
+    (h0, t0, ids0, w0), (h1, t1, ids1, w1) = results
+    assert torch.equal(ids0, ids1)
+    assert w0 == w1 == sum(len(p) for p in prompts)   # pads wrote nothing
+    for a, b in zip(h0 + t0, h1 + t1):
+        assert a.shape == b.shape and rel_err(b, a) <= PARITY["hidden_rel"]
 
 
 def _params(i):
@@ -446,7 +528,8 @@ def test_speech_runtime_replays_every_graph_and_equals_eager(tiny_checkpoint):
                 assert rt.warmup_s > 0
             outs[graphs] = rt.generate(p, thinker=t, talker=k)
             if graphs:
-                assert rt.engine.stages.speech_graph.replays > 0
-                assert rt.engine.stages.decode_graphs.runner.replays > 0
+                st = rt.engine.stages
+                assert st.speech_graph.replays > 0 and st.decode_graphs.runner.replays > 0
+                assert st.thinker_runner.graphs.runner.replays > 0 and st.talker_runner.graphs.runner.replays > 0
     assert outs[True].token_ids == outs[False].token_ids
     assert np.array_equal(outs[True].codes, outs[False].codes)

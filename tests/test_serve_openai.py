@@ -109,7 +109,7 @@ def test_models_and_health(server, client, rt):
     h = httpx.get(f"{server}/health", timeout=10).json()
     assert h["status"] == "ok" and h["stats"]["fault"] is None
     assert set(h["stats"]) == {"kv_free_blocks", "kv_total_blocks", "talker_kv_free_blocks", "talker_kv_total_blocks",
-                               "speech_slots_free", "speech_slots_total", "running", "waiting", "fault"}
+                               "speech_slots_free", "speech_slots_total", "running", "waiting", "warmup_s", "fault"}
 
 
 def test_non_streaming_equals_runtime_generate(client, rt):

@@ -109,3 +109,33 @@ def test_steady_state_step_syncs_at_most_once(model, monkeypatch, speech_graph):
     assert max(len(e) for e in steady) <= 1, steady
     if speech_graph:
         assert len(replays) >= 5   # the steady-state frames went through the one-step runner
+
+
+@pytest.mark.gpu
+def test_steady_state_steps_do_not_synchronise_on_the_gpu(tiny_checkpoint):
+    """Every graph captured: steady-state steps run under ``torch.cuda.set_sync_debug_mode("error")``, so a
+    synchronising CUDA call (pageable copy, ``.item()``, ``nonzero``...) raises; the step's one read-back waits on
+    an event after a non_blocking copy into pinned memory, which the mode does not flag."""
+    gpu_model = load_model(tiny_checkpoint, torch.float32, "cuda")
+    engine = make_engine(gpu_model, device="cuda", max_batch_size=4, cuda_graphs=True)
+    assert all(engine.stages.graph_report().values())
+    prompt = [449, 11, 198, 100, 200, 300, 42, 450, 198, 449, 12, 198]
+    reqs = [make_request(gpu_model, "speak", prompt, SamplingParams(temperature=0.0, max_new_tokens=24),
+                         SamplingParams(temperature=0.0, max_new_tokens=12)),
+            make_request(gpu_model, "sampled", prompt, SamplingParams(temperature=0.8, max_new_tokens=24, seed=3),
+                         SamplingParams(seed=5, max_new_tokens=12))]
+    for r in reqs:
+        engine.submit(r)
+    checked = 0
+    while engine.sched.running or engine.sched.waiting:
+        steady = (not engine.sched.waiting and all(r.thinker.started and not r.thinker.finished and r.talker.started
+                                                   and not r.talker.finished for r in engine.sched.running))
+        if steady:
+            torch.cuda.set_sync_debug_mode("error")
+        try:
+            engine.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        checked += steady
+    assert all(r.error is None for r in reqs), [r.error for r in reqs]
+    assert checked >= 5

@@ -131,6 +131,7 @@ class Engine:
                 "speech_slots_free": len(self.sched.free_slots) if tk else 0,
                 "speech_slots_total": self.cfg.max_batch_size if tk else 0,
                 "running": len(self.sched.running), "waiting": len(self.sched.waiting),
+                "warmup_s": round(self.warmup_s, 3),
                 "fault": None if self.fault is None else f"{type(self.fault).__name__}: {self.fault}"}
 
     # -------------------------------------------------------------------------------------------- loop
@@ -391,7 +392,7 @@ class Engine:
         stop = {id(r): int(c) in r.talker.stop_ids for r, c in zip(rows, code0)}
         if rows:
             st.seen.index_put_((to_device([r.slot for r in rows], torch.long, self.device),
-                                to_device(code0, torch.long, self.device)), torch.tensor(True, device=self.device))
+                                to_device(code0, torch.long, self.device)), st.seen.new_ones(()))
         kept = [j for j, r in enumerate(framed) if not stop[id(r)]]
         if kept:
             st.codec_embed.index_copy_(0, to_device([framed[j].slot for j in kept], torch.long, self.device),

@@ -1,4 +1,4 @@
-"""CUDA graphs for the per-token paths: a generic bucketed runner and the thinker decode step.
+"""CUDA graphs: a generic bucketed runner, the thinker decode step, the speech frame and the prefill chunks.
 
 ``GraphRunner`` wraps any step ``fn(inputs: dict[str, Tensor]) -> dict[str, Tensor]`` whose inputs live in
 named static buffers sized for ``max_batch_size`` (anchors: mini-sglang ``engine/graph.py``, nano-vllm
@@ -13,8 +13,10 @@ named static buffers sized for ``max_batch_size`` (anchors: mini-sglang ``engine
 - eager fallback for batches above the largest bucket, and everywhere when graphs are off or on CPU — the CPU
   eager run goes through the same static buffers and padding, so that logic is tested without a GPU.
 
-Nothing on the per-token path reads a device value back: the fills are host → device copies, the replay is
-asynchronous, and the caller decides when to read the outputs (the engine's ``.tolist()`` of the next ids).
+Nothing on the per-token path reads a device value back: the host inputs (ids, positions, KV metadata,
+sampling parameters) are staged in one host buffer (pinned on CUDA) and copied with ONE non_blocking copy, the
+replay is asynchronous, and the caller decides when to read the outputs (the engine's one read-back per step).
+Prefill chunks use the same runner with token-count buckets (``PrefillGraphs``).
 
 The code-predictor frame loop and the Code2Wav streaming step can be wrapped the same way: a callable over
 named static buffers (their state tensors updated in place with ``copy_``) plus the padding value per input.
@@ -25,6 +27,7 @@ import logging
 import time
 from typing import Callable, Mapping, Sequence, Union
 
+import numpy as np
 import torch
 
 from ..models.code_predictor import FrameSampling, FrameWorkspace
@@ -32,14 +35,17 @@ from ..models.code2wav import Code2WavState, StateLayout
 from ..models.layers import AttentionMetadata
 from ..profiling import census_graphed, census_stage
 from .kv_cache import KVCachePool
-from ..sampling import SamplingTensors, sample
+from ..sampling import SamplingTensors, sample, to_device
 
 logger = logging.getLogger(__name__)
 
 StepFn = Callable[[dict], dict]
 # An input value: a batch-n tensor copied into the buffer's first n rows, or a callable given the bucket's
 # whole buffer slice that fills every row of it itself (padding included), e.g. the KV pool's ``out=`` fillers.
+# For a host input (``host_inputs``) the value is host data (list / numpy, n rows) and a callable is given the
+# bucket's slice of the host staging buffer as a numpy array.
 InputValue = Union[torch.Tensor, Callable[[torch.Tensor], object]]
+_NP = {torch.int64: np.int64, torch.int32: np.int32, torch.float32: np.float32, torch.bool: np.bool_}
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -51,6 +57,19 @@ def batch_buckets(max_batch_size: int) -> list[int]:
         buckets.append(b)
         b *= 2
     return buckets + [max_batch_size]
+
+
+#: Prefill chunks up to this many tokens run in bucketed shapes (captured on CUDA); longer ones run eagerly.
+PREFILL_GRAPH_TOKENS = 512
+
+
+def token_buckets(max_tokens: int, smallest: int = 16) -> list[int]:
+    """Prefill token-count buckets: [16, 32, 64, ...] below ``max_tokens``, then ``max_tokens`` itself."""
+    buckets, b = [], smallest
+    while b < max_tokens:
+        buckets.append(b)
+        b *= 2
+    return buckets + [max_tokens]
 
 
 def _free_mib(device: torch.device) -> float:
@@ -66,15 +85,21 @@ class GraphRunner:
         inputs: static buffers, each with ``max_batch_size`` rows along its batch dim.
         pads: padding value per input (every input must have one).
         max_batch_size: the largest bucket.
-        batch_dims: batch dimension per input (default 0), e.g. ``{"positions": 1}`` for ``(3, batch)``.
+        batch_dims: batch dimension per input (default 0), e.g. ``{"positions": 1}`` for ``(3, batch)``; None:
+            a host input of fixed size every bucket sees whole (a prefill's per-sequence metadata).
         use_graphs: capture and replay graphs (only on CUDA; ignored on CPU).
         name: for logs.
         output_batch_dims: batch dimension per output (default 0).
+        buckets: the bucket sizes (default ``batch_buckets(max_batch_size)``; the last is ``max_batch_size``).
+        host_inputs: inputs the host fills each step (ids, positions, KV metadata, sampling parameters): they
+            live as typed views of ONE device byte buffer, staged in a host buffer (pinned on CUDA) and copied
+            with one ``non_blocking`` copy per step instead of one small copy per input.
     """
 
     def __init__(self, fn: StepFn, inputs: Mapping[str, torch.Tensor], pads: Mapping[str, object],
                  max_batch_size: int, batch_dims: Mapping[str, int] | None = None, use_graphs: bool = True,
-                 name: str = "step", output_batch_dims: Mapping[str, int] | None = None):
+                 name: str = "step", output_batch_dims: Mapping[str, int] | None = None,
+                 host_inputs: Sequence[str] = (), buckets: Sequence[int] | None = None):
         self.fn = fn
         self.inputs = dict(inputs)
         self.pads = dict(pads)
@@ -83,11 +108,16 @@ class GraphRunner:
         if missing:
             raise ValueError(f"inputs without a padding value: {sorted(missing)}")
         for k, t in self.inputs.items():
-            if t.shape[self.batch_dims[k]] != max_batch_size:
+            if self.batch_dims[k] is None:
+                if k not in set(host_inputs):
+                    raise ValueError(f"input {k!r} without a batch dim must be a host input")
+            elif t.shape[self.batch_dims[k]] != max_batch_size:
                 raise ValueError(f"input {k!r} {tuple(t.shape)} has no {max_batch_size} rows along dim "
                                  f"{self.batch_dims[k]}")
         self.max_batch_size = max_batch_size
-        self.buckets = batch_buckets(max_batch_size)
+        self.buckets = list(buckets) if buckets else batch_buckets(max_batch_size)
+        if self.buckets[-1] != max_batch_size:
+            raise ValueError(f"the largest bucket must be {max_batch_size}, got {self.buckets}")
         devices = {t.device for t in self.inputs.values()}
         if len(devices) != 1:
             raise ValueError(f"all static inputs must be on one device, got {sorted(map(str, devices))}")
@@ -100,6 +130,32 @@ class GraphRunner:
         self.outputs: dict[str, torch.Tensor] = {}
         self._pool = None
         self.replays = 0  # graph replays so far (tests check the graph path is the one taken)
+        self.host_inputs = [k for k in self.inputs if k in set(host_inputs)]
+        self._pack()
+
+    def _pack(self) -> None:
+        """Re-home the host inputs as typed views of one byte buffer ``packed`` and build its host staging
+        buffers: two, used in turn, each reused only once its previous copy is done (an event on CUDA)."""
+        offsets, total = {}, 0
+        for k in self.host_inputs:
+            t = self.inputs[k]
+            offsets[k], total = total, total + -(-t.numel() * t.element_size() // 16) * 16
+        self.packed = torch.zeros(total, dtype=torch.uint8, device=self.device)
+        pin = self.device.type == "cuda" and torch.cuda.is_available()
+        self._staging = [torch.zeros(total, dtype=torch.uint8, pin_memory=pin) for _ in range(2)]
+        raw = [h.numpy() for h in self._staging]
+        self._host_views: list[dict[str, np.ndarray]] = [{} for _ in raw]
+        for k in self.host_inputs:
+            t, o = self.inputs[k], offsets[k]
+            n = t.numel() * t.element_size()
+            self.inputs[k] = self.packed[o: o + n].view(t.dtype).view(t.shape)
+            for views, r in zip(self._host_views, raw):
+                views[k] = r[o: o + n].view(_NP[t.dtype]).reshape(tuple(t.shape))
+                views[k][...] = self.pads[k]
+        if self.host_inputs:   # every row padding, as the caller's buffers were
+            self.packed.copy_(self._staging[0])
+        self._events: list = [None, None]
+        self._turn = 0
 
     # -------------------------------------------------------------------------------------------- buffers
     def bucket_for(self, n: int) -> int | None:
@@ -111,13 +167,21 @@ class GraphRunner:
 
     def view(self, bs: int) -> dict[str, torch.Tensor]:
         """Every input's first ``bs`` rows along its batch dim (views of the static buffers)."""
-        return {k: t.narrow(self.batch_dims[k], 0, bs) for k, t in self.inputs.items()}
+        return {k: t if self.batch_dims[k] is None else t.narrow(self.batch_dims[k], 0, bs)
+                for k, t in self.inputs.items()}
 
-    def fill(self, buffers: dict[str, torch.Tensor], n: int, values: Mapping[str, InputValue | None]) -> None:
+    def fill(self, buffers: dict[str, torch.Tensor], n: int, values: Mapping[str, InputValue | None],
+             staged: bool = True) -> None:
+        """Write the step's n rows (and the padding up to the buffers' rows) into ``buffers``: the host inputs
+        through the staging buffer and one copy (``staged``; False for buffers outside ``packed``)."""
         unknown = set(values) - set(buffers)
         if unknown:
             raise ValueError(f"unknown inputs for {self.name}: {sorted(unknown)}")
+        if self.host_inputs:
+            self._fill_host(buffers, n, values, staged)
         for k, buf in buffers.items():
+            if k in self.host_inputs:
+                continue
             value = values.get(k)
             dim = self.batch_dims[k]
             if value is None:
@@ -131,7 +195,47 @@ class GraphRunner:
                 if buf.shape[dim] > n:
                     buf.narrow(dim, n, buf.shape[dim] - n).fill_(self.pads[k])
 
+    def _fill_host(self, buffers, batch: int, values, staged: bool) -> None:
+        turn = self._turn = (self._turn + 1) % 2
+        if self._events[turn] is not None:   # its last copy was read long ago (steps read back): no real wait
+            self._events[turn].synchronize()
+        for k in self.host_inputs:
+            dim = self.batch_dims[k]
+            static, n = dim is None, batch   # static: whole every time, n = the value's own row count
+            dim = 0 if static else dim
+            rows = buffers[k].shape[dim]
+            view = self._host_views[turn][k]
+            host = view[(slice(None),) * dim + (slice(0, rows),)] if staged else np.empty(
+                tuple(buffers[k].shape), dtype=view.dtype)
+            value, head = values.get(k), (slice(None),) * dim
+            if callable(value):
+                value(host)
+            else:
+                if value is not None:
+                    value = np.asarray(value, dtype=host.dtype)
+                    n = value.shape[0] if static else n
+                    if value.ndim == host.ndim and value.shape[dim] != n:
+                        raise ValueError(f"input {k!r} has {value.shape[dim]} rows along dim {dim}, expected {n}")
+                    host[head + (slice(0, n),)] = value
+                host[head + (slice(0 if value is None else n, rows),)] = self.pads[k]
+            if not staged:
+                buffers[k].copy_(torch.from_numpy(host))
+        if staged:   # the step's one host → device copy of its inputs
+            self.packed.copy_(self._staging[turn], non_blocking=True)
+            if self.device.type == "cuda":
+                self._events[turn] = torch.cuda.Event()
+                self._events[turn].record()
+
     # -------------------------------------------------------------------------------------------- capture
+    @torch.inference_mode()
+    def warm_up(self) -> None:
+        """Run every bucket once on all-padding inputs, eagerly, so the Triton kernels compile every
+        specialisation the buckets hit at start-up, not at a request (``capture`` warms each bucket itself)."""
+        for bs in self.buckets:
+            view = self.view(bs)
+            self.fill(view, 0, {})
+            self.fn(view)
+
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture one graph per bucket, largest first, sharing one memory pool. No-op without graphs."""
@@ -194,9 +298,10 @@ class GraphRunner:
         buffers = {}
         for k, t in self.inputs.items():
             shape = list(t.shape)
-            shape[self.batch_dims[k]] = n
+            if self.batch_dims[k] is not None:
+                shape[self.batch_dims[k]] = n
             buffers[k] = t.new_empty(shape)
-        self.fill(buffers, n, values)
+        self.fill(buffers, n, values, staged=False)
         out = self.fn(buffers)
         return {k: v for k, v in out.items() if v is not None}
 
@@ -267,7 +372,8 @@ class ThinkerDecodeGraphs:
         kv = list(zip(pool.k_caches, pool.v_caches))
         self.step = ThinkerDecodeStep(thinker, kv, tap_layer)
         self.runner = GraphRunner(self.step, inputs, pads, max_batch_size, batch_dims={"positions": 1},
-                                  use_graphs=use_graphs, name="thinker_decode")
+                                  use_graphs=use_graphs, name="thinker_decode",
+                                  host_inputs=[k for k in inputs if k != "seen"])
 
     def capture(self) -> None:
         self.runner.capture()
@@ -291,29 +397,21 @@ class ThinkerDecodeGraphs:
         """Reserve one KV slot per sequence and describe the step's inputs for ``GraphRunner.fill``/``run``
         (arguments as :meth:`decode`)."""
         ids = list(seq_ids)
-        n = len(ids)
-        slots = self.pool.append_token(ids)
-        f32, i64 = torch.float32, torch.int64
-        pos = torch.tensor(list(positions), dtype=torch.float32)  # TM-RoPE positions are fractional
-        values: dict[str, InputValue | None] = {
-            "input_ids": torch.tensor(list(input_ids), dtype=i64),
-            "positions": pos.expand(3, n),
+        slots = self.pool.append_token(ids, out=np.empty(len(ids), dtype=np.int64))
+        values: dict[str, InputValue | None] = {   # host data: staged and copied once (GraphRunner.host_inputs)
+            "input_ids": list(input_ids), "positions": list(positions),   # (3, n) broadcast; fractional (TM-RoPE)
             "slot_mapping": slots,
             "block_tables": lambda buf: self.pool.block_tables(ids, out=buf),
             "context_lens": lambda buf: self.pool.context_lens(ids, out=buf),
-            "temperature": torch.tensor([p.temperature for p in params], dtype=f32),
-            "top_k": torch.tensor([p.top_k or 0 for p in params], dtype=i64),
-            "top_p": torch.tensor([p.top_p for p in params], dtype=f32),
-            "repetition_penalty": torch.tensor([p.repetition_penalty for p in params], dtype=f32),
-            "seeds": torch.tensor(list(seeds), dtype=i64),
-            "steps": torch.tensor(list(steps), dtype=i64),
-            "seen": None,
+            "temperature": [p.temperature for p in params], "top_k": [p.top_k or 0 for p in params],
+            "top_p": [p.top_p for p in params], "repetition_penalty": [p.repetition_penalty for p in params],
+            "seeds": list(seeds), "steps": list(steps), "seen": None,
         }
         if seen_ids is not None:
             def fill_seen(buf: torch.Tensor) -> None:
                 buf.zero_()
                 for i, row in enumerate(seen_ids):
-                    buf[i, torch.tensor(list(row), dtype=i64, device=buf.device)] = True
+                    buf[i, to_device(list(row), torch.int64, buf.device)] = True   # pinned, non_blocking
             values["seen"] = fill_seen
         return values
 
@@ -352,7 +450,8 @@ def code_predictor_graphs(code_predictor, max_batch_size: int, device=None, dtyp
                                                          ws.slots[:, :bs]), sampling)
         return {"codes": codes, "next_embed": nxt}
 
-    return GraphRunner(frame, inputs, pads, max_batch_size, use_graphs=use_graphs, name="code_predictor_frame")
+    return GraphRunner(frame, inputs, pads, max_batch_size, use_graphs=use_graphs, name="code_predictor_frame",
+                       host_inputs=("temperature", "top_p", "top_k", "seeds", "frame_index"))
 
 
 def code2wav_graphs(code2wav, max_batch_size: int, frames: int = 1, use_graphs: bool = True) -> GraphRunner:
@@ -411,20 +510,25 @@ class SpeechFrameStep:
 
     def __call__(self, b: dict) -> dict:
         bs, slots, p = b["slots"].shape[0], b["slots"], self.pools
-        x = p.codec_embed.index_select(0, slots) + b["entries"]
-        meta = AttentionMetadata(slot_mapping=b["slot_mapping"], block_tables=b["block_tables"],
-                                 context_lens=b["context_lens"])
-        hidden, _ = self.talker(x, b["positions"], self.kv_caches, meta)
-        st = SamplingTensors(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
-                             repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"])
-        code0 = sample(self.talker.logits(hidden), st, p.seen.index_select(0, slots), p.suppress)
-        fs = FrameSampling(temperature=b["cp_temperature"], top_k=b["cp_top_k"], top_p=b["cp_top_p"],
-                           seeds=b["cp_seeds"], frame_index=b["frame_index"])
-        codes, nxt = self.talker.code_predictor.frame(hidden, self.talker.embed_codec(code0),
-                                                      FrameWorkspace(self.ws.k[:, :bs], self.ws.v[:, :bs]), fs)
-        frames = torch.cat((code0[:, None], codes), dim=1)
-        state = p.c2w_state.select(slots)
-        audio, new = self.c2w.step_padded(frames[:, :, None], state)
+        # census markers: the frame's parts are costed as the per-token stages they replace
+        with census_stage("talker_decode"):
+            x = p.codec_embed.index_select(0, slots) + b["entries"]
+            meta = AttentionMetadata(slot_mapping=b["slot_mapping"], block_tables=b["block_tables"],
+                                     context_lens=b["context_lens"])
+            hidden, _ = self.talker(x, b["positions"], self.kv_caches, meta)
+            st = SamplingTensors(temperature=b["temperature"], top_k=b["top_k"], top_p=b["top_p"],
+                                 repetition_penalty=b["repetition_penalty"], seeds=b["seeds"], steps=b["steps"])
+            code0 = sample(self.talker.logits(hidden), st, p.seen.index_select(0, slots), p.suppress)
+        with census_stage("code_predictor_frame"):
+            fs = FrameSampling(temperature=b["cp_temperature"], top_k=b["cp_top_k"], top_p=b["cp_top_p"],
+                               seeds=b["cp_seeds"], frame_index=b["frame_index"])
+            codes, nxt = self.talker.code_predictor.frame(hidden, self.talker.embed_codec(code0),
+                                                          FrameWorkspace(self.ws.k[:, :bs], self.ws.v[:, :bs], self.ws.cos,
+                                                                         self.ws.sin, self.ws.slots[:, :bs]), fs)
+            frames = torch.cat((code0[:, None], codes), dim=1)
+        with census_stage("code2wav_step"):
+            state = p.c2w_state.select(slots)
+            audio, new = self.c2w.step_padded(frames[:, :, None], state)
         out = {"code0": code0, "frames": frames, "next_embed": nxt, "audio": audio.float()}
         return out | {f"new_{k}": t for k, t in zip(state_names(new), new.tensors())}
 
@@ -451,4 +555,67 @@ def speech_frame_graphs(model, pool: KVCachePool, pools, max_batch_size: int, ma
             "cp_temperature": 0.0, "cp_top_p": 1.0, "cp_top_k": 0, "cp_seeds": 0, "frame_index": 0}
     step = SpeechFrameStep(model, zip(pool.k_caches, pool.v_caches), pools, ws)
     return GraphRunner(step, inputs, pads, max_batch_size, batch_dims={"positions": 1}, use_graphs=use_graphs,
-                       name="speech_frame")
+                       name="speech_frame",
+                       host_inputs=[k for k in inputs if k != "entries"])
+
+
+class PrefillGraphs:
+    """A decoder's prefill chunk (up to ``max_seqs`` packed sequences, at most ``max_tokens`` tokens) behind a
+    ``GraphRunner`` whose buckets are token counts, captured whole: the prefill attention kernel takes static
+    metadata (``cu_seqlens`` on the device, the bucket as ``max_query_len``), so no piecewise split is needed.
+
+    Pad tokens (bucket rows past the chunk) sit on slot -1 (nothing written to the KV pages) past
+    ``cu_seqlens[-1]`` (no sequence: attention leaves them zero) and feed no real row; pad sequences are empty
+    (``cu_seqlens`` repeated, context 0). Inputs: embeds (T, H), positions (3, T) float32 (device);
+    slot_mapping (T,) int64, block_tables (S, max_blocks) int32, context_lens (S,) int32, cu_seqlens (S + 1,)
+    int32 (host, staged once). Outputs: hidden (T, H) post-norm and tap (T, H) when ``tap_layer`` is set.
+    """
+
+    def __init__(self, forward, pool: KVCachePool, max_seqs: int, max_blocks: int, hidden: int,
+                 dtype: torch.dtype, tap_layer: int | None = None, max_tokens: int = PREFILL_GRAPH_TOKENS,
+                 use_graphs: bool = True, name: str = "prefill"):
+        self.forward, self.pool, self.tap_layer, self.max_seqs = forward, pool, tap_layer, max_seqs
+        self.kv_caches = list(zip(pool.k_caches, pool.v_caches))
+        T, S, device = max_tokens, max_seqs, pool.device
+        with torch.inference_mode():
+            inputs = {"embeds": torch.zeros(T, hidden, dtype=dtype, device=device),
+                      "positions": torch.zeros(3, T, dtype=torch.float32, device=device),
+                      "slot_mapping": torch.empty(T, dtype=torch.int64, device=device),
+                      "block_tables": torch.empty(S, max_blocks, dtype=torch.int32, device=device),
+                      "context_lens": torch.empty(S, dtype=torch.int32, device=device),
+                      "cu_seqlens": torch.empty(S + 1, dtype=torch.int32, device=device)}
+        pads = {"embeds": 0.0, "positions": 0.0, "slot_mapping": -1, "block_tables": -1, "context_lens": 0,
+                "cu_seqlens": 0}
+        self.runner = GraphRunner(self._step, inputs, pads, T, use_graphs=use_graphs, name=name,
+                                  batch_dims={"positions": 1, "block_tables": None, "context_lens": None,
+                                              "cu_seqlens": None},
+                                  host_inputs=("slot_mapping", "block_tables", "context_lens", "cu_seqlens"),
+                                  buckets=token_buckets(T))
+
+    def _step(self, b: dict) -> dict:
+        meta = AttentionMetadata(slot_mapping=b["slot_mapping"], block_tables=b["block_tables"],
+                                 context_lens=b["context_lens"], cu_seqlens_q=b["cu_seqlens"],
+                                 max_query_len=b["embeds"].shape[0])   # the bucket: a static attention grid
+        hidden, tap = self.forward(b["embeds"], b["positions"], self.kv_caches, meta, self.tap_layer)
+        return {"hidden": hidden, "tap": tap}
+
+    def fits(self, seqs: int, tap_layer: int | None) -> bool:
+        return seqs <= self.max_seqs and tap_layer in (None, self.tap_layer)
+
+    def run(self, seq_ids: list[int], lens: list[int], x: torch.Tensor, pos: torch.Tensor):
+        """One chunk whose KV pages are reserved: x (n, H), pos (3, n), lens[i] tokens of seq_ids[i] back to
+        back → (hidden (n, H), tap (n, H) or None). Above the largest bucket it runs eagerly at its length."""
+        cu = np.cumsum([0] + list(lens))
+
+        def fill_cu(h: np.ndarray) -> None:
+            h[: len(cu)], h[len(cu):] = cu, cu[-1]
+
+        out = self.runner.run(x.shape[0], {
+            "embeds": x, "positions": pos, "cu_seqlens": fill_cu,
+            "slot_mapping": lambda h: self.pool.slot_mapping(seq_ids, out=h),
+            "block_tables": lambda h: self.pool.block_tables(seq_ids, out=h),
+            "context_lens": lambda h: self.pool.context_lens(seq_ids, out=h)})
+        hidden, tap = out["hidden"], out.get("tap")
+        if self.runner.graphs:   # views of the static outputs: the next chunk's replay overwrites them
+            hidden, tap = hidden.clone(), None if tap is None else tap.clone()
+        return hidden, tap

@@ -129,19 +129,30 @@ class KVCachePool:
         self.manager.allocate(seq_id, prompt_len)
         return self._slots([seq_id], prompt_len)
 
+    def reserve(self, seq_id: int, num_tokens: int) -> None:
+        """Add num_tokens tokens to seq_id, creating it if new (a prefill chunk); its slots: ``slot_mapping``."""
+        if self.has_seq(seq_id):
+            self._copy_blocks(self.manager.append(seq_id, num_tokens))
+        else:
+            self.manager.allocate(seq_id, num_tokens)
+
     def extend(self, seq_id: int, num_tokens: int) -> torch.Tensor:
         """Add num_tokens tokens to seq_id (a prefill chunk); returns their slots, int64 (num_tokens,)."""
         self._copy_blocks(self.manager.append(seq_id, num_tokens))
         return self._slots([seq_id], num_tokens)
 
-    def append_token(self, seq_ids: Sequence[int]) -> torch.Tensor:
+    def append_token(self, seq_ids: Sequence[int], out: np.ndarray | None = None) -> torch.Tensor | np.ndarray:
         """One decode step: one new token per sequence (distinct ids), all or nothing.
 
         Copy-on-write pages are copied before returning.  Returns slots int64 (len(seq_ids),): row i is where
-        seq_ids[i]'s new token's K/V go.
+        seq_ids[i]'s new token's K/V go; with out (a host int64 array, e.g. a staging buffer) they are
+        written into it, rows past the batch -1.
         """
         ids = list(seq_ids)
         self._copy_blocks(self.manager.append_batch(ids))
+        if out is not None:
+            self.manager.fill_slot_mapping(ids, out, -1)
+            return out
         return self._slots(ids, len(ids))
 
     def truncate(self, seq_id: int, num_tokens: int) -> int:
@@ -163,7 +174,7 @@ class KVCachePool:
         """
         ids = list(seq_ids)
         if out is not None:
-            host = np.empty(tuple(out.shape), dtype=np.int32)
+            host = out if isinstance(out, np.ndarray) else np.empty(tuple(out.shape), dtype=np.int32)
             self.manager.fill_block_tables(ids, host, pad)
             return self._put(host, out)
         if width is None:
@@ -176,7 +187,8 @@ class KVCachePool:
         """Tokens held per sequence (including any just appended), int32 (len(seq_ids),); with out, written
         into it (entries past the batch = 0) and out returned."""
         ids = list(seq_ids)
-        host = np.empty(len(ids) if out is None else out.shape[0], dtype=np.int32)
+        host = out if isinstance(out, np.ndarray) else np.empty(len(ids) if out is None else out.shape[0],
+                                                                 dtype=np.int32)
         self.manager.fill_context_lens(ids, host, 0)
         return self._put(host, out)
 
@@ -185,14 +197,17 @@ class KVCachePool:
         (int64 (n,) with n >= that count) written into it, the rest pad, and out returned."""
         ids = list(seq_ids)
         if out is not None:
-            host = np.empty(out.shape[0], dtype=np.int64)
+            host = out if isinstance(out, np.ndarray) else np.empty(out.shape[0], dtype=np.int64)
             self.manager.fill_slot_mapping(ids, host, pad)
             return self._put(host, out)
         return self._slots(ids, sum(self.manager.num_last_tokens(i) for i in ids))
 
     # -- internals -------------------------------------------------------------------------------------
     def _put(self, host: np.ndarray, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Host metadata → the device without blocking the host: pinned staging + non_blocking copy on CUDA."""
+        """Host metadata → the device without blocking the host: pinned staging + non_blocking copy on CUDA
+        (an ``out`` that is itself a host array was filled in place)."""
+        if isinstance(out, np.ndarray):
+            return out
         t = torch.from_numpy(host)
         if self.device.type == "cuda":
             t = t.pin_memory()

@@ -1,8 +1,10 @@
 """Runs a paged-KV decoder (thinker or talker) for batches of sequences: chunked varlen prefill and decode.
 
 The runner owns the mapping from sequences to KV pages (through ``KVCachePool``) and builds the attention
-metadata for each forward; the model only computes. Prefill is eager (variable shapes); decode builds only
-device tensors of fixed shape per batch size, so it can be captured in a CUDA graph per batch bucket.
+metadata for each forward; the model only computes. Prefill chunks of up to ``PREFILL_GRAPH_TOKENS`` tokens run
+in bucketed token-count shapes through ``graphs.PrefillGraphs`` (pad tokens on slot -1; one CUDA graph per
+bucket on a GPU); longer chunks and chunks carrying deepstack features run eagerly at their length. Decode
+builds only device tensors of fixed shape per batch size (captured by ``graphs.ThinkerDecodeGraphs``).
 """
 from __future__ import annotations
 
@@ -40,12 +42,13 @@ def _deepstack_chunk(items: list, starts: list[int], lens: list[int], device
 class DecoderRunner:
     """Prefill/decode for one decoder over its own KV pool."""
 
-    def __init__(self, forward: ForwardFn, pool: KVCachePool, max_prefill_tokens: int = 8192):
+    def __init__(self, forward: ForwardFn, pool: KVCachePool, max_prefill_tokens: int = 8192, graphs=None):
         if max_prefill_tokens < 1:
             raise ValueError(f"max_prefill_tokens must be >= 1, got {max_prefill_tokens}")
         self.forward = forward
         self.pool = pool
         self.max_prefill_tokens = max_prefill_tokens
+        self.graphs = graphs   # graphs.PrefillGraphs: chunks in bucketed token shapes (None: always eager)
 
     @property
     def kv_caches(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -80,27 +83,25 @@ class DecoderRunner:
                 budget -= n
                 batch.append(j)
                 chunk_lens.append(n)
-            slots = []
-            for j, n in zip(batch, chunk_lens):
-                sid = ids[j]
-                if self.pool.has_seq(sid):
-                    slots.append(self.pool.extend(sid, n))
-                else:
-                    slots.append(self.pool.add_sequence(sid, n))
-            device = embeds[batch[0]].device
-            cu = torch.tensor([0] + chunk_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
             batch_ids = [ids[j] for j in batch]
-            meta = AttentionMetadata(
-                slot_mapping=torch.cat(slots), block_tables=self.pool.block_tables(batch_ids),
-                context_lens=self.pool.context_lens(batch_ids), cu_seqlens_q=cu.to(device),
-                max_query_len=max(chunk_lens))
+            for sid, n in zip(batch_ids, chunk_lens):
+                self.pool.reserve(sid, n)
             x = torch.cat([embeds[j][done[j]: done[j] + n] for j, n in zip(batch, chunk_lens)])
             pos = torch.cat([positions[j][:, done[j]: done[j] + n] for j, n in zip(batch, chunk_lens)], dim=1)
             extra = {}
             if deepstack is not None and any(deepstack[j] is not None for j in batch):
                 extra["deepstack"] = _deepstack_chunk([deepstack[j] for j in batch],
                                                       [done[j] for j in batch], chunk_lens, x.device)
-            hidden, tap = self.forward(x, pos, self.kv_caches, meta, tap_layer, **extra)
+            if self.graphs is not None and not extra and self.graphs.fits(len(batch), tap_layer):
+                hidden, tap = self.graphs.run(batch_ids, chunk_lens, x, pos)
+                tap = tap if tap_layer is not None else None
+            else:   # deepstack features (data-dependent shapes) or a layout the buffers do not hold: eager
+                cu = torch.tensor([0] + chunk_lens, dtype=torch.int32).cumsum(0).to(torch.int32)
+                meta = AttentionMetadata(
+                    slot_mapping=self.pool.slot_mapping(batch_ids), block_tables=self.pool.block_tables(batch_ids),
+                    context_lens=self.pool.context_lens(batch_ids), cu_seqlens_q=cu.to(x.device),
+                    max_query_len=max(chunk_lens))
+                hidden, tap = self.forward(x, pos, self.kv_caches, meta, tap_layer, **extra)
             offset = 0
             for j, n in zip(batch, chunk_lens):
                 outs[j].append(hidden[offset: offset + n])

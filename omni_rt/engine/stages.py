@@ -25,8 +25,8 @@ from ..models.code_predictor import FrameSampling
 from ..models.mrope import multimodal_positions
 from ..profiling import census_stage
 from .config import EngineConfig
-from .graphs import (ThinkerDecodeGraphs, code2wav_graphs, code_predictor_graphs, speech_frame_graphs, state_from,
-                     state_names)
+from .graphs import (PREFILL_GRAPH_TOKENS, PrefillGraphs, ThinkerDecodeGraphs, code2wav_graphs, code_predictor_graphs,
+                     speech_frame_graphs, state_from, state_names)
 from .kv_cache import KVCachePool
 from .model_runner import DecoderRunner
 from .sequence import Request, Sequence
@@ -79,9 +79,10 @@ class Stages:
         tc = model.cfg.thinker.text
         self.thinker_pool = KVCachePool(tc.num_hidden_layers, cfg.kv_blocks, cfg.kv_block_size,
                                         tc.num_key_value_heads, tc.head_dim, dtype, device)
-        self.thinker_runner = DecoderRunner(model.thinker.forward, self.thinker_pool, cfg.max_prefill_tokens)
+        self.thinker_runner = self.decoder_runner("thinker", self.thinker_pool)
         graphs = cfg.cuda_graphs and self.device.type == "cuda"
-        t0 = time.perf_counter()   # start-up warm-up: graph capture (each bucket runs once eagerly first)
+        # start-up warm-up: every runner's buckets run once (Triton JIT), then are captured when graphs are on
+        t0 = time.perf_counter()
         self.decode_graphs = None
         if graphs:
             self.decode_graphs = _capture_or_none("thinker_decode", lambda: ThinkerDecodeGraphs(
@@ -92,7 +93,7 @@ class Stages:
             kc = model.cfg.talker.text
             self.talker_pool = KVCachePool(kc.num_hidden_layers, cfg.kv_blocks, cfg.kv_block_size,
                                            kc.num_key_value_heads, kc.head_dim, dtype, device)
-            self.talker_runner = DecoderRunner(model.talker.forward, self.talker_pool, cfg.max_prefill_tokens)
+            self.talker_runner = self.decoder_runner("talker", self.talker_pool)
             S = cfg.max_batch_size   # slot pools have one more row: the scratch slot of graph padding rows
             self.c2w_state = model.code2wav.init_state(S + 1, device, dtype)
             self.fresh_c2w = model.code2wav.init_state(1, device, dtype)
@@ -108,20 +109,43 @@ class Stages:
                 self.c2w_graph = _capture_or_none("code2wav_step", lambda: code2wav_graphs(
                     model.code2wav, S, frames=1))
                 self.speech_graph = _capture_or_none("speech_frame", lambda: self.speech_frame_runner())
+        for name, runner in (("thinker_prefill", self.thinker_runner), ("talker_prefill", self.talker_runner)):
+            if runner is None or self.device.type != "cuda":   # CPU: no Triton to compile, nothing to warm
+                continue
+            if not graphs:
+                runner.graphs.runner.warm_up()
+            elif _capture_or_none(name, lambda: runner.graphs.runner) is None:
+                runner.graphs.runner.graphs.clear()   # a partial capture: every bucket runs eagerly
         self.warmup_s = time.perf_counter() - t0
-        if graphs:
-            logger.info("warm-up: CUDA graphs captured for every batch bucket (%s) in %.1f s", self.graph_report(),
-                        self.warmup_s)
+        if self.device.type == "cuda":
+            logger.info("warm-up of every batch and prefill bucket in %.1f s; graphs: %s", self.warmup_s,
+                        self.graph_report() or "off")
 
     def graph_report(self) -> dict[str, bool]:
         """Per graphed stage: True when it replays a captured graph, False when it fell back to eager."""
         if not (self.cfg.cuda_graphs and self.device.type == "cuda"):
             return {}
-        report = {"thinker_decode": self.decode_graphs is not None}
+        report = {"thinker_decode": self.decode_graphs is not None,
+                  "thinker_prefill": bool(self.thinker_runner.graphs.runner.graphs)}
         if self.model.has_talker:
             report |= {"code_predictor_frame": self.frame_graph is not None, "code2wav_step": self.c2w_graph is not None,
-                       "speech_frame": self.speech_graph is not None}
+                       "speech_frame": self.speech_graph is not None,
+                       "talker_prefill": bool(self.talker_runner.graphs.runner.graphs)}
         return report
+
+    def decoder_runner(self, which: str, pool: KVCachePool) -> DecoderRunner:
+        """The thinker's or talker's runner over ``pool``: prefill chunks of up to ``PREFILL_GRAPH_TOKENS``
+        tokens run in bucketed token shapes through static buffers (``PrefillGraphs``: replayed on CUDA)."""
+        talker = which == "talker"
+        decoder = self.model.talker if talker else self.model.thinker
+        text = (self.model.cfg.talker if talker else self.model.cfg.thinker).text
+        tokens = 2 * self.cfg.max_model_len + 9 if talker else self.cfg.max_model_len   # longest sequence
+        max_blocks = min(pool.num_blocks, -(-tokens // self.cfg.kv_block_size))
+        tap = None if talker or not self.model.has_talker else self.model.cfg.talker.accept_hidden_layer
+        graphs = PrefillGraphs(decoder.forward, pool, self.cfg.max_batch_size, max_blocks, text.hidden_size,
+                               self.dtype, tap, min(PREFILL_GRAPH_TOKENS, self.cfg.max_prefill_tokens),
+                               name=f"{which}_prefill")
+        return DecoderRunner(decoder.forward, pool, self.cfg.max_prefill_tokens, graphs)
 
     # --------------------------------------------------------------------------------------- thinker
     def audio_encode(self, req: Request) -> tuple[torch.Tensor | None, list[int]]:
@@ -247,20 +271,18 @@ class Stages:
         talker = self.model.talker
         seqs = [r.talker for r in reqs]
         c0_embed = talker.embed_codec(code0)
-        sampling = FrameSampling.for_talker([s.params.temperature for s in seqs], [s.seed for s in seqs],
-                                            [len(s.output) for s in seqs], self.device)
         if self.frame_graph is None:
+            sampling = FrameSampling.for_talker([s.params.temperature for s in seqs], [s.seed for s in seqs],
+                                                [len(s.output) for s in seqs], self.device)
             ws = self._workspaces.get(len(reqs))
             if ws is None:
                 ws = self._workspaces[len(reqs)] = talker.code_predictor.workspace(len(reqs), self.device,
                                                                                     self.dtype)
             codes, nxt = talker.code_predictor.frame(hidden, c0_embed, ws, sampling)
         else:
-            values = {"past_hidden": hidden, "code0_embed": c0_embed}
-            if sampling is not None:
-                values.update(temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
-                              seeds=sampling.seeds, frame_index=sampling.frame_index)
-            out = self.frame_graph.run(len(reqs), values)
+            rows = FrameSampling.host_rows([s.params.temperature for s in seqs], [s.seed for s in seqs],
+                                           [len(s.output) for s in seqs])
+            out = self.frame_graph.run(len(reqs), {"past_hidden": hidden, "code0_embed": c0_embed} | (rows or {}))
             codes, nxt = out["codes"].clone(), out["next_embed"].clone()  # static outputs: copy before reuse
         return torch.cat((code0[:, None], codes), dim=1), nxt
 
@@ -273,35 +295,34 @@ class Stages:
 
     def speech_frame(self, reqs: list[Request]) -> dict:
         """One speech frame for steady-state rows (each consumes its next text entry and vocodes one frame)
-        through ``speech_graph`` → code0 (B,), frames (B, G), next_embed (B, H), audio (B, T), state (new)."""
+        through ``speech_graph`` → code0 (B,), frames (B, G), next_embed (B, H), audio (B, T), state (new).
+        The eager work around the replay (input fills, copies out) is costed as ``talker_decode``."""
+        with census_stage("talker_decode"):
+            return self._speech_frame(reqs)
+
+    def _speech_frame(self, reqs: list[Request]) -> dict:
         seqs = [r.talker for r in reqs]
         ids = [s.seq_id for s in seqs]
-        f32, i64 = torch.float32, torch.int64
         entries = torch.stack([r.feed.entry(len(s.output) - 1) for r, s in zip(reqs, seqs)]).to(self.dtype)
         pool = self.talker_pool
-        cp = FrameSampling.for_talker([s.params.temperature for s in seqs], [s.seed for s in seqs],
-                                      [len(s.output) for s in seqs], self.device)
-        values = {
-            "slots": to_device([r.slot for r in reqs], i64, self.device), "entries": entries,
-            "positions": to_device([s.next_position() for s in seqs], f32, self.device).expand(3, -1),
-            "slot_mapping": pool.append_token(ids),
+        cp = FrameSampling.host_rows([s.params.temperature for s in seqs], [s.seed for s in seqs],
+                                     [len(s.output) for s in seqs])
+        values = {   # host data but the entries: staged and copied once (GraphRunner.host_inputs)
+            "slots": [r.slot for r in reqs], "entries": entries, "positions": [s.next_position() for s in seqs],
+            "slot_mapping": pool.append_token(ids, out=np.empty(len(ids), dtype=np.int64)),
             "block_tables": lambda buf: pool.block_tables(ids, out=buf),
             "context_lens": lambda buf: pool.context_lens(ids, out=buf),
-            "temperature": to_device([s.params.temperature for s in seqs], f32, self.device),
-            "top_p": to_device([s.params.top_p for s in seqs], f32, self.device),
-            "repetition_penalty": to_device([s.params.repetition_penalty for s in seqs], f32, self.device),
-            "top_k": to_device([s.params.top_k or 0 for s in seqs], i64, self.device),
-            "seeds": to_device([s.seed for s in seqs], i64, self.device),
-            "steps": to_device([len(s.output) for s in seqs], i64, self.device),
-        }
-        if cp is not None:
-            values.update(cp_temperature=cp.temperature, cp_top_k=cp.top_k, cp_top_p=cp.top_p, cp_seeds=cp.seeds,
-                          frame_index=cp.frame_index)
+            "temperature": [s.params.temperature for s in seqs], "top_p": [s.params.top_p for s in seqs],
+            "repetition_penalty": [s.params.repetition_penalty for s in seqs],
+            "top_k": [s.params.top_k or 0 for s in seqs], "seeds": [s.seed for s in seqs],
+            "steps": [len(s.output) for s in seqs],
+        } | {f"cp_{k}" if k != "frame_index" else k: v for k, v in (cp or {}).items()}
         res = self.speech_graph.run(len(reqs), values)
-        state = state_from(res, self.c2w_state.layout, prefix="new_").clone()
-        # outputs of a replay are views of static buffers: copy what outlives the next replay
-        return {"code0": res["code0"].clone(), "frames": res["frames"].clone(),
-                "next_embed": res["next_embed"].clone(), "audio": res["audio"].clone(), "state": state}
+        # Views of the static outputs, valid until the next replay: the engine copies what it keeps (index_select,
+        # cat) in the same step, before any other replay of this graph.
+        state = state_from(res, self.c2w_state.layout, prefix="new_")
+        return {"code0": res["code0"], "frames": res["frames"], "next_embed": res["next_embed"],
+                "audio": res["audio"], "state": state}
 
     def code2wav_step(self, reqs: list[Request], codes: torch.Tensor, slots: torch.Tensor):
         """codes (B, G, n) more frames for each request's stream → (audio (B, n·T) float32, new state)."""

@@ -77,17 +77,23 @@ class FrameSampling:
     def for_talker(cls, talker_temperatures, talker_seeds, frame_index, device=None) -> "FrameSampling | None":
         """The code predictor's sampling for rows whose talker samples with ``talker_temperatures`` (host
         lists; seeds and frame indices per row), or None when every row is greedy (the argmax path)."""
-        if all(t == 0 for t in talker_temperatures):
+        rows = cls.host_rows(talker_temperatures, talker_seeds, frame_index)
+        if rows is None:
             return None
         f32, i64 = torch.float32, torch.int64
+        return cls(**{k: torch.tensor(v, dtype=f32 if k in ("temperature", "top_p") else i64, device=device)
+                      for k, v in rows.items()})
+
+    @staticmethod
+    def host_rows(talker_temperatures, talker_seeds, frame_index) -> dict[str, list] | None:
+        """:meth:`for_talker` as host lists by field name (a graph runner stages them), or None if all greedy."""
+        if all(t == 0 for t in talker_temperatures):
+            return None
         n = len(talker_temperatures)
-        return cls(temperature=torch.tensor([CP_TEMPERATURE if t > 0 else 0.0 for t in talker_temperatures],
-                                            dtype=f32, device=device),
-                   top_k=torch.full((n,), CP_TOP_K, dtype=i64, device=device),
-                   top_p=torch.full((n,), CP_TOP_P, dtype=f32, device=device),
-                   seeds=torch.tensor([(s ^ CP_SEED_SALT) & ((1 << 63) - 1) for s in talker_seeds], dtype=i64,
-                                      device=device),
-                   frame_index=torch.tensor(list(frame_index), dtype=i64, device=device))
+        return {"temperature": [CP_TEMPERATURE if t > 0 else 0.0 for t in talker_temperatures],
+                "top_k": [CP_TOP_K] * n, "top_p": [CP_TOP_P] * n,
+                "seeds": [(s ^ CP_SEED_SALT) & ((1 << 63) - 1) for s in talker_seeds],
+                "frame_index": list(frame_index)}
 
 
 class CodePredictorAttention(nn.Module):
