@@ -36,9 +36,9 @@ def test_json_shape_and_stage_names():
     assert set(data["first_packet"]["est_ms"]) == {"h100", "h200"}
     # Outside its stages the census launches almost nothing (the model is built on meta with no init kernels).
     # setup (zeroed static graph buffers and decoder states, KV pools, the talker's text feed) is a fixed cost:
-    # small next to the stages even at these tiny shapes (the full-shape test bounds it tighter)
-    total = sum(s["launches"] for s in data["stages"])
-    assert data["outside_stages"]["launches"] < 0.3 * total
+    # a fixed count (what is reached), not a share of the stages: they shrink with every launch saved in them
+    # (the full-shape test bounds it too)
+    assert data["outside_stages"]["launches"] <= 300
 
 
 # Whether the engine replays each stage from a CUDA graph (cuda_graphs=True): the thinker decode step, the
