@@ -1,10 +1,15 @@
 """Fused MoE benchmarks.
 
-CUDA: released shapes (thinker E=128 H=2048 I=768 top-8; talker E=128 H=1024 I=384 top-6 + shared 768),
+CUDA: released shapes (thinker E=128 H=2048 I=768 top-8; talker E=128 H=1024 I=384 top-6 + shared 768, run as
+the model runs it: 2 more experts gated by route(num_shared=2)),
 bf16, M in {1, 4, 16, 64, 256, 4096}; the Triton path vs the loop-over-experts reference and vs
 ``torch._grouped_mm`` when present. extra_info reports GB/s of expert weights touched and TFLOP/s.
 Weights are random, so routing is near uniform: the worst case for expert reuse. H100 bf16 floor at M=1:
 75.5 MB / 3.35 TB/s = 22.5 us per thinker layer.
+
+``test_bench_moe_align`` times the prefill alignment (one ``_moe_align_kernel`` launch vs the sort-based torch
+reference it replaced) at the thinker's routing (E=128, top-8) for prefill-sized M; extra_info reports GB/s of
+the index tensors written.
 
 CPU: the Triton path only runs under the interpreter (seconds per call, meaningless as a timing), so small
 shapes compare the torch loop reference against a vectorised torch baseline (gathered per-token expert
@@ -24,12 +29,15 @@ CPU_SHAPE = (8, 64, 32, 2, 0)
 
 def _setup(layer, m, device, dtype):
     e, hidden, inter, top_k, shared = SHAPES[layer] if device == "cuda" else CPU_SHAPE
+    # the talker's shared expert runs as shared/inter more experts, gated through route(num_shared=...)
+    parts = shared // inter
     g = torch.Generator(device=device).manual_seed(0)
-    gate_up = torch.randn(e, 2 * inter, hidden, device=device, dtype=dtype, generator=g) * 0.02
-    down = torch.randn(e, hidden, inter, device=device, dtype=dtype, generator=g) * 0.02
+    gate_up = torch.randn(e + parts, 2 * inter, hidden, device=device, dtype=dtype, generator=g) * 0.02
+    down = torch.randn(e + parts, hidden, inter, device=device, dtype=dtype, generator=g) * 0.02
     x = torch.randn(m, hidden, device=device, dtype=dtype, generator=g)
-    weights, ids = fm.route(torch.randn(m, e, device=device, dtype=dtype, generator=g), top_k, True)
-    return (x, gate_up, down, weights, ids), (e, hidden, inter, top_k, shared)
+    logits = torch.randn(m, e + (1 if parts else 0), device=device, dtype=dtype, generator=g)
+    weights, ids = fm.route(logits, top_k, True, num_shared=parts)
+    return (x, gate_up, down, weights, ids), (e + parts, hidden, inter, top_k + parts, shared)
 
 
 def _metrics(ids, dims, itemsize, seconds):
@@ -107,5 +115,30 @@ def test_bench_fused_moe(benchmark, layer, m, impl):
     if not CUDA:
         benchmark.extra_info["note"] = ("CPU: Triton path not timed (interpreter); torch loop reference vs "
                                         "vectorised einsum baseline at small shapes")
-    if CUDA and layer == "thinker" and m == 1:
-        benchmark.extra_info["floor_us_h100_bf16"] = 22.5
+    if CUDA and m == 1:
+        # expert weights one decode token reads (thinker 8 x 3 x 768 x 2048, talker (6 + 2) x 3 x 384 x 1024, bf16)
+        benchmark.extra_info["floor_us_h100_bf16"] = {"thinker": 22.5, "talker": 5.6}[layer]
+
+
+M_ALIGN_CUDA = [75, 512, 4096]
+M_ALIGN_CPU = [75]
+
+
+@pytest.mark.parametrize("m", M_ALIGN_CUDA if CUDA else M_ALIGN_CPU)
+@pytest.mark.parametrize("impl", ["triton", "torch_ref"] if CUDA else ["torch_ref"])
+def test_bench_moe_align(benchmark, m, impl):
+    device = "cuda" if CUDA else "cpu"
+    e, top_k, block_m = 128, 8, 16
+    g = torch.Generator(device=device).manual_seed(0)
+    _, ids = torch.topk(torch.rand(m, e, device=device, generator=g), top_k, dim=-1)
+    fn = {"triton": fm.moe_align, "torch_ref": fm.moe_align_ref}[impl]
+    want = fm.moe_align_ref(ids, e, block_m)
+    got = fn(ids, e, block_m)
+    assert all(torch.equal(a, b) for a, b in zip(got, want)), f"{impl} disagrees with the reference"
+    benchmark.group = f"moe_align-M{m}"
+    benchmark(_sync_call(fn, ids, e, block_m))
+    stats = getattr(benchmark, "stats", None)
+    if stats is not None and getattr(stats, "stats", None) is not None:
+        written = sum(t.numel() * t.element_size() for t in got) + ids.numel() * ids.element_size()
+        benchmark.extra_info["GB_per_s"] = written / stats.stats.median / 1e9
+    benchmark.extra_info["device"] = torch.cuda.get_device_name() if CUDA else "cpu"

@@ -38,8 +38,8 @@ import triton.language as tl
 
 from . import KernelSpec, use_triton
 
-__all__ = ["causal_conv1d", "causal_conv1d_ref", "snake_beta_ref", "prepare_weight", "COMPILE_SPECS",
-           "SNAKE_EPS"]
+__all__ = ["causal_conv1d", "causal_conv1d_ref", "snake_beta_ref", "zero_pre_start", "prepare_weight",
+           "COMPILE_SPECS", "SNAKE_EPS"]
 
 # transformers' Qwen3OmniMoeSnakeBeta.no_div_by_zero
 SNAKE_EPS = 1e-9
@@ -48,11 +48,12 @@ _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
 @triton.jit
-def _load_window(x_ptr, state_ptr, alpha_e, inv_beta, b, offs_c, cmask, p, pmask, L, S,
+def _load_window(x_ptr, state_ptr, alpha_e, inv_beta, b, offs_c, cmask, p, pmask, L, S, lead,
                  sxb, sxc, sxt, ssb, ssc, sst,
                  HAS_STATE: tl.constexpr, HAS_SNAKE: tl.constexpr):
-    """(BLOCK_C, BLOCK_P) tile of xs = cat(state, act(x)) at x-positions ``p`` (negative = from state)."""
-    xmask = cmask[:, None] & (pmask & (p >= 0) & (p < L))[None, :]
+    """(BLOCK_C, BLOCK_P) tile of xs = cat(state, act(x)) at x-positions ``p`` (negative = from state).
+    x-positions in [0, lead) read as zero (a fresh stream's pre-start samples; act(0) == 0)."""
+    xmask = cmask[:, None] & (pmask & (p >= lead) & (p < L))[None, :]
     xv = tl.load(x_ptr + b * sxb + offs_c[:, None] * sxc + p[None, :] * sxt, mask=xmask, other=0.0)
     if HAS_SNAKE:
         xf = xv.to(tl.float32)
@@ -68,7 +69,7 @@ def _load_window(x_ptr, state_ptr, alpha_e, inv_beta, b, offs_c, cmask, p, pmask
 
 
 @triton.jit
-def _store_state(x_ptr, state_ptr, so_ptr, alpha_e, inv_beta, b, offs_c, cmask, L, S,
+def _store_state(x_ptr, state_ptr, so_ptr, alpha_e, inv_beta, b, offs_c, cmask, L, S, lead,
                  sxb, sxc, sxt, ssb, ssc, sst, sob, soc, sot,
                  HAS_STATE: tl.constexpr, HAS_SNAKE: tl.constexpr, BLOCK_S: tl.constexpr):
     # new_state[j] = xs[L + j] in cat(state, act(x)) coordinates, i.e. x-position L + j - S; done in
@@ -76,10 +77,19 @@ def _store_state(x_ptr, state_ptr, so_ptr, alpha_e, inv_beta, b, offs_c, cmask, 
     for j0 in range(0, S, BLOCK_S):
         j = j0 + tl.arange(0, BLOCK_S)
         jmask = j < S
-        v = _load_window(x_ptr, state_ptr, alpha_e, inv_beta, b, offs_c, cmask, L + j - S, jmask, L, S,
+        v = _load_window(x_ptr, state_ptr, alpha_e, inv_beta, b, offs_c, cmask, L + j - S, jmask, L, S, lead,
                          sxb, sxc, sxt, ssb, ssc, sst, HAS_STATE, HAS_SNAKE)
         tl.store(so_ptr + b * sob + offs_c[:, None] * soc + j[None, :] * sot, v,
                  mask=cmask[:, None] & jmask[None, :])
+
+
+@triton.jit
+def _lead(pos_ptr, b, lag, unit, HAS_LEAD: tl.constexpr):
+    """Chunk positions before ``lag - pos[b]·unit`` precede a fresh stream's start: they read as zeros."""
+    lead = 0
+    if HAS_LEAD:  # int64 product: pos·unit outgrows int32 on day-long streams; the result is <= lag
+        lead = tl.maximum(lag - tl.load(pos_ptr + b) * unit, 0).to(tl.int32)
+    return lead
 
 
 @triton.jit
@@ -95,19 +105,29 @@ def _snake_params(alpha_ptr, beta_ptr, offs_c, cmask, HAS_SNAKE: tl.constexpr, E
 
 @triton.jit
 def _causal_conv1d_dense_kernel(
-    x_ptr, w_ptr, bias_ptr, state_ptr, alpha_ptr, beta_ptr, y_ptr, so_ptr,
-    C_in, C_out, L, dilation,
-    sxb, sxc, sxt, swo, swi, swk, ssb, ssc, sst, syb, syc, syt, sob, soc, sot,
+    x_ptr, w_ptr, bias_ptr, state_ptr, alpha_ptr, beta_ptr, y_ptr, so_ptr, res_ptr, pos_ptr, ws_ptr, cnt_ptr,
+    C_in, C_out, L, dilation, lag, unit,
+    sxb, sxc, sxt, swo, swi, swk, ssb, ssc, sst, syb, syc, syt, sob, soc, sot, srb, src, srt,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SNAKE: tl.constexpr,
-    WRITE_STATE: tl.constexpr, EPS: tl.constexpr,
+    WRITE_STATE: tl.constexpr, HAS_RES: tl.constexpr, HAS_LEAD: tl.constexpr, EPS: tl.constexpr,
+    SPLIT: tl.constexpr,
     BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """x: (B, C_in, L), w: (C_out, C_in, WIDTH), state/state_out: (B, C_in, S), y: (B, C_out, L)."""
+    """x: (B, C_in, L), w: (C_out, C_in, WIDTH), state/state_out: (B, C_in, S), y/res: (B, C_out, L),
+    pos: (B,) int64 (x-positions below lag - pos·unit read as zero).
+
+    SPLIT > 1 splits the input channels over SPLIT programs per output tile (short chunks: enough programs to
+    pull the weights through every SM): each stores its fp32 partial tile in ws (SPLIT, B, C_out, L) and bumps
+    the tile's counter in cnt (int32, zero between launches); the last to arrive sums the partials in split
+    order (deterministic), finishes the tile and resets the counter."""
     # time blocks vary fastest so programs sharing a weight block run together (L2 reuse)
     pid_t = tl.program_id(0)
-    pid_o = tl.program_id(1)
+    pid_os = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    pid_o = pid_os // SPLIT
+    split = pid_os % SPLIT
     S = (WIDTH - 1) * dilation
+    lead = _lead(pos_ptr, b, lag, unit, HAS_LEAD)
     offs_o = pid_o * BLOCK_O + tl.arange(0, BLOCK_O)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     omask = offs_o < C_out
@@ -115,7 +135,9 @@ def _causal_conv1d_dense_kernel(
     acc = tl.zeros([BLOCK_O, BLOCK_T], dtype=tl.float32)
     # one flat runtime loop over (in-block, tap) with a single dot in its body: a constant 7-trip tap loop
     # gets unrolled by LLVM and spills; the snake parameters are re-read per tap (BLOCK_C floats, cached)
-    for it in range(0, tl.cdiv(C_in, BLOCK_C) * WIDTH):
+    n_cb = tl.cdiv(C_in, BLOCK_C)
+    per = tl.cdiv(n_cb, SPLIT)  # in-blocks of this split: [split·per, min((split+1)·per, n_cb))
+    for it in range(split * per * WIDTH, tl.minimum((split + 1) * per, n_cb) * WIDTH):
         k = it % WIDTH
         offs_c = (it // WIDTH) * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = offs_c < C_in
@@ -123,40 +145,68 @@ def _causal_conv1d_dense_kernel(
         w = tl.load(w_ptr + offs_o[:, None] * swo + offs_c[None, :] * swi + k * swk,
                     mask=omask[:, None] & cmask[None, :], other=0.0)
         xv = _load_window(x_ptr, state_ptr, alpha_e, inv_beta, b, offs_c, cmask,
-                          offs_t + k * dilation - S, tmask, L, S,
+                          offs_t + k * dilation - S, tmask, L, S, lead,
                           sxb, sxc, sxt, ssb, ssc, sst, HAS_STATE, HAS_SNAKE)
         if x_ptr.dtype.element_ty == tl.float32:
             acc = tl.dot(w, xv, acc, input_precision="ieee")
         else:
             acc = tl.dot(w, xv, acc)
     if WRITE_STATE:
-        if (pid_t == 0) & (pid_o == 0):
+        if (pid_t == 0) & (pid_os == 0):
             for c0 in range(0, C_in, BLOCK_C):
                 offs_c = c0 + tl.arange(0, BLOCK_C)
                 cmask = offs_c < C_in
                 alpha_e, inv_beta = _snake_params(alpha_ptr, beta_ptr, offs_c, cmask, HAS_SNAKE, EPS)
-                _store_state(x_ptr, state_ptr, so_ptr, alpha_e, inv_beta, b, offs_c, cmask, L, S,
+                _store_state(x_ptr, state_ptr, so_ptr, alpha_e, inv_beta, b, offs_c, cmask, L, S, lead,
                              sxb, sxc, sxt, ssb, ssc, sst, sob, soc, sot, HAS_STATE, HAS_SNAKE, BLOCK_S)
+    if SPLIT == 1:
+        _finish_tile(acc, bias_ptr, res_ptr, y_ptr, b, offs_o, offs_t, omask, tmask, syb, syc, syt, srb, src, srt,
+                     HAS_BIAS, HAS_RES)
+    else:
+        B = tl.num_programs(2)
+        n_t = tl.num_programs(0)
+        tile_mask = omask[:, None] & tmask[None, :]
+        ws_tile = (b * C_out + offs_o[:, None]) * L + offs_t[None, :]
+        tl.store(ws_ptr + split * B * C_out * L + ws_tile, acc, mask=tile_mask)
+        tile = (b * (tl.num_programs(1) // SPLIT) + pid_o) * n_t + pid_t
+        # acq_rel: our partial is visible before the count, and the last sees every other partial
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            acc = tl.zeros([BLOCK_O, BLOCK_T], dtype=tl.float32)
+            for sp in range(SPLIT):
+                acc += tl.load(ws_ptr + sp * B * C_out * L + ws_tile, mask=tile_mask, other=0.0)
+            _finish_tile(acc, bias_ptr, res_ptr, y_ptr, b, offs_o, offs_t, omask, tmask, syb, syc, syt, srb, src,
+                         srt, HAS_BIAS, HAS_RES)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (graph replays included)
+
+
+@triton.jit
+def _finish_tile(acc, bias_ptr, res_ptr, y_ptr, b, offs_o, offs_t, omask, tmask, syb, syc, syt, srb, src, srt,
+                 HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr):
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_o, mask=omask, other=0.0).to(tl.float32)[:, None]
+    if HAS_RES:  # the residual unit's skip connection, added in fp32 and rounded once
+        acc += tl.load(res_ptr + b * srb + offs_o[:, None] * src + offs_t[None, :] * srt,
+                       mask=omask[:, None] & tmask[None, :], other=0.0).to(tl.float32)
     tl.store(y_ptr + b * syb + offs_o[:, None] * syc + offs_t[None, :] * syt,
              acc.to(y_ptr.dtype.element_ty), mask=omask[:, None] & tmask[None, :])
 
 
 @triton.jit
 def _causal_conv1d_depthwise_kernel(
-    x_ptr, w_ptr, bias_ptr, state_ptr, alpha_ptr, beta_ptr, y_ptr, so_ptr,
-    C, L, dilation,
+    x_ptr, w_ptr, bias_ptr, state_ptr, alpha_ptr, beta_ptr, y_ptr, so_ptr, pos_ptr,
+    C, L, dilation, lag, unit,
     sxb, sxc, sxt, swc, swk, ssb, ssc, sst, syb, syc, syt, sob, soc, sot,
     WIDTH: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_STATE: tl.constexpr, HAS_SNAKE: tl.constexpr,
-    WRITE_STATE: tl.constexpr, EPS: tl.constexpr,
+    WRITE_STATE: tl.constexpr, HAS_LEAD: tl.constexpr, EPS: tl.constexpr,
     BLOCK_C: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr,
 ):
-    """x: (B, C, L), w: (C, 1, WIDTH), state/state_out: (B, C, S), y: (B, C, L)."""
+    """x: (B, C, L), w: (C, 1, WIDTH), state/state_out: (B, C, S), y: (B, C, L), pos: (B,) int64."""
     pid_t = tl.program_id(0)
     pid_c = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     S = (WIDTH - 1) * dilation
+    lead = _lead(pos_ptr, b, lag, unit, HAS_LEAD)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_t = pid_t * BLOCK_T + tl.arange(0, BLOCK_T)
     cmask = offs_c < C
@@ -166,7 +216,7 @@ def _causal_conv1d_depthwise_kernel(
     for k in range(WIDTH):
         w = tl.load(w_ptr + offs_c * swc + k * swk, mask=cmask, other=0.0).to(tl.float32)
         xv = _load_window(x_ptr, state_ptr, alpha_e, inv_beta, b, offs_c, cmask,
-                          offs_t + k * dilation - S, tmask, L, S,
+                          offs_t + k * dilation - S, tmask, L, S, lead,
                           sxb, sxc, sxt, ssb, ssc, sst, HAS_STATE, HAS_SNAKE)
         acc += w[:, None] * xv.to(tl.float32)
     if HAS_BIAS:
@@ -175,7 +225,7 @@ def _causal_conv1d_depthwise_kernel(
              acc.to(y_ptr.dtype.element_ty), mask=cmask[:, None] & tmask[None, :])
     if WRITE_STATE:
         if pid_t == 0:
-            _store_state(x_ptr, state_ptr, so_ptr, alpha_e, inv_beta, b, offs_c, cmask, L, S,
+            _store_state(x_ptr, state_ptr, so_ptr, alpha_e, inv_beta, b, offs_c, cmask, L, S, lead,
                          sxb, sxc, sxt, ssb, ssc, sst, sob, soc, sot, HAS_STATE, HAS_SNAKE, BLOCK_S)
 
 
@@ -194,13 +244,13 @@ def _dense_config(c_out: int, length: int, width: int, dtype: torch.dtype) -> tu
             return 16, 16, 32, 4
         return (32, 16, 32, 4) if length <= 64 else (32, 16, 64, 4)
     if c_out <= 16:
-        return 16, 32, 64, 4
+        return 16, 32, 64 if length > 64 else 32, 4
     if length <= 64:
         return 32, 64 if width > 1 else 32, 32, 4
     return 64, 32 if width > 1 else 16, 64, 4
 
 
-_DW_BLOCK_C, _DW_BLOCK_T, _DW_WARPS = 16, 128, 4
+_DW_BLOCK_C, _DW_BLOCK_T, _DW_MAX_WARPS = 16, 128, 8
 _BLOCK_S = 16
 
 
@@ -212,7 +262,8 @@ def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
     return weight.permute(2, 0, 1).contiguous().permute(1, 2, 0)
 
 
-def _validate(x, weight, bias, dilation, groups, state, snake_alpha, snake_beta, out, state_out):
+def _validate(x, weight, bias, dilation, groups, state, snake_alpha, snake_beta, out, state_out, residual,
+              pre_start):
     if x.dim() != 3 or weight.dim() != 3:
         raise ValueError(f"causal_conv1d: x must be (batch, channels, length) and weight (out, in/groups, "
                          f"width); got x {tuple(x.shape)}, weight {tuple(weight.shape)}")
@@ -239,13 +290,67 @@ def _validate(x, weight, bias, dilation, groups, state, snake_alpha, snake_beta,
         if t is not None and (tuple(t.shape) != (batch, c_in, s) or t.dtype != x.dtype):
             raise ValueError(f"causal_conv1d: {name} must be {(batch, c_in, s)} {x.dtype}; got "
                              f"{tuple(t.shape)} {t.dtype}")
-    if out is not None and (tuple(out.shape) != (batch, c_out, x.shape[2]) or out.dtype != x.dtype):
-        raise ValueError(f"causal_conv1d: out must be {(batch, c_out, x.shape[2])} {x.dtype}; got "
-                         f"{tuple(out.shape)} {out.dtype}")
+    for name, t in (("out", out), ("residual", residual)):
+        if t is not None and (tuple(t.shape) != (batch, c_out, x.shape[2]) or t.dtype != x.dtype):
+            raise ValueError(f"causal_conv1d: {name} must be {(batch, c_out, x.shape[2])} {x.dtype}; got "
+                             f"{tuple(t.shape)} {t.dtype}")
+    if pre_start is not None:
+        pos, lag, unit = pre_start
+        if pos.dim() != 1 or pos.shape[0] != batch or pos.dtype != torch.int64:
+            raise ValueError(f"causal_conv1d: pre_start positions must be ({batch},) int64; got "
+                             f"{tuple(pos.shape)} {pos.dtype}")
+        if not (isinstance(lag, int) and isinstance(unit, int) and lag >= 0 and unit >= 1):
+            raise ValueError(f"causal_conv1d: pre_start needs int lag >= 0 and unit >= 1; got {lag}, {unit}")
+
+
+def _dw_config(length: int) -> tuple[int, int, int]:
+    """(BLOCK_C, BLOCK_T, num_warps) for the depthwise kernel: the time tile follows the real length (a
+    one-frame ConvNeXt step has 2-4 samples), so short chunks do not run 128-wide mostly-masked tiles."""
+    bt = min(max(triton.next_power_of_2(max(length, 1)), 16), _DW_BLOCK_T)
+    return _DW_BLOCK_C, bt, max(1, min(_DW_MAX_WARPS, _DW_BLOCK_C * bt // 256))
+
+
+# Programs a dense conv should launch at least (an H100 has 132 SMs): below that, split the input channels.
+MIN_PROGRAMS = 132
+_MAX_SPLIT = 16
+_COUNTERS: dict = {}
+
+
+def _split_for(programs: int, in_blocks: int) -> int:
+    """Input-channel splits for a dense conv with ``programs`` output tiles: enough to reach MIN_PROGRAMS, at
+    most one per in-block, and no empty split. From the shapes only: tiny shapes (few in-blocks) stay at 1."""
+    if programs >= MIN_PROGRAMS or in_blocks < 2:
+        return 1
+    want = min(triton.cdiv(MIN_PROGRAMS, programs), in_blocks, _MAX_SPLIT)
+    return triton.cdiv(in_blocks, triton.cdiv(in_blocks, want))
+
+
+def _dense_tiles(c_in: int, c_out: int, length: int, width: int, dtype: torch.dtype,
+                 batch: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_O, BLOCK_C, BLOCK_T, num_warps, SPLIT) for a dense conv: ``_dense_config``'s tiles, the
+    short-chunk ones when the long ones would leave SMs idle, then an input-channel split up to MIN_PROGRAMS."""
+    bo, bc, bt, warps = _dense_config(c_out, length, width, dtype)
+    if triton.cdiv(length, bt) * triton.cdiv(c_out, bo) * batch < MIN_PROGRAMS and length > 64:
+        bo, bc, bt, warps = _dense_config(c_out, 64, width, dtype)
+    programs = max(triton.cdiv(length, bt), 1) * triton.cdiv(c_out, bo) * batch
+    return bo, bc, bt, warps, _split_for(programs, triton.cdiv(c_in, bc))
+
+
+def tile_counters(device: torch.device | str, n: int = 0) -> torch.Tensor:
+    """Per-device int32 arrival counters of split tiles, zero between launches (the last program of a tile
+    resets its counter), so one zeroed buffer serves every launch and graph replay on that device's stream.
+    Split convs must not run concurrently on two streams of one device. A model calls it once at load so the
+    zero-fill is not part of its first step (nor of a graph capture)."""
+    device = torch.device(device)
+    buf = _COUNTERS.get(device)
+    if buf is None or buf.numel() < n:
+        buf = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+        _COUNTERS[device] = buf
+    return buf
 
 
 def _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha, snake_beta,
-                          return_state, out, state_out):
+                          return_state, out, state_out, residual, pre_start, split=None):
     batch, c_in, length = x.shape
     c_out, _, width = weight.shape
     s = (width - 1) * dilation
@@ -253,7 +358,10 @@ def _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha,
     if groups != 1 and not depthwise:
         raise ValueError(f"causal_conv1d (Triton): only dense (groups=1) or depthwise (groups=in=out) "
                          f"convs are supported; got groups={groups}, in={c_in}, out={c_out}")
-    if state_out is not None and state is not None and state_out.data_ptr() == state.data_ptr() and s > 0:
+    if depthwise and residual is not None:
+        raise ValueError("causal_conv1d (Triton): residual is fused into the dense kernel only")
+    if (state_out is not None and state is not None and s > 0 and x.device.type != "meta"
+            and state_out.data_ptr() == state.data_ptr()):  # (meta tensors have no addresses)
         raise ValueError("causal_conv1d: state_out must not alias state (other programs still read it)")
     y = out if out is not None else torch.empty((batch, c_out, length), device=x.device, dtype=x.dtype)
     write_state = return_state and s > 0
@@ -263,6 +371,8 @@ def _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha,
         return (y, state_out) if return_state else y
     has_state = state is not None and s > 0
     has_snake = snake_alpha is not None
+    has_lead = pre_start is not None and pre_start[1] > 0
+    pos, lag, unit = pre_start if has_lead else (x, 0, 1)
     # unused pointers still need a valid tensor of the right kind; x is never dereferenced through them
     dummy = x
     st = state if has_state else dummy
@@ -270,43 +380,62 @@ def _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha,
     st_strides = state.stride() if has_state else (0, 0, 0)
     so_strides = state_out.stride() if write_state else (0, 0, 0)
     common = dict(WIDTH=width, HAS_BIAS=bias is not None, HAS_STATE=has_state, HAS_SNAKE=has_snake,
-                  WRITE_STATE=write_state, EPS=SNAKE_EPS, BLOCK_S=_BLOCK_S)
+                  WRITE_STATE=write_state, HAS_LEAD=has_lead, EPS=SNAKE_EPS, BLOCK_S=_BLOCK_S)
     args = (x, weight, bias if bias is not None else dummy, st,
             snake_alpha if has_snake else dummy, snake_beta if has_snake else dummy, y, so)
     if depthwise:
-        grid = (max(triton.cdiv(length, _DW_BLOCK_T), 1), triton.cdiv(c_in, _DW_BLOCK_C), batch)
+        bc, bt, warps = _dw_config(length)
+        grid = (max(triton.cdiv(length, bt), 1), triton.cdiv(c_in, bc), batch)
         _causal_conv1d_depthwise_kernel[grid](
-            *args, c_in, length, dilation,
+            *args, pos, c_in, length, dilation, lag, unit,
             *x.stride(), weight.stride(0), weight.stride(2), *st_strides, *y.stride(), *so_strides,
-            BLOCK_C=_DW_BLOCK_C, BLOCK_T=_DW_BLOCK_T, num_warps=_DW_WARPS, **common)
+            BLOCK_C=bc, BLOCK_T=bt, num_warps=warps, **common)
     else:
-        bo, bc, bt, warps = _dense_config(c_out, length, width, x.dtype)
-        grid = (max(triton.cdiv(length, bt), 1), triton.cdiv(c_out, bo), batch)
+        bo, bc, bt, warps, auto_split = _dense_tiles(c_in, c_out, length, width, x.dtype, batch)
+        tiles = max(triton.cdiv(length, bt), 1) * triton.cdiv(c_out, bo)
+        split = auto_split if split is None else split
+        grid = (max(triton.cdiv(length, bt), 1), triton.cdiv(c_out, bo) * split, batch)
+        res = residual if residual is not None else dummy
+        if split > 1:
+            ws = torch.empty((split, batch, c_out, length), device=x.device, dtype=torch.float32)
+            cnt = tile_counters(x.device, tiles * batch)
+        else:
+            ws, cnt = dummy, dummy
         _causal_conv1d_dense_kernel[grid](
-            *args, c_in, c_out, length, dilation,
+            *args, res, pos, ws, cnt, c_in, c_out, length, dilation, lag, unit,
             *x.stride(), *weight.stride(), *st_strides, *y.stride(), *so_strides,
-            BLOCK_O=bo, BLOCK_C=bc, BLOCK_T=bt, num_warps=warps, num_stages=2, **common)
+            *(residual.stride() if residual is not None else (0, 0, 0)),
+            BLOCK_O=bo, BLOCK_C=bc, BLOCK_T=bt, num_warps=warps, num_stages=2, HAS_RES=residual is not None,
+            SPLIT=split, **common)
     return (y, state_out) if return_state else y
 
 
 def causal_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, dilation: int = 1,
                   groups: int = 1, state: torch.Tensor | None = None, return_state: bool = False,
                   snake_alpha: torch.Tensor | None = None, snake_beta: torch.Tensor | None = None,
-                  out: torch.Tensor | None = None, state_out: torch.Tensor | None = None):
+                  out: torch.Tensor | None = None, state_out: torch.Tensor | None = None,
+                  residual: torch.Tensor | None = None,
+                  pre_start: tuple[torch.Tensor, int, int] | None = None):
     """Causal (left-padded) stride-1 conv1d with carried state and optional fused SnakeBeta on the input.
 
     x: (batch, in_ch, length), any strides; weight: (out_ch, in_ch / groups, width); bias: (out_ch,);
     state: (batch, in_ch, (width - 1) * dilation) post-activation history, None = zeros (stream start);
     snake_alpha, snake_beta: (in_ch,) log-scale SnakeBeta parameters applied to x before the conv.
+    residual: (batch, out_ch, length) added to the output (a residual unit's skip connection).
+    pre_start: (pos (batch,) int64, lag, unit): x samples t < lag - pos[b]·unit read as zero (a streaming
+    chunk's positions before a fresh stream's start, see models/code2wav.py).
     out / state_out: optional preallocated (batch, out_ch, length) / state-shaped outputs, any strides, for
     CUDA-graph static buffers; neither may overlap x or state (double-buffer the state across chunks). Returns y: (batch, out_ch, length), plus the new state when ``return_state``.
-    Triton supports groups == 1 and depthwise (groups == in_ch == out_ch); the reference supports any groups.
+    Triton supports groups == 1 and depthwise (groups == in_ch == out_ch; no residual); the reference supports
+    any groups.
     """
-    _validate(x, weight, bias, dilation, groups, state, snake_alpha, snake_beta, out, state_out)
+    _validate(x, weight, bias, dilation, groups, state, snake_alpha, snake_beta, out, state_out, residual,
+              pre_start)
     if use_triton(x, weight):
         return _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha, snake_beta,
-                                     return_state, out, state_out)
-    res = causal_conv1d_ref(x, weight, bias, dilation, groups, state, return_state, snake_alpha, snake_beta)
+                                     return_state, out, state_out, residual, pre_start)
+    res = causal_conv1d_ref(x, weight, bias, dilation, groups, state, return_state, snake_alpha, snake_beta,
+                            residual=residual, pre_start=pre_start)
     if not return_state:
         return out.copy_(res) if out is not None else res
     y, new_state = res
@@ -328,28 +457,44 @@ def snake_beta_ref(x: torch.Tensor, alpha: torch.Tensor, beta: torch.Tensor) -> 
     return (xf + (1.0 / (bt + SNAKE_EPS)) * torch.pow(torch.sin(xf * a), 2)).to(x.dtype)
 
 
+def zero_pre_start(x: torch.Tensor, pos: torch.Tensor, lag: int, unit: int) -> torch.Tensor:
+    """x: (B, C, L) chunk whose sample t sits at stream index pos·unit − lag + t; zero negative indices."""
+    if lag == 0:
+        return x
+    lead = (lag - pos * unit).clamp_min(0)  # (B,)
+    keep = torch.arange(x.shape[-1], device=x.device)[None, :] >= lead[:, None]
+    return x.masked_fill(~keep[:, None, :], 0)
+
+
 def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                       dilation: int = 1, groups: int = 1, state: torch.Tensor | None = None,
                       return_state: bool = False, snake_alpha: torch.Tensor | None = None,
-                      snake_beta: torch.Tensor | None = None, upcast: bool = True):
+                      snake_beta: torch.Tensor | None = None, upcast: bool = True,
+                      residual: torch.Tensor | None = None,
+                      pre_start: tuple[torch.Tensor, int, int] | None = None):
     """Plain-PyTorch causal conv1d: ``F.conv1d`` on cat(state, act(x)) (see the module docstring).
 
     x: (batch, in_ch, length); weight: (out_ch, in_ch / groups, width); state: (batch, in_ch, (width-1)*dilation)
     or None (zeros). ``upcast`` runs the conv in fp32 (the activation is still rounded to x's dtype, as stored
     in the state); ``upcast=False`` runs it in x's dtype (the same-dtype torch baseline for error budgets).
+    ``residual`` is added to the output; ``pre_start`` = (pos, lag, unit) zeroes x's pre-start samples first.
     Returns y: (batch, out_ch, length) in x's dtype, plus the new state when ``return_state``."""
     batch, c_in, _ = x.shape
     width = weight.shape[-1]
     s = (width - 1) * dilation
+    if pre_start is not None:
+        x = zero_pre_start(x, *pre_start)
     act = snake_beta_ref(x, snake_alpha, snake_beta) if snake_alpha is not None else x
     if state is None:
         state = torch.zeros((batch, c_in, s), device=x.device, dtype=x.dtype)
     xs = torch.cat([state.to(x.dtype), act], dim=-1)
     if upcast:
         y = F.conv1d(xs.float(), weight.float(), None if bias is None else bias.float(), dilation=dilation,
-                     groups=groups).to(x.dtype)
+                     groups=groups)
+        y = (y + residual.float() if residual is not None else y).to(x.dtype)
     else:
         y = F.conv1d(xs, weight, None if bias is None else bias.to(x.dtype), dilation=dilation, groups=groups)
+        y = y + residual if residual is not None else y
     if not return_state:
         return y
     return y, xs[..., xs.shape[-1] - s:].contiguous()
@@ -358,38 +503,48 @@ def causal_conv1d_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
 # -------------------------------------------------------------------------------------- compile specs
 def _specs() -> list[KernelSpec]:
     """One entry per shipped launch config: dense width 7 (dilation is a runtime arg) and width 1 for every
-    Code2Wav conv, depthwise width 7 for the ConvNeXt block; fp16/bf16/fp32; with/without snake, state."""
+    Code2Wav conv, depthwise width 7 for the ConvNeXt block at one-frame and long lengths; fp16/bf16/fp32;
+    with/without snake, state, the pre-start mask (streaming) and the fused residual (width 1)."""
     tname = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     specs = []
     for dt in _DTYPES:
         t = tname[dt]
         ptrs = {n: f"*{t}" for n in ("x_ptr", "w_ptr", "bias_ptr", "state_ptr", "y_ptr", "so_ptr")}
         ptrs.update({"alpha_ptr": "*fp32", "beta_ptr": "*fp32"})
-        dense_sig = dict(ptrs, C_in="i32", C_out="i32", L="i32", dilation="i32",
+        dense_sig = dict(ptrs, res_ptr=f"*{t}", pos_ptr="*i64", ws_ptr="*fp32", cnt_ptr="*i32",
+                         C_in="i32", C_out="i32", L="i32",
+                         dilation="i32", lag="i32", unit="i32",
                          **{n: "i32" for n in ("sxb", "sxc", "sxt", "swo", "swi", "swk", "ssb", "ssc", "sst",
-                                               "syb", "syc", "syt", "sob", "soc", "sot")})
-        # (name, width, snake, streaming state, c_out, length) per released conv
-        dense_uses = [("res_conv7", 7, True, True, 768, 32), ("res_conv7_long", 7, True, True, 768, 4096),
-                      ("res_conv1", 1, True, False, 768, 32), ("res_conv1_long", 1, True, False, 768, 4096),
-                      ("in_conv_1024_1536", 7, False, True, 1536, 4), ("out_conv_96_1", 7, True, True, 1, 1920)]
-        for name, width, snake, stream, c_out, length in dense_uses:
-            bo, bc, bt, warps = _dense_config(c_out, length, width, dt)
+                                               "syb", "syc", "syt", "sob", "soc", "sot", "srb", "src", "srt")})
+        # (name, width, snake, streaming state + pre-start mask, residual, c_in, c_out, length) per released
+        # conv; one-frame lengths take the input-channel split their shapes get at batch 1
+        dense_uses = [("res_conv7", 7, True, True, False, 768, 768, 32),
+                      ("res_conv7_384", 7, True, True, False, 384, 384, 160),
+                      ("res_conv7_192", 7, True, True, False, 192, 192, 640),
+                      ("res_conv7_long", 7, True, True, False, 768, 768, 4096),
+                      ("res_conv1", 1, True, False, True, 768, 768, 32),
+                      ("res_conv1_long", 1, True, False, True, 768, 768, 4096),
+                      ("in_conv_1024_1536", 7, False, True, False, 1024, 1536, 4),
+                      ("out_conv_96_1", 7, True, True, False, 96, 1, 1920)]
+        for name, width, snake, stream, res, c_in, c_out, length in dense_uses:
+            bo, bc, bt, warps, split = _dense_tiles(c_in, c_out, length, width, dt, 1)
             specs.append(KernelSpec(
                 name=f"causal_conv1d_dense_{name}_{t}", fn=_causal_conv1d_dense_kernel, signature=dense_sig,
                 constexprs=dict(WIDTH=width, HAS_BIAS=True, HAS_STATE=stream, HAS_SNAKE=snake,
-                                WRITE_STATE=stream, EPS=SNAKE_EPS, BLOCK_O=bo, BLOCK_C=bc, BLOCK_T=bt,
-                                BLOCK_S=_BLOCK_S),
+                                WRITE_STATE=stream, HAS_RES=res, HAS_LEAD=stream, EPS=SNAKE_EPS, SPLIT=split,
+                                BLOCK_O=bo, BLOCK_C=bc, BLOCK_T=bt, BLOCK_S=_BLOCK_S),
                 num_warps=warps, num_stages=2))
-        dw_sig = dict(ptrs, C="i32", L="i32", dilation="i32",
+        dw_sig = dict(ptrs, pos_ptr="*i64", C="i32", L="i32", dilation="i32", lag="i32", unit="i32",
                       **{n: "i32" for n in ("sxb", "sxc", "sxt", "swc", "swk", "ssb", "ssc", "sst",
                                             "syb", "syc", "syt", "sob", "soc", "sot")})
-        for stream in (False, True):
+        for stream, length in ((False, 4096), (True, 4), (True, 4096)):
+            bc, bt, warps = _dw_config(length)
             specs.append(KernelSpec(
-                name=f"causal_conv1d_depthwise_w7_{'stream' if stream else 'offline'}_{t}",
+                name=f"causal_conv1d_depthwise_w7_{'stream' if stream else 'offline'}_L{length}_{t}",
                 fn=_causal_conv1d_depthwise_kernel, signature=dw_sig,
                 constexprs=dict(WIDTH=7, HAS_BIAS=True, HAS_STATE=stream, HAS_SNAKE=False, WRITE_STATE=stream,
-                                EPS=SNAKE_EPS, BLOCK_C=_DW_BLOCK_C, BLOCK_T=_DW_BLOCK_T, BLOCK_S=_BLOCK_S),
-                num_warps=_DW_WARPS, num_stages=2))
+                                HAS_LEAD=stream, EPS=SNAKE_EPS, BLOCK_C=bc, BLOCK_T=bt, BLOCK_S=_BLOCK_S),
+                num_warps=warps, num_stages=2))
     return specs
 
 

@@ -9,21 +9,25 @@ Semantics follow transformers' ``Qwen3OmniMoeThinkerTextSparseMoeBlock`` / ``...
     out     = sum_k weights_k * out_{e_k}
     talker: out += sigmoid(x @ shared_expert_gate.T) * down_s(silu(gate_s(x)) * up_s(x))
 
-The Triton path is vLLM's fused-MoE scheme, trimmed:
+The Triton path (``run_experts``) picks one of two shapes of work:
 
-1. ``moe_align``: the (token, k) assignments are sorted by expert and each expert's group is padded to a
-   multiple of BLOCK_M, so every BLOCK_M-row block of the sorted list belongs to one expert. Pure torch
-   device ops with a fixed output size (``M*top_k + E*(BLOCK_M-1)``): no host sync, CUDA-graph safe.
-2. ``_moe_gate_up_kernel``: grouped GEMM over the blocks, gate and up tiles accumulated side by side and
-   SiLU*mul applied in the epilogue -> ``h: (M*top_k, I)``.
-3. ``_moe_down_kernel``: grouped GEMM ``h @ down_e.T`` with the row's routing weight applied in the
-   epilogue -> ``(M*top_k, H)``.
-4. The sum over k is a plain ``view(M, top_k, H).sum(1)``: deterministic, no float atomics.
+- decode, ``M*top_k < E``: ``_moe_gate_up_decode_kernel`` (one program per (assignment, N tile): a GEMV
+  against the expert named by ``topk_ids``, SiLU*mul in the epilogue -> ``h: (M*top_k, I)``) and
+  ``_moe_down_sum_kernel`` (one program per (token, N tile): the token's top_k down GEMVs in a fixed order,
+  each rounded and weighted as the reference does, summed in fp32 -> ``(M, H)``). No alignment pass, no
+  atomics; the N tile shrinks until a batch-1 step launches >= ``DECODE_TARGET_CTAS`` programs.
+- prefill, ``M*top_k >= E`` (vLLM's fused-MoE scheme, trimmed): ``moe_align`` (one launch of
+  ``_moe_align_kernel``: the assignments grouped by expert, each group padded to a multiple of BLOCK_M, a
+  fixed output size, no host sync), the grouped GEMMs ``_moe_gate_up_kernel`` and ``_moe_down_kernel`` (routing
+  weight in the epilogue -> ``(M*top_k, H)``), and ``view(M, top_k, H).sum(1)``: folding that sum into the
+  GEMM would need float atomics (a token's rows lie in different blocks).
 
-The talker's shared expert reuses the same two kernels as a single expert (E=1, top_k=1) whose "routing
-weight" is the sigmoid gate.
+``route`` (one launch of ``_route_kernel``) can also weigh always-on experts: the talker's shared expert,
+split along its intermediate dimension into extra experts and gated by sigmoid(shared_expert_gate(x)) (see
+``models.moe``). Every GEMM kernel also takes block-FP8 expert weights (``SCALED``: codes times their
+128x128 block scale, dequantized inside the K loop); ``fused_moe_fp8`` is that launcher.
 
-Launch configs (BLOCK_M/N/K, GROUP_M, num_warps, num_stages) come from a JSON table keyed by the token
+The grouped GEMMs' launch configs (BLOCK_M/N/K, GROUP_M, num_warps, num_stages) come from a JSON table keyed by the token
 count M (``kernels/configs/fused_moe_default.json``, or ``fused_moe_<device name>.json`` when present for
 the running GPU, e.g. ``fused_moe_NVIDIA_H100_80GB_HBM3.json``); the nearest M wins, and ``DEFAULT_CONFIG``
 is used when no table can be read. Configs are then shrunk (stages, then BLOCK_K) until the gate/up
@@ -45,9 +49,8 @@ import triton.language as tl
 from . import KernelSpec, graph_safe_enabled, use_triton
 
 __all__ = [
-    "fused_moe", "fused_moe_ref", "fused_moe_static", "shared_expert_moe", "shared_expert_moe_ref", "route",
-    "route_ref", "moe_align",
-    "get_config", "DEFAULT_CONFIG", "COMPILE_SPECS",
+    "fused_moe", "fused_moe_ref", "fused_moe_static", "run_experts", "route", "route_ref", "moe_align",
+    "moe_align_ref", "decode_block_n", "get_config", "DEFAULT_CONFIG", "COMPILE_SPECS",
 ]
 
 logger = logging.getLogger(__name__)
@@ -145,55 +148,82 @@ def get_config(m: int, dtype: torch.dtype = torch.bfloat16, device_name: str | N
 def _cuda_device_name(index: int) -> str:
     return torch.cuda.get_device_name(index)
 
-
 # --------------------------------------------------------------------------------------------------------
-# Routing and alignment (torch device ops, fixed shapes)
+# Routing and alignment
 # --------------------------------------------------------------------------------------------------------
 
-def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True):
-    """Top-k routing as in transformers' ``Qwen3OmniMoe*TopKRouter``.
+def route(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True, num_shared: int = 0):
+    """Top-k routing as in transformers' ``Qwen3OmniMoe*TopKRouter``, optionally with always-on experts.
 
-    router_logits: (tokens, E) in the activations' dtype. Returns ``(weights, ids)``: weights (tokens, top_k)
-    in ``router_logits.dtype`` (softmax and renormalisation happen in fp32 first), ids (tokens, top_k) int64.
+    router_logits: (tokens, E) in the activations' dtype; with ``num_shared`` = S > 0, (tokens, E + 1) whose
+    last column is the shared expert's gate logit (``shared_expert_gate``, appended as one more router row).
+    Returns ``(weights, ids)``: weights (tokens, top_k + S) in ``router_logits.dtype`` (softmax and
+    renormalisation over the E routed logits in fp32 first; the S extra weights are sigmoid(gate logit)),
+    ids (tokens, top_k + S) int64, the extra columns holding experts E .. E+S-1 (the shared expert split
+    into S experts along its intermediate dimension, see ``models.moe``).
     """
     if router_logits.dim() != 2:
         raise ValueError(f"router_logits must be (tokens, E), got {tuple(router_logits.shape)}")
-    if not 1 <= top_k <= router_logits.shape[1]:
-        raise ValueError(f"top_k={top_k} must be in [1, E={router_logits.shape[1]}]")
+    if num_shared < 0:
+        raise ValueError(f"num_shared must be >= 0, got {num_shared}")
+    e = router_logits.shape[1] - (1 if num_shared else 0)
+    if not 1 <= top_k <= e:
+        raise ValueError(f"top_k={top_k} must be in [1, E={e}]")
     if use_triton(router_logits):
-        return _route_triton(router_logits, top_k, norm_topk_prob)
-    return route_ref(router_logits, top_k, norm_topk_prob)
+        return _route_triton(router_logits, top_k, norm_topk_prob, num_shared)
+    return route_ref(router_logits, top_k, norm_topk_prob, num_shared)
 
 
-def route_ref(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True):
+def route_ref(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool = True, num_shared: int = 0):
     """PyTorch :func:`route` (the CPU path and the tests' truth)."""
-    probs = torch.softmax(router_logits, dim=-1, dtype=torch.float32)
+    logits = router_logits[:, :-1] if num_shared else router_logits
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
     weights, ids = torch.topk(probs, top_k, dim=-1)
     if norm_topk_prob:
         weights = weights / weights.sum(dim=-1, keepdim=True)
-    return weights.to(router_logits.dtype), ids
+    weights = weights.to(router_logits.dtype)
+    if num_shared:
+        # as the talker's block: torch.sigmoid(shared_expert_gate(x)), in the activations' dtype
+        gate = torch.sigmoid(router_logits[:, -1:])
+        e = logits.shape[1]
+        shared_ids = torch.arange(e, e + num_shared, device=ids.device).expand(ids.shape[0], num_shared)
+        weights = torch.cat([weights, gate.expand(-1, num_shared)], dim=1)
+        ids = torch.cat([ids, shared_ids], dim=1)
+    return weights, ids
 
 
-def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, sparse: bool | None = None):
-    """Group the (token, k) assignments into blocks of ``block_m`` rows that each belong to one expert.
+def _route_triton(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool, num_shared: int):
+    m, cols = router_logits.shape
+    width = top_k + num_shared
+    weights = torch.empty((m, width), dtype=router_logits.dtype, device=router_logits.device)
+    ids = torch.empty((m, width), dtype=torch.int64, device=router_logits.device)
+    if m == 0:
+        return weights, ids
+    if router_logits.stride(-1) != 1:
+        router_logits = router_logits.contiguous()
+    e = cols - (1 if num_shared else 0)
+    block_e = triton.next_power_of_2(e)
+    _route_kernel[(m,)](router_logits, weights, ids, e, router_logits.stride(0), weights.stride(0), ids.stride(0),
+                        TOP_K=top_k, NUM_SHARED=num_shared, BLOCK_K=triton.next_power_of_2(width),
+                        BLOCK_E=block_e, NORM=norm_topk_prob, num_warps=1 if block_e <= 256 else 4)
+    return weights, ids
 
-    Two layouts, both with shapes that depend only on (M, top_k, E, block_m):
 
-    - dense (``sparse=False``): sorted by expert, each expert's group padded to a multiple of ``block_m``
-      (prefill: every expert's weights are read once);
-    - sparse (``sparse=True``; the default when M*top_k < E, i.e. decode): no sort — assignment j gets block j
-      alone (row 0 = j, the rest padding). ``M*top_k`` blocks instead of ``cdiv(M*top_k + E*(block_m-1),
-      block_m)``, so the GEMM grids hold only working programs; a token pair sharing an expert reads its
-      weights twice, which few tokens (M*top_k < E) rarely do. One launch on the Triton path.
+def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """Group the (token, k) assignments into blocks of ``block_m`` rows that each belong to one expert: sorted
+    by expert (stable: token order within an expert), each expert's group padded to a multiple of ``block_m``.
+    The layout of the grouped GEMMs (``M*top_k >= E``: prefill); decode needs none (see ``fused_moe``).
+    One launch on the Triton path (``_moe_align_kernel``), :func:`moe_align_ref` otherwise; both give the
+    same tensors.
 
     topk_ids: (M, top_k) integer expert ids in [0, E). Returns, all on ``topk_ids.device``:
 
-    - ``sorted_ids``: (num_blocks*block_m,) int32, flat assignment indices ``m*top_k + k`` (dense: grouped by
-      expert, stable within an expert); padding slots hold the sentinel ``M*top_k``. Every block the GEMMs
-      load is inside the tensor.
-    - ``expert_ids``: (cdiv(len(sorted_ids), block_m),) int32, the expert of each block, -1 for blocks past
-      the padded end (the GEMM kernels skip them).
-    - ``num_post_pad``: (1,) int32, padded length actually used.
+    - ``sorted_ids``: (num_blocks*block_m,) int32 with ``num_blocks = cdiv(M*top_k + E*(block_m-1), block_m)``,
+      flat assignment indices ``m*top_k + k`` grouped by expert; padding slots hold the sentinel ``M*top_k``.
+      Every block the GEMMs load lies inside the tensor.
+    - ``expert_ids``: (num_blocks,) int32, the expert of each block, -1 for blocks past the padded end (the
+      GEMM kernels skip them).
+    - ``total``: (1,) int32, the padded length actually used.
 
     The output size depends only on (M, top_k, E, block_m), never on the routing, and no value is read
     back to the host, so this can be captured in a CUDA graph / traced with ``fullgraph=True``.
@@ -202,15 +232,21 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, sparse: bo
         raise ValueError(f"topk_ids must be (M, top_k), got {tuple(topk_ids.shape)}")
     if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
         raise ValueError(f"topk_ids must be an integer tensor, got {topk_ids.dtype}")
+    if use_triton(topk_ids) and topk_ids.numel() > 0:
+        return _moe_align_triton(topk_ids, num_experts, block_m)
+    return moe_align_ref(topk_ids, num_experts, block_m)
+
+
+def _num_blocks(n_assign: int, num_experts: int, block_m: int) -> int:
+    # every expert's group wastes at most block_m - 1 padding rows
+    return triton.cdiv(n_assign + num_experts * (block_m - 1), block_m)
+
+
+def moe_align_ref(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    """:func:`moe_align` with sort-based torch device ops (fixed shapes, no host sync)."""
     device = topk_ids.device
     n_assign = topk_ids.numel()
-    if sparse is None:
-        sparse = n_assign < num_experts
-    if sparse:
-        return _moe_align_sparse(topk_ids, block_m)
-    max_padded = n_assign + num_experts * (block_m - 1)
-    num_blocks = (max_padded + block_m - 1) // block_m
-
+    num_blocks = _num_blocks(n_assign, num_experts, block_m)
     flat = topk_ids.reshape(-1).to(torch.int64)
     # scatter_add instead of bincount: bincount sizes its output from max(input), a host sync.
     counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
@@ -224,7 +260,6 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, sparse: bo
     sorted_expert = flat[order]
     rank = torch.arange(n_assign, device=device) - cnt_start[sorted_expert]
     dest = pad_start[sorted_expert] + rank
-    # num_blocks * block_m entries (not max_padded): the last block's BLOCK_M-row load stays in bounds.
     sorted_ids = torch.full((num_blocks * block_m,), n_assign, dtype=torch.int32, device=device)
     sorted_ids.scatter_(0, dest, order.to(torch.int32))
 
@@ -235,47 +270,38 @@ def moe_align(topk_ids: torch.Tensor, num_experts: int, block_m: int, sparse: bo
     return sorted_ids, expert_ids, total.to(torch.int32)
 
 
-def _moe_align_sparse(topk_ids: torch.Tensor, block_m: int):
-    """The sparse layout of :func:`moe_align` (one block per assignment)."""
-    n = topk_ids.numel()
+# Assignments one alignment program scans per step (a power of two: tl.arange / tl.histogram sizes; one value,
+# so one compiled variant serves every prefill size).
+_ALIGN_CHUNK = 1024
+
+
+def _moe_align_triton(topk_ids: torch.Tensor, num_experts: int, block_m: int):
+    n_assign = topk_ids.numel()
     device = topk_ids.device
-    if use_triton(topk_ids) and n > 0:
-        sorted_ids = torch.empty(n * block_m, dtype=torch.int32, device=device)
-        expert_ids = torch.empty(n, dtype=torch.int32, device=device)
-        total = torch.empty(1, dtype=torch.int32, device=device)
-        ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
-        _moe_align_sparse_kernel[(n,)](ids, sorted_ids, expert_ids, total, n, BLOCK_M=block_m, num_warps=1)
-        return sorted_ids, expert_ids, total
-    sorted_ids = torch.full((n, block_m), n, dtype=torch.int32, device=device)
-    sorted_ids[:, 0] = torch.arange(n, dtype=torch.int32, device=device)
-    total = torch.full((1,), n * block_m, dtype=torch.int32, device=device)
-    return sorted_ids.view(-1), topk_ids.reshape(-1).to(torch.int32), total
-
-
-def _route_triton(router_logits: torch.Tensor, top_k: int, norm_topk_prob: bool):
-    m, e = router_logits.shape
-    weights = torch.empty((m, top_k), dtype=router_logits.dtype, device=router_logits.device)
-    ids = torch.empty((m, top_k), dtype=torch.int64, device=router_logits.device)
-    if m == 0:
-        return weights, ids
-    if router_logits.stride(-1) != 1:
-        router_logits = router_logits.contiguous()
-    block_e = triton.next_power_of_2(e)
-    _route_kernel[(m,)](router_logits, weights, ids, e, router_logits.stride(0), weights.stride(0), ids.stride(0),
-                        TOP_K=top_k, BLOCK_K=triton.next_power_of_2(top_k), BLOCK_E=block_e, NORM=norm_topk_prob,
-                        num_warps=1 if block_e <= 256 else 4)
-    return weights, ids
+    num_blocks = _num_blocks(n_assign, num_experts, block_m)
+    sorted_ids = torch.empty(num_blocks * block_m, dtype=torch.int32, device=device)
+    expert_ids = torch.empty(num_blocks, dtype=torch.int32, device=device)
+    total = torch.empty(1, dtype=torch.int32, device=device)
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
+    _moe_align_kernel[(num_experts,)](
+        ids, sorted_ids, expert_ids, total, n_assign, num_blocks, num_experts,
+        BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_A=_ALIGN_CHUNK,
+        BLOCK_M=block_m, num_warps=4)
+    return sorted_ids, expert_ids, total
 
 
 # --------------------------------------------------------------------------------------------------------
-# Triton kernels
+# Triton kernels: routing, alignment
 # --------------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _route_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, stride_w, stride_i,
-                  TOP_K: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr, NORM: tl.constexpr):
+                  TOP_K: tl.constexpr, NUM_SHARED: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_E: tl.constexpr,
+                  NORM: tl.constexpr):
     # One token: fp32 softmax over the experts, top-k by repeated argmax (lowest index first on ties), the
     # renormalisation in fp32, weights rounded to the logits' dtype. One launch for route()'s five ops.
+    # NUM_SHARED > 0: column E of the logits is the shared expert's gate; its sigmoid (rounded to the logits'
+    # dtype, as torch.sigmoid on a 16-bit tensor) is the weight of experts E .. E+NUM_SHARED-1.
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK_E)
     mask = offs < E
@@ -295,22 +321,67 @@ def _route_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, stride_w, stride_i,
         p = tl.where(offs == idx, -1.0, p)
     if NORM:
         vals = vals / tl.sum(vals, axis=0)
-    kmask = k_offs < TOP_K
+    out_ty = w_ptr.dtype.element_ty
+    vals = vals.to(out_ty)
+    if NUM_SHARED > 0:
+        g = tl.load(logits_ptr + row * stride_l + E).to(tl.float32)
+        gate = (1.0 / (1.0 + tl.exp(-g))).to(out_ty)
+        shared = (k_offs >= TOP_K) & (k_offs < TOP_K + NUM_SHARED)
+        vals = tl.where(shared, gate, vals)
+        idxs = tl.where(shared, E + k_offs - TOP_K, idxs)
+    kmask = k_offs < TOP_K + NUM_SHARED
     tl.store(ids_ptr + row * stride_i + k_offs, idxs.to(tl.int64), mask=kmask)
-    tl.store(w_ptr + row * stride_w + k_offs, vals.to(w_ptr.dtype.element_ty), mask=kmask)
+    tl.store(w_ptr + row * stride_w + k_offs, vals, mask=kmask)
 
 
 @triton.jit
-def _moe_align_sparse_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, total_ptr, n_assign,
-                             BLOCK_M: tl.constexpr):
-    # Assignment j owns block j: row 0 is j, the other rows the sentinel n_assign.
-    j = tl.program_id(0)
-    if j == 0:
-        tl.store(total_ptr, n_assign * BLOCK_M)
-    tl.store(expert_ids_ptr + j, tl.load(ids_ptr + j).to(tl.int32))
-    offs = tl.arange(0, BLOCK_M)
-    tl.store(sorted_ids_ptr + j.to(tl.int64) * BLOCK_M + offs, tl.where(offs == 0, j, n_assign).to(tl.int32))
+def _moe_align_kernel(ids_ptr, sorted_ids_ptr, expert_ids_ptr, total_ptr, n_assign, num_blocks, E,
+                      BLOCK_E: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Program e owns expert e's group. Every program takes the histogram of all assignments (a cheap pass over
+    # n_assign ids) so it knows where its padded group starts without a second launch; it then writes its own
+    # assignment ids in increasing order (a running rank + an in-chunk prefix sum: the layout never depends on
+    # scheduling), the sentinel in its group's padding, its blocks' expert id, and one block of the tail past
+    # the padded end (the tail spans at most E blocks: see _num_blocks).
+    e = tl.program_id(0)
+    offs_e = tl.arange(0, BLOCK_E)
+    offs_a = tl.arange(0, BLOCK_A)
+    counts = tl.zeros([BLOCK_E], dtype=tl.int32)
+    for a0 in range(0, n_assign, BLOCK_A):
+        a_mask = a0 + offs_a < n_assign
+        ids = tl.load(ids_ptr + a0 + offs_a, mask=a_mask, other=0).to(tl.int32)
+        counts += tl.histogram(ids, BLOCK_E, mask=a_mask)
+    padded = (counts + BLOCK_M - 1) // BLOCK_M * BLOCK_M
+    start = tl.sum(tl.where(offs_e < e, padded, 0), axis=0)
+    count = tl.sum(tl.where(offs_e == e, counts, 0), axis=0)
+    end = start + tl.sum(tl.where(offs_e == e, padded, 0), axis=0)
+    total = tl.sum(padded, axis=0)
+    if e == 0:
+        tl.store(total_ptr, total)
 
+    rank = start
+    for a0 in range(0, n_assign, BLOCK_A):
+        a_mask = a0 + offs_a < n_assign
+        ids = tl.load(ids_ptr + a0 + offs_a, mask=a_mask, other=-1)
+        hit = (ids == e) & a_mask
+        pos = rank + tl.cumsum(hit.to(tl.int32), axis=0) - 1
+        tl.store(sorted_ids_ptr + pos, a0 + offs_a, mask=hit)
+        rank += tl.sum(hit.to(tl.int32), axis=0)
+    offs_m = tl.arange(0, BLOCK_M)
+    # padding of the group's last block (fewer than BLOCK_M slots)
+    pad = start + count + offs_m
+    tl.store(sorted_ids_ptr + pad, tl.zeros([BLOCK_M], dtype=tl.int32) + n_assign, mask=pad < end)
+    for b0 in range(start // BLOCK_M, end // BLOCK_M, BLOCK_A):
+        b = b0 + offs_a
+        tl.store(expert_ids_ptr + b, tl.zeros([BLOCK_A], dtype=tl.int32) + e, mask=b < end // BLOCK_M)
+    tail = total // BLOCK_M + e
+    if tail < num_blocks:
+        tl.store(expert_ids_ptr + tail, -1)
+        tl.store(sorted_ids_ptr + tail * BLOCK_M + offs_m, tl.zeros([BLOCK_M], dtype=tl.int32) + n_assign)
+
+
+# --------------------------------------------------------------------------------------------------------
+# Triton kernels: expert GEMMs (bf16/fp16/fp32 weights, or block-FP8 codes with SCALED)
+# --------------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _grouped_pid(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
@@ -326,132 +397,245 @@ def _grouped_pid(num_pid_m, num_pid_n, GROUP_M: tl.constexpr):
 
 
 @triton.jit
+def _load_w(w_base, s_base, offs_k, offs_n, k0, K, N, stride_wk, stride_wn, stride_sk, stride_sn,
+            dtype: tl.constexpr, EVEN_K: tl.constexpr, SCALED: tl.constexpr, SCALE_B: tl.constexpr,
+            ALIGNED: tl.constexpr):
+    # (BLOCK_K, BLOCK_N) tile w[n, k0 + k] of one expert's (N, K) matrix, in ``dtype``. SCALED: FP8 codes times
+    # their block scale s[n // SCALE_B, k0 // SCALE_B] (BLOCK_K divides SCALE_B, so a tile never straddles a
+    # scale column), rounded to ``dtype``: what dequantize-then-matmul computes. Offsets stay int32 (one
+    # expert holds < 2**31 elements); the caller's expert base pointer carries the int64 part.
+    n_mask = offs_n < N
+    p = w_base + (offs_n[None, :] * stride_wn + (k0 + offs_k)[:, None] * stride_wk)
+    if ALIGNED:
+        # 16-byte aligned rows let loads vectorise (and use cp.async) even when compiled ahead of time
+        # without the runtime's pointer-alignment specialisation.
+        p = tl.multiple_of(p, [16, 16])
+    if EVEN_K:
+        w = tl.load(p, mask=n_mask[None, :], other=0.0)
+    else:
+        w = tl.load(p, mask=((k0 + offs_k) < K)[:, None] & n_mask[None, :], other=0.0)
+    if SCALED:
+        s = tl.load(s_base + (offs_n // SCALE_B) * stride_sn + (k0 // SCALE_B) * stride_sk, mask=n_mask, other=0.0)
+        w = (w.to(tl.float32) * s[None, :]).to(dtype)
+    return w
+
+
+@triton.jit
+def _load_rows(rows, offs_k, k0, K, stride_k, row_mask, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr):
+    # (BLOCK_M, BLOCK_K) activation tile: ``rows`` (BLOCK_M, 1) row pointers, masked rows read as 0.
+    p = rows + (k0 + offs_k)[None, :] * stride_k
+    if ALIGNED:
+        p = tl.multiple_of(p, [16, 16])
+    if EVEN_K:
+        return tl.load(p, mask=row_mask[:, None], other=0.0)
+    return tl.load(p, mask=row_mask[:, None] & ((k0 + offs_k) < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_vec(row, offs_k, k0, K, stride_k, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr):
+    # (BLOCK_K,) slice of one activation row, as fp32 (the decode kernels' GEMV operand).
+    p = row + (k0 + offs_k) * stride_k
+    if ALIGNED:
+        p = tl.multiple_of(p, 16)
+    if EVEN_K:
+        return tl.load(p).to(tl.float32)
+    return tl.load(p, mask=(k0 + offs_k) < K, other=0.0).to(tl.float32)
+
+
+@triton.jit
+def _swiglu(acc_g, acc_u, out_ty: tl.constexpr):
+    # Round where the reference rounds (linear outputs, silu output, product) so 16-bit results track
+    # transformers' eager module, not a higher-precision variant of it.
+    gate = acc_g.to(out_ty).to(tl.float32)
+    up = acc_u.to(out_ty).to(tl.float32)
+    act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
+    return (act * up).to(out_ty)
+
+
+@triton.jit
+def _weighted(acc, rw, out_ty: tl.constexpr):
+    # The reference computes linear (rounded) * routing weight, then rounds the product; returned as fp32.
+    return (acc.to(out_ty).to(tl.float32) * rw).to(out_ty).to(tl.float32)
+
+
+@triton.jit
 def _moe_gate_up_kernel(
     x_ptr,            # (M, K) activations
-    wg_ptr,           # (E, N, K) gate half of gate_up_proj
-    wu_ptr,           # (E, N, K) up half (same strides as the gate half)
-    h_ptr,            # (M*top_k, N) output: silu(gate) * up
+    wg_ptr, wu_ptr,   # (E, N, K) gate / up halves of gate_up_proj (same strides)
+    sg_ptr, su_ptr,   # SCALED: (E, ceil(N/128), ceil(K/128)) fp32 scales of the halves (same strides)
+    h_ptr,            # (M*top_k, N) output: silu(gate) * up, by assignment id
     sorted_ids_ptr,   # (num_blocks*BLOCK_M,) flat assignment ids, sentinel = num_assign
     expert_ids_ptr,   # (num_blocks,) expert per block, -1 = past the end
     num_assign, top_k, N, K, num_blocks,
     stride_xm, stride_xk,
     stride_we, stride_wn, stride_wk,
+    stride_se, stride_sn, stride_sk,
     stride_hm, stride_hn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
+    SCALE_B: tl.constexpr, SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
+    # Grouped GEMM over moe_align's blocks (prefill); gate and up tiles share the A tile.
     pid_m, pid_n = _grouped_pid(num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(expert_ids_ptr + pid_m)
     if expert < 0:
         return
-
-    # ---- rows of this block: assignment ids -> token rows of x
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     assign = tl.load(sorted_ids_ptr + offs_m)
     row_mask = assign < num_assign
     token = (assign // top_k).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-
-    # Weight tile offsets stay int32 (one expert is < 2**31 elements); only the expert base is int64.
+    e64 = expert.to(tl.int64)
     x_rows = x_ptr + token[:, None] * stride_xm
-    w_offs = offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    wg_base = wg_ptr + expert.to(tl.int64) * stride_we
-    wu_base = wu_ptr + expert.to(tl.int64) * stride_we
-
-    # ---- main loop: gate and up share the A tile
+    dtype = x_ptr.dtype.element_ty
     acc_g = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     acc_u = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = k * BLOCK_K
-        a_p = x_rows + (k0 + offs_k)[None, :] * stride_xk
-        g_p = wg_base + (w_offs + k0 * stride_wk)
-        u_p = wu_base + (w_offs + k0 * stride_wk)
-        if ALIGNED:
-            # 16-byte aligned rows let loads vectorise (and use cp.async) even when compiled ahead of time
-            # without the runtime's pointer-alignment specialisation.
-            a_p = tl.multiple_of(a_p, [16, 16])
-            g_p = tl.multiple_of(g_p, [16, 16])
-            u_p = tl.multiple_of(u_p, [16, 16])
-        if EVEN_K:
-            a = tl.load(a_p, mask=row_mask[:, None], other=0.0)
-            g = tl.load(g_p, mask=n_mask[None, :], other=0.0)
-            u = tl.load(u_p, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = offs_k < K - k0
-            a = tl.load(a_p, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            g = tl.load(g_p, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
-            u = tl.load(u_p, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = _load_rows(x_rows, offs_k, k0, K, stride_xk, row_mask, EVEN_K, ALIGNED)
+        g = _load_w(wg_ptr + e64 * stride_we, sg_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
+                    stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
+        u = _load_w(wu_ptr + e64 * stride_we, su_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
+                    stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
         acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
         acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
-
-    # ---- epilogue: round where the reference rounds (linear outputs, silu output, product) so 16-bit
-    # results track transformers' eager module, not a higher-precision variant of it.
-    out_ty = h_ptr.dtype.element_ty
-    gate = acc_g.to(out_ty).to(tl.float32)
-    up = acc_u.to(out_ty).to(tl.float32)
-    act = (gate / (1.0 + tl.exp(-gate))).to(out_ty).to(tl.float32)
-    h = (act * up).to(out_ty)
+    h = _swiglu(acc_g, acc_u, h_ptr.dtype.element_ty)
     h_ptrs = h_ptr + assign.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
-    tl.store(h_ptrs, h, mask=row_mask[:, None] & n_mask[None, :])
+    tl.store(h_ptrs, h, mask=row_mask[:, None] & (offs_n < N)[None, :])
 
 
 @triton.jit
 def _moe_down_kernel(
-    h_ptr,            # (M*top_k, K) intermediate, indexed by assignment id
+    h_ptr,            # (M*top_k, K) intermediate, by assignment id
     w_ptr,            # (E, N, K) down_proj
-    out_ptr,          # (M*top_k, N) weighted expert outputs, indexed by assignment id
+    s_ptr,            # SCALED: (E, ceil(N/128), ceil(K/128)) fp32 scales
+    out_ptr,          # (M*top_k, N) weighted expert outputs, by assignment id (summed over k by the caller)
     topk_w_ptr,       # (M, top_k) routing weights
     sorted_ids_ptr, expert_ids_ptr,
     num_assign, top_k, N, K, num_blocks,
     stride_hm, stride_hk,
     stride_we, stride_wn, stride_wk,
+    stride_se, stride_sn, stride_sk,
     stride_om, stride_on,
     stride_tw_m, stride_tw_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
+    SCALE_B: tl.constexpr, SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
+    # Grouped GEMM h @ down_e.T over moe_align's blocks (prefill), routing weight applied in the epilogue. A
+    # token's k rows lie in different blocks: summing them here would take float atomics (run-to-run and
+    # batch-mate dependent), so the caller sums over k.
     pid_m, pid_n = _grouped_pid(num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(expert_ids_ptr + pid_m)
     if expert < 0:
         return
-
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     assign = tl.load(sorted_ids_ptr + offs_m)
     row_mask = assign < num_assign
     assign64 = assign.to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_mask = offs_n < N
     offs_k = tl.arange(0, BLOCK_K)
-
+    e64 = expert.to(tl.int64)
     h_rows = h_ptr + assign64[:, None] * stride_hm
-    w_offs = offs_n[None, :] * stride_wn + offs_k[:, None] * stride_wk
-    w_base = w_ptr + expert.to(tl.int64) * stride_we
+    dtype = h_ptr.dtype.element_ty
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = k * BLOCK_K
-        a_p = h_rows + (k0 + offs_k)[None, :] * stride_hk
-        w_p = w_base + (w_offs + k0 * stride_wk)
-        if ALIGNED:
-            a_p = tl.multiple_of(a_p, [16, 16])
-            w_p = tl.multiple_of(w_p, [16, 16])
-        if EVEN_K:
-            a = tl.load(a_p, mask=row_mask[:, None], other=0.0)
-            w = tl.load(w_p, mask=n_mask[None, :], other=0.0)
-        else:
-            k_mask = offs_k < K - k0
-            a = tl.load(a_p, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_p, mask=k_mask[:, None] & n_mask[None, :], other=0.0)
+        a = _load_rows(h_rows, offs_k, k0, K, stride_hk, row_mask, EVEN_K, ALIGNED)
+        w = _load_w(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
+                    stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
         acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
-
-    # ---- epilogue: reference computes linear (rounded) * weight, then rounds the product
-    out_ty = out_ptr.dtype.element_ty
     rw = tl.load(topk_w_ptr + (assign // top_k) * stride_tw_m + (assign % top_k) * stride_tw_k,
                  mask=row_mask, other=0.0).to(tl.float32)
-    out = (acc.to(out_ty).to(tl.float32) * rw[:, None]).to(out_ty)
+    out_ty = out_ptr.dtype.element_ty
+    out = _weighted(acc, rw[:, None], out_ty).to(out_ty)
     o_ptrs = out_ptr + assign64[:, None] * stride_om + offs_n[None, :] * stride_on
-    tl.store(o_ptrs, out, mask=row_mask[:, None] & n_mask[None, :])
+    tl.store(o_ptrs, out, mask=row_mask[:, None] & (offs_n < N)[None, :])
+
+
+@triton.jit
+def _moe_gate_up_decode_kernel(
+    x_ptr,            # (M, K) activations
+    wg_ptr, wu_ptr,   # (E, N, K) gate / up halves (same strides)
+    sg_ptr, su_ptr,   # SCALED: fp32 scales of the halves (same strides)
+    h_ptr,            # (M*top_k, N) output by assignment id
+    ids_ptr,          # (M*top_k,) expert of each assignment (topk_ids, contiguous)
+    num_assign, top_k, N, K,
+    stride_xm, stride_xk,
+    stride_we, stride_wn, stride_wk,
+    stride_se, stride_sn, stride_sk,
+    stride_hm, stride_hn,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_B: tl.constexpr, SCALED: tl.constexpr,
+    EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    # Decode (M*top_k < E): one program per (assignment, N tile), a GEMV against the assignment's expert read
+    # straight from topk_ids, so no alignment pass runs at all. Assignments vary fastest in the grid: tokens
+    # sharing an expert (always the shared expert's parts) read the same tile close together, from L2.
+    j = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(ids_ptr + j).to(tl.int64)
+    token = (j // top_k).to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    x_row = x_ptr + token * stride_xm
+    dtype = x_ptr.dtype.element_ty
+    acc_g = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc_u = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k in range(0, tl.cdiv(K, BLOCK_K)):
+        k0 = k * BLOCK_K
+        a = _load_vec(x_row, offs_k, k0, K, stride_xk, EVEN_K, ALIGNED)
+        g = _load_w(wg_ptr + expert * stride_we, sg_ptr + expert * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
+                    stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
+        u = _load_w(wu_ptr + expert * stride_we, su_ptr + expert * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
+                    stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
+        acc_g += tl.sum(g.to(tl.float32) * a[:, None], axis=0)
+        acc_u += tl.sum(u.to(tl.float32) * a[:, None], axis=0)
+    h = _swiglu(acc_g, acc_u, h_ptr.dtype.element_ty)
+    tl.store(h_ptr + j.to(tl.int64) * stride_hm + offs_n * stride_hn, h, mask=offs_n < N)
+
+
+@triton.jit
+def _moe_down_sum_kernel(
+    h_ptr,            # (M*top_k, K) intermediate by assignment id
+    w_ptr,            # (E, N, K) down_proj
+    s_ptr,            # SCALED: fp32 scales
+    out_ptr,          # (M, N) the MoE output: sum over k of the weighted expert outputs
+    topk_w_ptr,       # (M, top_k) routing weights
+    ids_ptr,          # (M*top_k,) expert of each assignment (topk_ids, contiguous)
+    num_assign, top_k, N, K,
+    stride_hm, stride_hk,
+    stride_we, stride_wn, stride_wk,
+    stride_se, stride_sn, stride_sk,
+    stride_om, stride_on,
+    stride_tw_m, stride_tw_k,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SCALE_B: tl.constexpr, SCALED: tl.constexpr,
+    EVEN_K: tl.constexpr, ALIGNED: tl.constexpr,
+):
+    # Decode (M*top_k < E): one program per (token, N tile) runs the token's k expert GEMVs in order k = 0..top_k-1
+    # and sums their rounded, weighted outputs in fp32 before one final rounding — the top-k sum folded in, no
+    # atomics, so a token's output never depends on its batch mates or on scheduling.
+    m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    dtype = h_ptr.dtype.element_ty
+    out_ty = out_ptr.dtype.element_ty
+    total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for kk in range(0, top_k):
+        j = (m * top_k + kk).to(tl.int64)
+        expert = tl.load(ids_ptr + j).to(tl.int64)
+        h_row = h_ptr + j * stride_hm
+        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        for k in range(0, tl.cdiv(K, BLOCK_K)):
+            k0 = k * BLOCK_K
+            a = _load_vec(h_row, offs_k, k0, K, stride_hk, EVEN_K, ALIGNED)
+            w = _load_w(w_ptr + expert * stride_we, s_ptr + expert * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
+                        stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
+            acc += tl.sum(w.to(tl.float32) * a[:, None], axis=0)
+        rw = tl.load(topk_w_ptr + m * stride_tw_m + kk * stride_tw_k).to(tl.float32)
+        total += _weighted(acc, rw, out_ty)
+    tl.store(out_ptr + m.to(tl.int64) * stride_om + offs_n * stride_on, total.to(out_ty), mask=offs_n < N)
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -460,8 +644,31 @@ def _moe_down_kernel(
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
+# Decode kernels: K tile (divides the FP8 scale block, so one launch config serves both weight formats),
+# warps, pipeline stages, and the CTA count their N tile is shrunk towards (>= one wave of SMs at batch 1 on
+# an H100's 132 SMs; BLOCK_N never below DECODE_MIN_BLOCK_N).
+DECODE_BLOCK_K = 128
+DECODE_NUM_WARPS = 4
+DECODE_NUM_STAGES = 3
+DECODE_TARGET_CTAS = 128
+DECODE_MAX_BLOCK_N = 64
+DECODE_MIN_BLOCK_N = 8
+# Placeholder scale arguments of unscaled launches (never read: SCALED is a constexpr False).
+_NO_SCALE = (None, 0, 0, 0)
 
-def _check_inputs(x, gate_up_proj, down_proj, topk_weights, topk_ids):
+
+def decode_block_n(rows: int, n: int) -> int:
+    """N tile of a decode kernel with ``rows`` programs along its first grid axis: the largest power of two
+    in [DECODE_MIN_BLOCK_N, DECODE_MAX_BLOCK_N] giving ``rows * cdiv(n, BLOCK_N) >= DECODE_TARGET_CTAS``
+    (sized to the work: a batch-1 step still spreads its weight reads over every SM)."""
+    bn = DECODE_MAX_BLOCK_N
+    while bn > DECODE_MIN_BLOCK_N and rows * triton.cdiv(n, bn) < DECODE_TARGET_CTAS:
+        bn //= 2
+    return bn
+
+
+def _check_inputs(x, gate_up_proj, down_proj, topk_weights, topk_ids, weight_dtype=None):
+    """Shapes, dtypes, devices; ``weight_dtype``: the experts' dtype when it is not x's (FP8 codes)."""
     if x.dim() != 2:
         raise ValueError(f"x must be (tokens, hidden), got {tuple(x.shape)}")
     if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
@@ -479,7 +686,8 @@ def _check_inputs(x, gate_up_proj, down_proj, topk_weights, topk_ids):
                          f"both be (tokens={m}, top_k)")
     if topk_ids.dtype.is_floating_point or topk_ids.dtype == torch.bool:
         raise ValueError(f"topk_ids must be integer, got {topk_ids.dtype}")
-    if x.dtype not in _DTYPES or gate_up_proj.dtype != x.dtype or down_proj.dtype != x.dtype:
+    wd = weight_dtype or x.dtype
+    if x.dtype not in _DTYPES or gate_up_proj.dtype != wd or down_proj.dtype != wd:
         raise ValueError(f"x, gate_up_proj, down_proj must share one of {_DTYPES}, got "
                          f"{x.dtype}, {gate_up_proj.dtype}, {down_proj.dtype}")
     if not topk_weights.dtype.is_floating_point:
@@ -512,50 +720,80 @@ def _aligned(*tensors) -> bool:
     return True
 
 
-def _run_experts(x, w_gate, w_up, down_proj, topk_weights, topk_ids, cfg):
-    """Launch both grouped GEMMs; returns (M*top_k, H) weighted per-assignment outputs."""
+def _scale_args(scale, placeholder):
+    """(pointer, stride_e, stride_n, stride_k) of a block-scale grid, or of a placeholder when unscaled."""
+    if scale is None:
+        return (placeholder,) + _NO_SCALE[1:]
+    return (scale, scale.stride(0), scale.stride(1), scale.stride(2))
+
+
+def run_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids, cfg, scales=None, scale_block=128):
+    """Both expert GEMMs on the Triton path; returns (M, H) in x's dtype (M > 0).
+
+    gate_up_proj: (E, 2I, H), down_proj: (E, H, I), in x's dtype, or FP8 codes with ``scales`` = (gate_up
+    scale (E, 2·ceil(I/128), ceil(H/128)), down scale (E, ceil(H/128), ceil(I/128))), ``scale_block`` = 128.
+    cfg: the grouped GEMMs' launch config (BLOCK_K dividing ``scale_block`` when scaled).
+
+    M*top_k < E (decode): ``_moe_gate_up_decode_kernel`` then ``_moe_down_sum_kernel`` (top-k sum folded in):
+    two launches, no alignment. Otherwise (prefill): ``moe_align`` (one launch), the grouped gate/up and down
+    GEMMs, and the sum over k.
+    """
     m, hidden = x.shape
-    e, inter, _ = w_gate.shape
+    e, two_i, _ = gate_up_proj.shape
+    inter = two_i // 2
     top_k = topk_ids.shape[1]
     n_assign = m * top_k
-    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
-    sorted_ids, expert_ids, _ = moe_align(topk_ids, e, bm)
-    num_blocks = expert_ids.numel()
-    precision = "ieee" if x.dtype == torch.float32 else "tf32"
-    launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"], DOT_PRECISION=precision,
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
-
+    w_gate, w_up = gate_up_proj[:, :inter], gate_up_proj[:, inter:]
+    scaled = scales is not None
+    if scaled:
+        gi = triton.cdiv(inter, scale_block)
+        gs, ds = scales
+        sg, su, sd = _scale_args(gs[:, :gi], None), _scale_args(gs[:, gi:], None), _scale_args(ds, None)
+    else:
+        sg = su = _scale_args(None, w_gate)
+        sd = _scale_args(None, down_proj)
+    ids = topk_ids if topk_ids.is_contiguous() else topk_ids.contiguous()
     h = torch.empty((n_assign, inter), dtype=x.dtype, device=x.device)
+    aligned = _aligned(x, w_gate, w_up, down_proj, h)
+    common = dict(SCALE_B=scale_block, SCALED=scaled, ALIGNED=aligned)
+
+    if n_assign < e:
+        out = torch.empty((m, hidden), dtype=x.dtype, device=x.device)
+        aligned = aligned and _aligned(out)
+        common["ALIGNED"] = aligned
+        bk = DECODE_BLOCK_K
+        launch = dict(BLOCK_K=bk, num_warps=DECODE_NUM_WARPS, num_stages=DECODE_NUM_STAGES, **common)
+        bn = decode_block_n(n_assign, inter)
+        _moe_gate_up_decode_kernel[(n_assign, triton.cdiv(inter, bn))](
+            x, w_gate, w_up, sg[0], su[0], h, ids, n_assign, top_k, inter, hidden,
+            x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), *sg[1:],
+            h.stride(0), h.stride(1), BLOCK_N=bn, EVEN_K=hidden % bk == 0, **launch)
+        bn = decode_block_n(m, hidden)
+        _moe_down_sum_kernel[(m, triton.cdiv(hidden, bn))](
+            h, down_proj, sd[0], out, topk_weights, ids, n_assign, top_k, hidden, inter,
+            h.stride(0), h.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2), *sd[1:],
+            out.stride(0), out.stride(1), topk_weights.stride(0), topk_weights.stride(1),
+            BLOCK_N=bn, EVEN_K=inter % bk == 0, **launch)
+        return out
+
+    bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
+    sorted_ids, expert_ids, _ = moe_align(ids, e, bm)
+    num_blocks = expert_ids.numel()
     out = torch.empty((n_assign, hidden), dtype=x.dtype, device=x.device)
-    aligned = _aligned(x, w_gate, w_up, down_proj, h, out)
-    grid = (num_blocks * triton.cdiv(inter, bn),)
-    _moe_gate_up_kernel[grid](
-        x, w_gate, w_up, h, sorted_ids, expert_ids,
-        n_assign, top_k, inter, hidden, num_blocks,
-        x.stride(0), x.stride(1),
-        w_gate.stride(0), w_gate.stride(1), w_gate.stride(2),
-        h.stride(0), h.stride(1), EVEN_K=hidden % bk == 0, ALIGNED=aligned, **launch)
-
-    grid = (num_blocks * triton.cdiv(hidden, bn),)
-    _moe_down_kernel[grid](
-        h, down_proj, out, topk_weights, sorted_ids, expert_ids,
-        n_assign, top_k, hidden, inter, num_blocks,
-        h.stride(0), h.stride(1),
-        down_proj.stride(0), down_proj.stride(1), down_proj.stride(2),
-        out.stride(0), out.stride(1),
-        topk_weights.stride(0), topk_weights.stride(1), EVEN_K=inter % bk == 0, ALIGNED=aligned, **launch)
-    return out
-
-
-def _fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids, config=None):
-    m, hidden = x.shape
-    top_k = topk_ids.shape[1]
-    if m == 0:
-        return x.new_zeros((0, hidden))
-    cfg = _resolve_config(config, m, x)
-    inter = gate_up_proj.shape[1] // 2
-    out = _run_experts(x, gate_up_proj[:, :inter], gate_up_proj[:, inter:], down_proj, topk_weights,
-                       topk_ids, cfg)
+    common["ALIGNED"] = aligned and _aligned(out)
+    launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
+                  DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
+                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+    _moe_gate_up_kernel[(num_blocks * triton.cdiv(inter, bn),)](
+        x, w_gate, w_up, sg[0], su[0], h, sorted_ids, expert_ids, n_assign, top_k, inter, hidden, num_blocks,
+        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), *sg[1:],
+        h.stride(0), h.stride(1), EVEN_K=hidden % bk == 0, **launch)
+    _moe_down_kernel[(num_blocks * triton.cdiv(hidden, bn),)](
+        h, down_proj, sd[0], out, topk_weights, sorted_ids, expert_ids, n_assign, top_k, hidden, inter, num_blocks,
+        h.stride(0), h.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2), *sd[1:],
+        out.stride(0), out.stride(1), topk_weights.stride(0), topk_weights.stride(1),
+        EVEN_K=inter % bk == 0, **launch)
+    # deterministic: a fixed-order reduction, never float atomics
     return out.view(m, top_k, hidden).sum(dim=1)
 
 
@@ -568,63 +806,21 @@ def fused_moe(x, gate_up_proj, down_proj, topk_weights, topk_ids, config=None):
 
     x: (tokens, H); gate_up_proj: (E, 2I, H), gate rows first; down_proj: (E, H, I);
     topk_weights: (tokens, top_k) (from ``route``); topk_ids: (tokens, top_k) integer in [0, E).
-    config: optional launch config dict (keys ``BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M, num_warps,
-    num_stages``); default: ``get_config(tokens, dtype, device)``.
+    config: optional launch config dict for the grouped (prefill) GEMMs (keys ``BLOCK_M, BLOCK_N, BLOCK_K,
+    GROUP_M, num_warps, num_stages``); default: ``get_config(tokens, dtype, device)``.
     Returns (tokens, H) in x's dtype. Any strides are accepted (x may be a slice of a larger tensor).
     """
     _check_inputs(x, gate_up_proj, down_proj, topk_weights, topk_ids)
     if use_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids):
-        return _fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids, config)
+        m, hidden = x.shape
+        if m == 0:
+            return x.new_zeros((0, hidden))
+        return run_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids, _resolve_config(config, m, x))
     # Few assignments (decode): gather each token's experts and run batched matmuls (graph-safe, no per-expert
     # loop); many (prefill): loop over experts, which reads each expert's weights once.
     if graph_safe_enabled() or topk_ids.numel() <= _STATIC_MAX_ASSIGNMENTS:
         return fused_moe_static(x, gate_up_proj, down_proj, topk_weights, topk_ids)
     return fused_moe_ref(x, gate_up_proj, down_proj, topk_weights, topk_ids)
-
-
-def _check_shared(x, gate_proj, up_proj, down_proj, shared_expert_gate):
-    hidden = x.shape[1]
-    inter = gate_proj.shape[0] if gate_proj.dim() == 2 else -1
-    want = {"shared_gate_proj": (gate_proj, (inter, hidden)), "shared_up_proj": (up_proj, (inter, hidden)),
-            "shared_down_proj": (down_proj, (hidden, inter)), "shared_expert_gate": (shared_expert_gate, (1, hidden))}
-    for name, (t, shape) in want.items():
-        if tuple(t.shape) != shape:
-            raise ValueError(f"{name} must be {shape}, got {tuple(t.shape)}")
-        if t.dtype != x.dtype or t.device != x.device:
-            raise ValueError(f"{name} must match x ({x.dtype}, {x.device}), got ({t.dtype}, {t.device})")
-    if gate_proj.stride() != up_proj.stride():
-        raise ValueError("shared_gate_proj and shared_up_proj must have the same strides")
-
-
-def shared_expert_moe(x, gate_up_proj, down_proj, topk_weights, topk_ids, shared_gate_proj, shared_up_proj,
-                      shared_down_proj, shared_expert_gate, config=None):
-    """Talker MoE: routed experts (as ``fused_moe``) plus the sigmoid-gated shared expert.
-
-    shared_gate_proj, shared_up_proj: (Is, H); shared_down_proj: (H, Is); shared_expert_gate: (1, H)
-    (the ``nn.Linear(H, 1)`` weight). Returns (tokens, H) in x's dtype.
-    """
-    _check_inputs(x, gate_up_proj, down_proj, topk_weights, topk_ids)
-    _check_shared(x, shared_gate_proj, shared_up_proj, shared_down_proj, shared_expert_gate)
-    tensors = (x, gate_up_proj, down_proj, topk_weights, topk_ids, shared_gate_proj, shared_up_proj,
-               shared_down_proj, shared_expert_gate)
-    if not use_triton(*tensors):
-        if graph_safe_enabled():
-            f = torch.nn.functional
-            shared = f.linear(f.silu(f.linear(x, shared_gate_proj)) * f.linear(x, shared_up_proj), shared_down_proj)
-            routed = fused_moe_static(x, gate_up_proj, down_proj, topk_weights, topk_ids)
-            return routed + torch.sigmoid(f.linear(x, shared_expert_gate)) * shared
-        return shared_expert_moe_ref(*tensors)
-    m, hidden = x.shape
-    if m == 0:
-        return x.new_zeros((0, hidden))
-    routed = _fused_moe_triton(x, gate_up_proj, down_proj, topk_weights, topk_ids, config)
-    cfg = _resolve_config(config, m, x)
-    # The shared expert is one more expert (E=1, top_k=1) whose routing weight is the sigmoid gate.
-    gate = torch.sigmoid(x @ shared_expert_gate.t())
-    ids = torch.zeros((m, 1), dtype=torch.int32, device=x.device)
-    shared = _run_experts(x, shared_gate_proj.unsqueeze(0), shared_up_proj.unsqueeze(0),
-                          shared_down_proj.unsqueeze(0), gate, ids, cfg)
-    return routed + shared
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -671,20 +867,44 @@ def fused_moe_static(x, gate_up_proj, down_proj, topk_weights, topk_ids):
     return y.to(x.dtype).sum(dim=1)
 
 
-def shared_expert_moe_ref(x, gate_up_proj, down_proj, topk_weights, topk_ids, shared_gate_proj, shared_up_proj,
-                          shared_down_proj, shared_expert_gate):
-    """Talker MoE as transformers' ``Qwen3OmniMoeTalkerTextSparseMoeBlock`` (routing weights given)."""
-    f = torch.nn.functional
-    shared = f.linear(f.silu(f.linear(x, shared_gate_proj)) * f.linear(x, shared_up_proj), shared_down_proj)
-    routed = fused_moe_ref(x, gate_up_proj, down_proj, topk_weights, topk_ids)
-    return routed + torch.sigmoid(f.linear(x, shared_expert_gate)) * shared
-
-
 # --------------------------------------------------------------------------------------------------------
 # Ahead-of-time compile specs: every table config x dtype, at the released shapes' launch signature
 # --------------------------------------------------------------------------------------------------------
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+_INTS = ("num_assign", "top_k", "N", "K")
+
+
+def gemm_signatures(act: str, weight: str, scale: str, grouped: bool) -> dict[str, tuple[dict, dict]]:
+    """{kernel name: (signature, unit-stride constexprs)} of the expert GEMMs for the AOT specs: activations
+    of Triton type ``act``, weights ``weight``, scale pointers ``scale``; ``grouped``: the prefill kernels
+    (else the decode ones). Contiguous operands have unit inner strides; the runtime JIT specialises an int
+    argument equal to 1 into a constant, so the specs do the same (the other strides stay i32). Shared with
+    fused_moe_fp8's specs."""
+    ints = _INTS + (("num_blocks",) if grouped else ())
+    rows = {"sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32"} if grouped else {"ids_ptr": "*i64"}
+    s_strides = {n: "i32" for n in ("stride_se", "stride_sn")}
+    gu = {"x_ptr": f"*{act}", "wg_ptr": f"*{weight}", "wu_ptr": f"*{weight}", "sg_ptr": f"*{scale}",
+          "su_ptr": f"*{scale}", "h_ptr": f"*{act}", **rows,
+          **{n: "i32" for n in ints + ("stride_xm", "stride_we", "stride_wn")}, **s_strides, "stride_hm": "i32"}
+    dn = {"h_ptr": f"*{act}", "w_ptr": f"*{weight}", "s_ptr": f"*{scale}", "out_ptr": f"*{act}",
+          "topk_w_ptr": f"*{act}", **rows, **{n: "i32" for n in ints + ("stride_hm", "stride_we", "stride_wn")},
+          **s_strides, "stride_om": "i32", "stride_tw_m": "i32"}
+    unit_gu = {"stride_xk": 1, "stride_wk": 1, "stride_sk": 1, "stride_hn": 1}
+    unit_dn = {"stride_hk": 1, "stride_wk": 1, "stride_sk": 1, "stride_on": 1, "stride_tw_k": 1}
+    if grouped:
+        return {"gate_up": (_moe_gate_up_kernel, gu, unit_gu), "down": (_moe_down_kernel, dn, unit_dn)}
+    return {"gate_up_decode": (_moe_gate_up_decode_kernel, gu, unit_gu),
+            "down_sum": (_moe_down_sum_kernel, dn, unit_dn)}
+
+
+def decode_block_ns() -> list[int]:
+    """Every N tile ``decode_block_n`` can choose."""
+    out, bn = [], DECODE_MAX_BLOCK_N
+    while bn >= DECODE_MIN_BLOCK_N:
+        out.append(bn)
+        bn //= 2
+    return out
 
 
 def _compile_specs() -> list[KernelSpec]:
@@ -697,48 +917,46 @@ def _compile_specs() -> list[KernelSpec]:
             if key in seen:
                 continue
             seen.add(key)
+            # EVEN_K holds for both GEMMs at the released shapes (H = 2048/1024, I = 768/384).
             consts = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
                       "GROUP_M": cfg["GROUP_M"], "DOT_PRECISION": "ieee" if dtype == torch.float32 else "tf32",
-                      "ALIGNED": True}
+                      "SCALE_B": 128, "SCALED": False, "EVEN_K": True, "ALIGNED": True}
             tag = "m{BLOCK_M}n{BLOCK_N}k{BLOCK_K}g{GROUP_M}w{num_warps}s{num_stages}".format(**cfg)
-            # Contiguous operands have unit inner strides; the runtime JIT specialises an int argument equal to
-            # 1 into a constant, so the specs do the same (and leave the other strides as i32).
-            ints = ("num_assign", "top_k", "N", "K", "num_blocks")
-            sig_gu = {"x_ptr": f"*{tname}", "wg_ptr": f"*{tname}", "wu_ptr": f"*{tname}", "h_ptr": f"*{tname}",
-                      "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
-                      **{n: "i32" for n in ints + ("stride_xm", "stride_we", "stride_wn", "stride_hm")}}
-            sig_dn = {"h_ptr": f"*{tname}", "w_ptr": f"*{tname}", "out_ptr": f"*{tname}",
-                      "topk_w_ptr": f"*{tname}", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
-                      **{n: "i32" for n in ints + ("stride_hm", "stride_we", "stride_wn", "stride_om",
-                                                   "stride_tw_m")}}
-            # EVEN_K holds for both GEMMs at the released shapes (H = 2048/1024, I = 768/384, shared 768).
-            unit_gu = {"stride_xk": 1, "stride_wk": 1, "stride_hn": 1, "EVEN_K": True}
-            unit_dn = {"stride_hk": 1, "stride_wk": 1, "stride_on": 1, "stride_tw_k": 1, "EVEN_K": True}
-            for name, fn, sig, units in (("gate_up", _moe_gate_up_kernel, sig_gu, unit_gu),
-                                         ("down", _moe_down_kernel, sig_dn, unit_dn)):
+            for name, (fn, sig, units) in gemm_signatures(tname, tname, tname, grouped=True).items():
                 specs.append(KernelSpec(name=f"fused_moe_{name}_{tname}_{tag}", fn=fn, signature=sig,
                                         constexprs={**consts, **units}, num_warps=cfg["num_warps"],
                                         num_stages=cfg["num_stages"]))
+    for tname in _TRITON_DTYPE.values():
+        for bn in decode_block_ns():
+            consts = {"BLOCK_N": bn, "BLOCK_K": DECODE_BLOCK_K, "SCALE_B": 128, "SCALED": False, "EVEN_K": True,
+                      "ALIGNED": True}
+            for name, (fn, sig, units) in gemm_signatures(tname, tname, tname, grouped=False).items():
+                specs.append(KernelSpec(name=f"fused_moe_{name}_{tname}_n{bn}", fn=fn, signature=sig,
+                                        constexprs={**consts, **units}, num_warps=DECODE_NUM_WARPS,
+                                        num_stages=DECODE_NUM_STAGES))
     return specs
 
 
 def _routing_specs() -> list[KernelSpec]:
     specs = []
-    # thinker 128 experts top-8, talker 128 top-6 (bf16 logits); the tiny/small fp32 test models
-    for tname, e, k in (("bf16", 128, 8), ("bf16", 128, 6), ("fp16", 128, 8), ("fp32", 8, 3), ("fp32", 32, 4)):
+    # thinker 128 experts top-8, talker 128 top-6 (+ its shared expert as 2 parts); the tiny/small fp32 models
+    for tname, e, k, shared in (("bf16", 128, 8, 0), ("bf16", 128, 6, 0), ("bf16", 128, 6, 2), ("fp16", 128, 8, 0),
+                                ("fp32", 8, 3, 0), ("fp32", 32, 4, 0), ("fp32", 8, 3, 2)):
         block_e = triton.next_power_of_2(e)
         specs.append(KernelSpec(
-            name=f"route_{tname}_e{e}_k{k}", fn=_route_kernel,
+            name=f"route_{tname}_e{e}_k{k}_s{shared}", fn=_route_kernel,
             signature={"logits_ptr": f"*{tname}", "w_ptr": f"*{tname}", "ids_ptr": "*i64", "E": "i32",
                        "stride_l": "i32", "stride_w": "i32", "stride_i": "i32"},
-            constexprs={"TOP_K": k, "BLOCK_K": triton.next_power_of_2(k), "BLOCK_E": block_e, "NORM": True},
+            constexprs={"TOP_K": k, "NUM_SHARED": shared, "BLOCK_K": triton.next_power_of_2(k + shared),
+                        "BLOCK_E": block_e, "NORM": True},
             num_warps=1 if block_e <= 256 else 4, num_stages=1))
-    for bm in sorted({cfg["BLOCK_M"] for _, items in _load_table(None) for cfg in [dict(items)]} | {16}):
+    block_ms = sorted({dict(items)["BLOCK_M"] for _, items in _load_table(None)} | {16})
+    for bm in block_ms:
         specs.append(KernelSpec(
-            name=f"moe_align_sparse_m{bm}", fn=_moe_align_sparse_kernel,
-            signature={"ids_ptr": "*i64", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32", "total_ptr": "*i32",
-                       "n_assign": "i32"},
-            constexprs={"BLOCK_M": bm}, num_warps=1, num_stages=1))
+            name=f"moe_align_e128_m{bm}", fn=_moe_align_kernel,
+            signature={"ids_ptr": "*i64", "sorted_ids_ptr": "*i32", "expert_ids_ptr": "*i32",
+                       "total_ptr": "*i32", "n_assign": "i32", "num_blocks": "i32", "E": "i32"},
+            constexprs={"BLOCK_E": 128, "BLOCK_A": _ALIGN_CHUNK, "BLOCK_M": bm}, num_warps=4, num_stages=1))
     return specs
 
 

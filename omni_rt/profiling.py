@@ -210,9 +210,10 @@ class StageRecord:
 
     @property
     def graphed(self) -> bool:
-        """Whether the stage's launches replay from a CUDA graph on a GPU (most of them: a graphed step may have
-        a few eager launches around the replay, each costed as eager)."""
-        return bool(self.launches) and 2 * sum(x.graphed for x in self.launches) > len(self.launches)
+        """Whether the stage replays a CUDA graph on a GPU. The eager launches around the replay (input fills,
+        sampling) are each costed as eager; they may outnumber the graphed ones at tiny shapes, where a graphed
+        decoder step holds few kernels, so the label does not go by a majority."""
+        return any(x.graphed for x in self.launches)
 
     def est_ms(self, hardware: str) -> float:
         """The roofline-plus-launch MODEL (see the module constants), in ms."""
@@ -296,7 +297,7 @@ def triton_cost(kernel: str, named: dict) -> tuple[float, float]:
     at most min(E, M·top_k)) or that do matmul work get their own rule."""
     tensors = [v for v in named.values() if hasattr(v, "element_size") and hasattr(v, "stride")]
     default = float(sum(_span_bytes(t) for t in tensors))
-    if kernel in ("_moe_gate_up_kernel", "_moe_down_kernel", "_moe_fp8_gate_up_kernel", "_moe_fp8_down_kernel"):
+    if kernel in ("_moe_gate_up_kernel", "_moe_down_kernel", "_moe_gate_up_decode_kernel", "_moe_down_sum_kernel"):
         n_assign, n, k = _arg(named, "num_assign"), _arg(named, "N"), _arg(named, "K")
         w = named.get("wg_ptr", named.get("w_ptr"))
         experts = w.shape[0] if w is not None else 1
@@ -306,7 +307,9 @@ def triton_cost(kernel: str, named: dict) -> tuple[float, float]:
         act = named.get("x_ptr", named.get("h_ptr"))
         act_elem = act.element_size() if act is not None else elem
         act_in = n_assign * k * act_elem
-        act_out = n_assign * n * act_elem
+        out = named.get("out_ptr")
+        # the decode down kernel writes the (M, N) sum, the others one row per assignment
+        act_out = (out.numel() if kernel == "_moe_down_sum_kernel" and out is not None else n_assign * n) * act_elem
         return float(touched * halves * n * k * elem + act_in + act_out), 2.0 * n_assign * halves * n * k
     if kernel == "_fp8_linear_kernel":
         m, n, k = _arg(named, "M"), _arg(named, "N"), _arg(named, "K")

@@ -150,6 +150,64 @@ def test_sliced_inputs():
     assert_close(_triton(xd, **pd), causal_conv1d_ref(xd, **pd), name="depthwise sliced")
 
 
+@pytest.mark.parametrize("kind,length,dilation,dtype", [
+    ("dense", 1, 1, torch.float32), ("dense", 37, 3, torch.float32), ("dense", 129, 9, torch.float16),
+    ("pointwise", 33, 1, torch.float32), ("depthwise", 1, 1, torch.float32), ("depthwise", 45, 1, torch.float16),
+    ("to_mono", 17, 1, torch.float32),
+])
+def test_residual_and_pre_start(kind, length, dilation, dtype):
+    """Fused residual (dense) and the pre-start mask: streams at positions 0, 1 and far in, lags of 0, a part
+    of the chunk, more than the chunk; strided residual; the state stores the masked (zero) samples."""
+    p, c_in = _params(kind, dtype, snake=kind != "depthwise", batch=3)
+    c_out = p["weight"].shape[0]
+    s = (p["weight"].shape[-1] - 1) * dilation
+    x = torch.randn(3, c_in, length).to(dtype)
+    state = torch.randn(3, c_in, s).to(dtype)
+    pos = torch.tensor([0, 1, 1000], dtype=torch.int64)
+    res = None
+    if kind != "depthwise":
+        res = torch.randn(3, length, c_out).to(dtype).transpose(1, 2)  # channels-last view
+    for lag, unit in ((0, 1), (max(length // 2, 1), max(length // 3, 1)), (length + 3, 2)):
+        kw = dict(dilation=dilation, state=state, return_state=True, residual=res, pre_start=(pos, lag, unit), **p)
+        y, st = _triton(x, **kw)
+        y_ref, st_ref = causal_conv1d_ref(x, **kw)
+        assert_close(y, y_ref, name=f"y lag={lag}")
+        _check_state(st, st_ref, "snake_alpha" in p)
+        # the reference itself: zeroing first, then the plain conv (plus the residual)
+        lead = (lag - pos * unit).clamp_min(0)
+        xm = x.masked_fill((torch.arange(length)[None, :] < lead[:, None])[:, None], 0)
+        plain = causal_conv1d_ref(xm, dilation=dilation, state=state, **p)
+        assert_close(y_ref, (plain.float() + res.float()).to(dtype) if res is not None else plain,
+                     name="reference = mask, conv, add")
+
+
+def test_input_channel_split():
+    """Short chunks split the input channels (deterministic last-arrival reduction): equal to the reference
+    and to the unsplit kernel, counters back at zero, and the split sized from the shapes."""
+    from omni_rt.kernels import causal_conv1d as cc
+
+    assert cc._split_for(200, 12) == 1 and cc._split_for(24, 1) == 1   # enough programs / one in-block
+    assert cc._split_for(24, 12) == 6 and cc._split_for(3, 7) == 7 and cc._split_for(10, 12) == 12
+    g = torch.Generator().manual_seed(5)
+    c_in, c_out, length = 100, 20, 5
+    w = torch.randn(c_out, c_in, 7, generator=g) / (7 * c_in) ** 0.5
+    bias, res = torch.randn(c_out, generator=g), torch.randn(3, c_out, length, generator=g)
+    x = torch.randn(3, c_in, length, generator=g)
+    state = torch.randn(3, c_in, 18, generator=g)
+    sn = dict(snake_alpha=0.3 * torch.randn(c_in, generator=g), snake_beta=0.3 * torch.randn(c_in, generator=g))
+    pre = (torch.tensor([0, 2, 9]), 4, 2)
+    kw = dict(bias=bias, dilation=3, state=state, return_state=True, residual=res, pre_start=pre, **sn)
+    y_ref, st_ref = causal_conv1d_ref(x, w, **kw)
+    with force_triton():
+        outs = {sp: cc._causal_conv1d_triton(x, w, bias, 3, 1, state, sn["snake_alpha"], sn["snake_beta"], True,
+                                             None, None, res, pre, split=sp) for sp in (None, 1, 3)}
+    for sp, (y, st) in outs.items():
+        assert_close(y, y_ref, name=f"y split={sp}")
+        _check_state(st, st_ref, snake=True)
+    assert_close(outs[None][0], outs[1][0], atol=1e-6, rtol=1e-6, name="split vs unsplit")
+    assert int(cc._COUNTERS[torch.device("cpu")].abs().sum()) == 0, "tile counters must return to zero"
+
+
 def test_empty_and_width_one_state():
     p, c_in = _params("dense", torch.float32, snake=True)
     state = torch.randn(2, c_in, 6)
@@ -264,6 +322,12 @@ def test_released_shapes_gpu(dtype, c_in, c_out, width, dilation, groups, length
         atol, rtol = KERNEL[dtype]
         assert_close(y, y_ref, atol=4 * atol, rtol=rtol, name="y")   # fp32 sums of up to 7168 products
         _check_state(st, st_ref, bool(snake))
+    if groups == 1:  # the streaming extras: pre-start mask (a fresh and a running stream) and the residual
+        res = torch.randn(2, c_out, length, device=dev).to(dtype)
+        pre = (torch.tensor([0, 7], device=dev), length // 2 + 1, 1)
+        y = causal_conv1d(x, w, bias, dilation, groups, state, residual=res, pre_start=pre, **snake)
+        y_ref = causal_conv1d_ref(x, w, bias, dilation, groups, state, residual=res, pre_start=pre, **snake)
+        assert_close(y, y_ref, atol=4 * KERNEL[dtype][0], rtol=KERNEL[dtype][1], name="y residual/pre_start")
     # graph-safety: capture, zero the output, replay
     out = torch.empty_like(y)
     so = torch.empty_like(st)

@@ -36,9 +36,9 @@ def test_json_shape_and_stage_names():
     assert set(data["first_packet"]["est_ms"]) == {"h100", "h200"}
     # Outside its stages the census launches almost nothing (the model is built on meta with no init kernels).
     # setup (zeroed static graph buffers and decoder states, KV pools, the talker's text feed) is a fixed cost:
-    # small next to the stages even at these tiny shapes (the full-shape test bounds it tighter)
-    # (an absolute bound, held like BUDGETS: a ratio to the stage totals tightened whenever a stage shrank)
-    assert data["outside_stages"]["launches"] <= TINY_OUTSIDE_LAUNCHES
+    # a fixed count (what is reached), not a share of the stages: they shrink with every launch saved in them
+    # (the full-shape test bounds it too)
+    assert data["outside_stages"]["launches"] <= 300
 
 
 # Whether the engine replays each stage from a CUDA graph (cuda_graphs=True): the thinker decode step, the
@@ -100,7 +100,11 @@ def test_quant_fp8_counts_the_fp8_kernels():
     bf16 = census("tiny", 1).records
     fp8 = census("tiny", 1, quant="fp8").records
     names = {x.name for x in fp8["thinker_decode"].launches if x.kind == "triton"}
-    assert {"_fp8_linear_kernel", "_moe_fp8_gate_up_kernel", "_moe_fp8_down_kernel"} <= names
+    assert {"_fp8_linear_kernel", "_moe_gate_up_decode_kernel", "_moe_down_sum_kernel"} <= names
+
+    def moe_bytes(records):   # the MoE kernels run on FP8 codes (SCALED) and read fewer bytes
+        return sum(x.bytes for x in records["thinker_decode"].launches if x.name.startswith("_moe_"))
+    assert moe_bytes(fp8) < moe_bytes(bf16)
     # weights read in FP8: fewer bytes than bf16 for the same step
     assert sum(x.bytes for x in fp8["thinker_decode"].launches) < sum(x.bytes for x in bf16["thinker_decode"].launches)
     with pytest.raises(ValueError, match="quant"):
@@ -203,8 +207,10 @@ def test_budgets_at_full_shapes(full_census):
         assert by[name]["launches"] <= limit, (name, by[name]["launches"], limit)
     for name in PER_TOKEN:
         assert by[name]["host_syncs"] == 0, (name, by[name]["host_syncs"])
-    # an outside counter around the whole command agrees with the stage totals to a few percent
-    assert data["outside_stages"]["launches"] <= FULL_OUTSIDE_LAUNCHES
+    # an outside counter around the whole command agrees with the stage totals up to the fixed setup cost (KV
+    # pools, static graph buffers), which may not grow: as the stages shrink towards their budgets a bound
+    # relative to them would tighten with every launch saved inside them
+    assert data["outside_stages"]["launches"] <= OUTSIDE_LAUNCHES
     assert data["first_packet"]["est_ms"]["h100"] <= FIRST_PACKET_H100_MS
 
 
@@ -213,10 +219,8 @@ def test_budgets_at_full_shapes(full_census):
 # packet <= 60 ms (H100 model). Where a budget is not reached yet the bound is what is reached
 # (benchmarks/results/census/after.json): no stage may grow back. vision_encode (issue 14: one 1280×720 image,
 # 27 layers) has no issue budget: its bound is what is reached.
-BUDGETS = {"thinker_decode": 637, "talker_decode": 416, "code_predictor_frame": 757, "code2wav_step": 504,
-           "thinker_prefill": 1801, "talker_prefill": 905, "vision_encode": 474}
+BUDGETS = {"thinker_decode": 541, "talker_decode": 236, "code_predictor_frame": 757, "code2wav_step": 138,
+           "thinker_prefill": 649, "talker_prefill": 285, "vision_encode": 474}
 FIRST_PACKET_H100_MS = 60.0
-# Launches outside the stages of the tiny census at batch 2 (setup: static graph buffers, KV pools, workspaces):
-# what is reached; it may only go down (it was 341 of 1,284 stage launches before the sampler/frame work).
-TINY_OUTSIDE_LAUNCHES = 339
-FULL_OUTSIDE_LAUNCHES = 299   # the same at full shapes, batch 1 (was bounded by 5% of the stage totals)
+# launches outside the stages at full shapes, batch 1 (setup: KV pools, static buffers, the vision stage's inputs)
+OUTSIDE_LAUNCHES = 260

@@ -144,7 +144,8 @@ def test_kept_fp8_model_matches_meta_build_and_dequantized_forward(wide):
     assert got == want
     assert kept.thinker.model.layers[0].mlp.gate_up_proj.weight.dtype == torch.float8_e4m3fn
     assert kept.thinker.model.layers[0].self_attn.qkv_proj.weight.dtype == torch.float8_e4m3fn
-    assert kept.talker.model.layers[0].mlp.shared_expert.gate_up_proj.weight.dtype == torch.float8_e4m3fn
+    talker_moe = kept.talker.model.layers[0].mlp   # its shared expert folded into the FP8 experts (one part)
+    assert talker_moe.num_shared == 1 and talker_moe.experts.gate_up_proj.dtype == torch.float8_e4m3fn
     assert kept.talker.code_predictor.model.layers[0].mlp.gate_up_proj.weight.dtype == torch.float32
     assert kept.weight_memory()["thinker"] < deq.weight_memory()["thinker"] / 2
 

@@ -455,29 +455,19 @@ def _stream_codes(c2w, n, frames, seed):
 
 
 def _check_code2wav(runner, c2w, device, n, frames=3):
-    from omni_rt.engine.graphs import state_from
+    from omni_rt.engine.graphs import state_from, state_names
 
     codes = _stream_codes(c2w, n, frames, seed=n).to(device)
     state = c2w.init_state(n)
     ref_state = c2w.init_state(n)
-    n_conv, n_tail = len(state.conv), len(state.tail)
     for f in range(frames):
         step = codes[..., f:f + 1]
-        values = {"codes": step, "pos": state.pos, "key": state.key, "value": state.value}
-        values |= {f"conv{i}": t for i, t in enumerate(state.conv)} | {f"tail{i}": t for i, t in enumerate(state.tail)}
+        values = {"codes": step} | dict(zip(state_names(state), state.tensors()))
         out = runner.run(n, values)
-        state = _copy_state(state_from(out, n_conv, n_tail, prefix="new_"))
+        state = state_from(out, state.layout, prefix="new_").clone()  # outputs are views of static buffers
         ref_audio, ref_state = c2w.step_padded(step, ref_state)
         assert rel_err(out["audio"], ref_audio) <= 1e-6, (n, f)
         assert torch.equal(state.pos, ref_state.pos)
-
-
-def _copy_state(s):
-    """A copy of a state whose tensors may be views of the runner's static outputs."""
-    from omni_rt.models.code2wav import Code2WavState
-
-    return Code2WavState(s.pos.clone(), s.key.clone(), s.value.clone(), tuple(t.clone() for t in s.conv),
-                         tuple(t.clone() for t in s.tail))
 
 
 def test_code2wav_runner_equals_step(speech_models):

@@ -47,7 +47,7 @@ SKIP_MODULES = {"configs"}
 ARCHS = {"sm_90": (90, 232448), "sm_80": (80, 166912)}
 MISSING = "<no COMPILE_SPECS>"
 IMPORT_ERROR = "<import error>"
-WORKER_TIMEOUT_S = 900
+WORKER_TIMEOUT_S = 1800   # every spec of every module, on 2 CPU cores that may be shared
 
 
 def kernel_modules() -> list[str]:
@@ -263,6 +263,10 @@ _CASES = _cases()
 def compile_results() -> dict:
     """Run the compile worker once for the whole module (in a subprocess without TRITON_INTERPRET)."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # The worker runs this file as a script (sys.path[0] = tests/): put the checkout under test first, so a
+    # worktree's kernels are compiled rather than those of an installed copy of the package.
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env["PYTHONPATH"] = os.pathsep.join([root] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     env["TRITON_DUMP_PTXAS_LOG"] = "1"
     # The worker must compile the kernels this test imported (a git worktree's, not an installed checkout's):
     # run as a script, its sys.path starts with tests/, so put this omni_rt's parent first.

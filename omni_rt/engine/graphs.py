@@ -30,8 +30,8 @@ from typing import Callable, Mapping, Sequence, Union
 import numpy as np
 import torch
 
-from ..models.code_predictor import FrameSampling
-from ..models.code2wav import Code2WavState
+from ..models.code_predictor import FrameSampling, FrameWorkspace
+from ..models.code2wav import Code2WavState, StateLayout
 from ..models.layers import AttentionMetadata
 from ..profiling import census_graphed, census_stage
 from .kv_cache import KVCachePool
@@ -485,10 +485,9 @@ def code_predictor_graphs(code_predictor, max_batch_size: int, device=None, dtyp
 def code2wav_graphs(code2wav, max_batch_size: int, frames: int = 1, use_graphs: bool = True) -> GraphRunner:
     """Code2Wav's streaming step (``step_padded``: ``frames`` more frames per stream) behind a ``GraphRunner``.
 
-    Inputs: codes (B, num_quantizers, frames) int64 and the state tensors by name — pos, key, value (batch
-    dim 1), conv0.., tail0.. (``Code2WavState``; padding rows are fresh zero states). Outputs: audio
-    (B, frames·samples_per_frame) and the new state under the same names prefixed ``new_`` (key/value batch dim
-    1): copy them back into the streams' state after each call.
+    Inputs: codes (B, num_quantizers, frames) int64 and the state tensors by name — pos (B,), data (B, N)
+    (``Code2WavState``; padding rows are fresh zero states). Outputs: audio (B, frames·samples_per_frame) and the
+    new state under the same names prefixed ``new_``: copy them back into the streams' state after each call.
     """
     B = max_batch_size
     with torch.inference_mode():
@@ -498,27 +497,23 @@ def code2wav_graphs(code2wav, max_batch_size: int, frames: int = 1, use_graphs: 
     names = state_names(state)
     inputs.update(zip(names, state.tensors()))
     pads = {k: 0 for k in inputs}
-    dims = {"key": 1, "value": 1}
 
     def step(b: dict) -> dict:
-        st = state_from(b, len(state.conv), len(state.tail))
+        st = state_from(b, state.layout)
         audio, new = code2wav.step_padded(b["codes"], st)
         return {"audio": audio} | {f"new_{k}": t for k, t in zip(names, new.tensors())}
 
-    return GraphRunner(step, inputs, pads, max_batch_size, batch_dims=dims, use_graphs=use_graphs,
-                       name="code2wav_step", output_batch_dims={"new_key": 1, "new_value": 1})
+    return GraphRunner(step, inputs, pads, max_batch_size, use_graphs=use_graphs, name="code2wav_step")
 
 
-def state_names(state: Code2WavState) -> list[str]:
-    return (["pos", "key", "value"] + [f"conv{i}" for i in range(len(state.conv))]
-            + [f"tail{i}" for i in range(len(state.tail))])
+def state_names(state: Code2WavState | None = None) -> list[str]:
+    """The names of a ``Code2WavState``'s tensors, in ``tensors()`` order."""
+    return list(Code2WavState.NAMES)
 
 
-def state_from(b: Mapping[str, torch.Tensor], n_conv: int, n_tail: int, prefix: str = "") -> Code2WavState:
+def state_from(b: Mapping[str, torch.Tensor], layout: StateLayout, prefix: str = "") -> Code2WavState:
     """Rebuild a ``Code2WavState`` from named tensors (``prefix`` ``new_`` for a step's outputs)."""
-    return Code2WavState(pos=b[prefix + "pos"], key=b[prefix + "key"], value=b[prefix + "value"],
-                         conv=tuple(b[f"{prefix}conv{i}"] for i in range(n_conv)),
-                         tail=tuple(b[f"{prefix}tail{i}"] for i in range(n_tail)))
+    return Code2WavState(pos=b[prefix + "pos"], data=b[prefix + "data"], layout=layout)
 
 
 class SpeechFrameStep:
@@ -532,7 +527,7 @@ class SpeechFrameStep:
     temperature, top_p, repetition_penalty (B,) float32, top_k, seeds, steps (B,) int64 (code 0);
     cp_temperature, cp_top_p (B,) float32, cp_top_k, cp_seeds, frame_index (B,) int64 (codes 1..G-1).
     Outputs: code0 (B,), frames (B, G) int64, next_embed (B, H), audio (B, samples_per_frame) float32, and the
-    new Code2Wav state as ``new_<name>`` (key/value batch dim 1).
+    new Code2Wav state as ``new_pos`` / ``new_data``.
     """
 
     def __init__(self, model, kv_caches, pools, workspace):
@@ -589,7 +584,7 @@ def speech_frame_graphs(model, pool: KVCachePool, pools, max_batch_size: int, ma
             "cp_temperature": 0.0, "cp_top_p": 1.0, "cp_top_k": 0, "cp_seeds": 0, "frame_index": 0}
     step = SpeechFrameStep(model, zip(pool.k_caches, pool.v_caches), pools, ws)
     return GraphRunner(step, inputs, pads, max_batch_size, batch_dims={"positions": 1}, use_graphs=use_graphs,
-                       name="speech_frame", output_batch_dims={"new_key": 1, "new_value": 1},
+                       name="speech_frame",
                        host_inputs=[k for k in inputs if k != "entries"])
 
 

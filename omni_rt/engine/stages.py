@@ -320,7 +320,7 @@ class Stages:
         res = self.speech_graph.run(len(reqs), values)
         # Views of the static outputs, valid until the next replay: the engine copies what it keeps (index_select,
         # cat) in the same step, before any other replay of this graph.
-        state = state_from(res, len(self.c2w_state.conv), len(self.c2w_state.tail), prefix="new_")
+        state = state_from(res, self.c2w_state.layout, prefix="new_")
         return {"code0": res["code0"], "frames": res["frames"], "next_embed": res["next_embed"],
                 "audio": res["audio"], "state": state}
 
@@ -333,8 +333,8 @@ class Stages:
         state = self.c2w_state.select(slots)
         if codes.shape[-1] == 1 and self.c2w_graph is not None:
             res = self.c2w_graph.run(len(reqs), {"codes": codes, **dict(zip(state_names(state), state.tensors()))})
-            audio, state = res["audio"], state_from(res, len(state.conv), len(state.tail), prefix="new_")
-            state = state.select(torch.arange(len(reqs), device=self.device))  # copy out of the static buffers
+            audio, state = res["audio"], state_from(res, state.layout, prefix="new_")
+            state = state.clone()  # copy out of the static buffers
         else:
             audio, state = self.model.code2wav.step_padded(codes, state)
         return audio.float(), state

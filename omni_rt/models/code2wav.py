@@ -27,6 +27,7 @@ overlapping transposed conv that later frames still add to. No past frame is rec
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Sequence
 
 import torch
@@ -34,73 +35,119 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import Code2WavConfig
-from ..kernels.causal_conv1d import causal_conv1d, prepare_weight, snake_beta_ref
+from ..kernels import causal_conv1d as _cc
+from ..kernels import trans_conv1d as _trans
+from ..kernels.causal_conv1d import causal_conv1d, prepare_weight
+from ..kernels.trans_conv1d import trans_conv1d
+from ..kernels.window_attention import window_attention
 from .layers import DenseMLP, RMSNorm, fuse_parts_on_load, make_linear, split
 
-__all__ = ["Code2Wav", "Code2WavState"]
-
-# Query rows per attention block in long decodes: keeps the score tensor (rows x (rows + window)) bounded
-# instead of (frames x frames).
-_ATTN_BLOCK = 256
+__all__ = ["Code2Wav", "Code2WavState", "StateLayout"]
 
 
 # ----------------------------------------------------------------------------------------------- state
+@dataclasses.dataclass(frozen=True)
+class StateLayout:
+    """Per-stream shapes of the streaming state, packed in this order into one row of ``Code2WavState.data``.
+
+    key: (layers, kv_heads, sliding_window - 1, head_dim) (value the same); conv: (in_ch, (width-1)·dilation)
+    per causal conv with width > 1; tail: (out_ch, k - s) per overlapping transposed conv."""
+
+    key: tuple[int, ...]
+    conv: tuple[tuple[int, int], ...]
+    tail: tuple[tuple[int, int], ...]
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        return [self.key, self.key, *self.conv, *self.tail]
+
+    @property
+    def offsets(self) -> list[int]:
+        out, o = [], 0
+        for shp in self.shapes:
+            out.append(o)
+            o += math.prod(shp)
+        return out + [o]
+
+    @property
+    def size(self) -> int:
+        return self.offsets[-1]
+
+
 @dataclasses.dataclass
 class Code2WavState:
-    """Streaming decoder state for ``batch`` streams (every tensor has the batch dim; dtype = model dtype).
+    """Streaming decoder state for ``batch`` streams: two tensors, so a slot pool gathers, scatters and copies
+    it in two ops (a CUDA-graph step's state traffic is two copies, not one per conv).
 
-    pos:   (batch,) int64 frames already decoded per stream.
-    key, value: (layers, batch, kv_heads, sliding_window - 1, head_dim) rotated keys / values of the last
-           ``sliding_window - 1`` positions (slots before position 0 are zeros and masked out).
-    conv:  per causal conv with width > 1, (batch, in_ch, (width - 1)·dilation) post-activation inputs.
-    tail:  per transposed conv with k > s, (batch, out_ch, k - s) partial output sums (bias not yet added).
+    pos:  (batch,) int64 frames already decoded per stream.
+    data: (batch, layout.size) model dtype, every other piece packed per stream; views of it:
+      key, value: (layers, batch, kv_heads, sliding_window - 1, head_dim) rotated keys / values of the last
+           ``sliding_window - 1`` positions (slots before position 0 are zeros and masked out);
+      conv: per causal conv with width > 1, (batch, in_ch, (width - 1)·dilation) post-activation inputs;
+      tail: per transposed conv with k > s, (batch, out_ch, k - s) partial output sums (bias not yet added).
     """
 
     pos: torch.Tensor
-    key: torch.Tensor
-    value: torch.Tensor
-    conv: tuple[torch.Tensor, ...]
-    tail: tuple[torch.Tensor, ...]
+    data: torch.Tensor
+    layout: StateLayout
+
+    NAMES = ("pos", "data")
 
     @property
     def batch(self) -> int:
         return self.pos.shape[0]
 
-    def _map(self, fn) -> "Code2WavState":
-        return Code2WavState(fn(self.pos, 0), fn(self.key, 1), fn(self.value, 1),
-                             tuple(fn(t, 0) for t in self.conv), tuple(fn(t, 0) for t in self.tail))
+    def _view(self, i: int) -> torch.Tensor:
+        o = self.layout.offsets
+        return self.data[:, o[i]:o[i + 1]].view(self.batch, *self.layout.shapes[i])
+
+    @property
+    def key(self) -> torch.Tensor:
+        return self._view(0).transpose(0, 1)
+
+    @property
+    def value(self) -> torch.Tensor:
+        return self._view(1).transpose(0, 1)
+
+    @property
+    def conv(self) -> tuple[torch.Tensor, ...]:
+        return tuple(self._view(2 + i) for i in range(len(self.layout.conv)))
+
+    @property
+    def tail(self) -> tuple[torch.Tensor, ...]:
+        n = 2 + len(self.layout.conv)
+        return tuple(self._view(n + i) for i in range(len(self.layout.tail)))
 
     def select(self, index: torch.Tensor | Sequence[int]) -> "Code2WavState":
         """The sub-state of streams ``index`` (a copy)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.pos.device)
-        return self._map(lambda t, dim: t.index_select(dim, idx))
+        return Code2WavState(self.pos.index_select(0, idx), self.data.index_select(0, idx), self.layout)
 
     def scatter_(self, index: torch.Tensor | Sequence[int], src: "Code2WavState") -> "Code2WavState":
         """Write ``src`` (batch = len(index)) into streams ``index`` of this state in place (slot pools)."""
         idx = torch.as_tensor(index, dtype=torch.long, device=self.pos.device)
-        dims = [0, 1, 1] + [0] * (len(self.conv) + len(self.tail))
-        for dst, s, dim in zip(self.tensors(), src.tensors(), dims, strict=True):
-            dst.index_copy_(dim, idx, s)
+        self.pos.index_copy_(0, idx, src.pos)
+        self.data.index_copy_(0, idx, src.data)
         return self
 
     def tensors(self) -> list[torch.Tensor]:
-        return [self.pos, self.key, self.value, *self.conv, *self.tail]
+        """[pos, data], in the order of ``NAMES``."""
+        return [self.pos, self.data]
 
     def copy_(self, src: "Code2WavState") -> "Code2WavState":
         """Overwrite this state with ``src`` in place (static buffers of a captured CUDA graph)."""
-        for dst, s in zip(self.tensors(), src.tensors(), strict=True):
-            dst.copy_(s)
+        self.pos.copy_(src.pos)
+        self.data.copy_(src.data)
         return self
+
+    def clone(self) -> "Code2WavState":
+        return Code2WavState(self.pos.clone(), self.data.clone(), self.layout)
 
     @staticmethod
     def cat(states: Sequence["Code2WavState"]) -> "Code2WavState":
         """One batched state from several (streams may be at different positions)."""
-        first = states[0]
-        return Code2WavState(
-            torch.cat([s.pos for s in states]), torch.cat([s.key for s in states], 1),
-            torch.cat([s.value for s in states], 1),
-            tuple(torch.cat([s.conv[i] for s in states]) for i in range(len(first.conv))),
-            tuple(torch.cat([s.tail[i] for s in states]) for i in range(len(first.tail))))
+        return Code2WavState(torch.cat([s.pos for s in states]), torch.cat([s.data for s in states]),
+                             states[0].layout)
 
 
 # ---------------------------------------------------------------------------------------- building blocks
@@ -121,42 +168,19 @@ class _Attention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, c.hidden_size, bias=False)
         fuse_parts_on_load(self)
 
-    def forward(self, x, cos, sin, past_k, past_v, kpos, qpos):
-        """x: (B, n, hidden); cos/sin: (B, n, head_dim); past_k/v: (B, kv_heads, W-1, head_dim);
-        kpos: (B, W-1+n) key positions; qpos: (B, n). Returns (out (B, n, hidden), new past_k, new past_v)."""
+    def forward(self, x, cos, sin, past_k, past_v, pos, new_k, new_v):
+        """x: (B, n, hidden); cos/sin: (B, n, head_dim); past_k/v: (B, kv_heads, W-1, head_dim) rotated history;
+        pos: (B,) int64 first position of the chunk. Writes the new history into new_k / new_v (same shape)
+        and returns out (B, n, hidden). Rotary, the window update and the masked attention are one kernel
+        (``kernels.window_attention``; its reference is this layer's former torch code)."""
         b, n, _ = x.shape
-        q, k, v = split(self.qkv_proj(x), self.qkv_proj.parts)
-        q = q.view(b, n, self.heads, self.head_dim).transpose(1, 2)
-        k = k.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        v = v.view(b, n, self.kv_heads, self.head_dim).transpose(1, 2)
-        cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        keys = torch.cat([past_k, k], dim=2)
-        values = torch.cat([past_v, v], dim=2)
-        keep = past_k.shape[2]
-        new_k, new_v = keys[:, :, keys.shape[2] - keep:], values[:, :, values.shape[2] - keep:]
-        rep = self.heads // self.kv_heads
-        if rep > 1:
-            keys, values = keys.repeat_interleave(rep, dim=1), values.repeat_interleave(rep, dim=1)
-        # Query i sees key slots [i, i + W - 1] (its window is a band), so blocks of queries need only a
-        # (block + W - 1)-slot slice of the keys: memory stays linear in the number of frames.
-        outs = []
-        for a in range(0, n, _ATTN_BLOCK):
-            e = min(n, a + _ATTN_BLOCK)
-            ks, vs, kp = keys[:, :, a:e + keep], values[:, :, a:e + keep], kpos[:, a:e + keep]
-            qp = qpos[:, a:e]
-            mask = (kp[:, None, :] >= 0) & (kp[:, None, :] <= qp[:, :, None]) & (
-                qp[:, :, None] - kp[:, None, :] < self.window)
-            outs.append(F.scaled_dot_product_attention(q[:, :, a:e], ks, vs, attn_mask=mask[:, None],
-                                                       scale=self.head_dim ** -0.5))
-        o = outs[0] if len(outs) == 1 else torch.cat(outs, dim=2)
-        return self.o_proj(o.transpose(1, 2).reshape(b, n, -1)), new_k, new_v
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+        q, k, v = split(self.qkv_proj(x), self.qkv_proj.parts)  # views of the fused projection
+        q = q.view(b, n, self.heads, self.head_dim)
+        k = k.view(b, n, self.kv_heads, self.head_dim)
+        v = v.view(b, n, self.kv_heads, self.head_dim)
+        o, _, _ = window_attention(q, k, v, cos, sin, past_k, past_v, pos, self.window, self.head_dim ** -0.5,
+                                   new_k=new_k, new_v=new_v)
+        return self.o_proj(o.reshape(b, n, -1))
 
 
 class _TransformerLayer(nn.Module):
@@ -169,11 +193,11 @@ class _TransformerLayer(nn.Module):
         self.mlp = DenseMLP(c.hidden_size, c.intermediate_size)   # gate/up as one GEMM, silu·mul one kernel
         self.mlp_layer_scale = _LayerScale(c.hidden_size, c.layer_scale_initial_scale)
 
-    def forward(self, x, cos, sin, past_k, past_v, kpos, qpos):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, kpos, qpos)
-        x = x + self.self_attn_layer_scale.scale * a
-        x = x + self.mlp_layer_scale.scale * self.mlp(self.post_attention_layernorm(x))
-        return x, k, v
+    def forward(self, x, cos, sin, past_k, past_v, pos, new_k, new_v):
+        a = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, pos, new_k, new_v)
+        # x + scale·a as one op (fused multiply-add: equal to the reference up to its rounding of scale·a)
+        x = torch.addcmul(x, self.self_attn_layer_scale.scale, a)
+        return torch.addcmul(x, self.mlp_layer_scale.scale, self.mlp(self.post_attention_layernorm(x)))
 
 
 class _Transformer(nn.Module):
@@ -295,11 +319,15 @@ class Code2Wav(nn.Module):
         dim = c.head_dim
         inv = 1.0 / (c.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float, device=device) / dim))
         self.register_buffer("inv_freq", inv, persistent=False)
+        _cc.tile_counters(device)  # the split convs' arrival counters, zeroed here rather than in a step
         if torch.device(device).type == "cuda":
             # the dense conv kernel's weight tiles load contiguously in (width, out, in) storage
             for m in self._convs + [m for m in self.modules() if isinstance(m, _CausalConv) and m.state_len == 0]:
                 if m.groups == 1:
                     m.conv.weight = nn.Parameter(prepare_weight(m.conv.weight), requires_grad=False)
+            for m in self.modules():
+                if isinstance(m, _TransConv):  # (K, out, in) storage: contiguous tile loads along ``in``
+                    m.conv.weight = nn.Parameter(_trans.prepare_weight(m.conv.weight), requires_grad=False)
 
     def num_samples(self, frames: int) -> int:
         """Samples one ``decode`` of ``frames`` frames returns: frames·T − D (0 for no frames)."""
@@ -310,21 +338,22 @@ class Code2Wav(nn.Module):
         return self.samples_per_frame - self.delay
 
     # -- streaming --------------------------------------------------------------------------------------------
+    @property
+    def state_layout(self) -> StateLayout:
+        c = self.cfg
+        return StateLayout(key=(c.num_hidden_layers, c.num_key_value_heads, c.sliding_window - 1, c.head_dim),
+                           conv=tuple((m.conv.in_channels, m.state_len) for m in self._convs),
+                           tail=tuple((m.conv.out_channels, m.overlap) for m in self._tconvs))
+
     def init_state(self, batch: int, device: torch.device | str | None = None,
                    dtype: torch.dtype | None = None) -> Code2WavState:
         """Zero state for ``batch`` fresh streams (zeros are exactly the reference's left padding)."""
         w = self.code_embedding.weight
         device = w.device if device is None else device
         dtype = w.dtype if dtype is None else dtype
-        c = self.cfg
-        kv = torch.zeros((c.num_hidden_layers, batch, c.num_key_value_heads, c.sliding_window - 1, c.head_dim),
-                         device=device, dtype=dtype)
-        return Code2WavState(
-            pos=torch.zeros(batch, dtype=torch.long, device=device), key=kv, value=kv.clone(),
-            conv=tuple(torch.zeros((batch, m.conv.in_channels, m.state_len), device=device, dtype=dtype)
-                       for m in self._convs),
-            tail=tuple(torch.zeros((batch, m.conv.out_channels, m.overlap), device=device, dtype=dtype)
-                       for m in self._tconvs))
+        layout = self.state_layout
+        return Code2WavState(torch.zeros(batch, dtype=torch.long, device=device),
+                             torch.zeros((batch, layout.size), device=device, dtype=dtype), layout)
 
     @torch.inference_mode()
     def step_padded(self, codes: torch.Tensor, state: Code2WavState) -> tuple[torch.Tensor, Code2WavState]:
@@ -332,36 +361,34 @@ class Code2Wav(nn.Module):
 
         codes: (batch, num_quantizers, n) int64. Returns (audio (batch, n·T), new state). For a stream whose
         ``state.pos`` was 0, the first ``self.delay`` samples precede the waveform's start and must be dropped;
-        every other sample is final and exact. ``state`` is not modified.
+        every other sample is final and exact. ``state`` is not modified: every piece of the new state is written
+        straight into its view of one fresh buffer by the op that produces it (no gather/copy per conv).
         """
         self._check_codes(codes)
         if codes.shape[0] != state.batch:
             raise ValueError(f"codes batch {codes.shape[0]} != state batch {state.batch}")
         pos = state.pos
-        x, key, value = self._transformer(codes, pos, state.key, state.value)
+        new = Code2WavState(pos + codes.shape[-1], torch.empty_like(state.data), state.layout)
+        x = self._transformer(codes, pos, state.key, state.value, new.key, new.value)
         conv_in, tail_in = state.conv, state.tail
-        conv_out: list[torch.Tensor | None] = [None] * len(conv_in)
-        tail_out: list[torch.Tensor | None] = [None] * len(tail_in)
+        conv_out, tail_out = new.conv, new.tail
 
-        def conv(m: _CausalConv, h, lag, unit, snake: _Snake | None = None):
+        def conv(m: _CausalConv, h, lag, unit, snake: _Snake | None = None, residual=None):
             alpha, beta = snake.params() if snake is not None else (None, None)
             if m.state_len == 0:  # pointwise: junk stays in the pre-start positions
                 return causal_conv1d(h, m.conv.weight, m.conv.bias, m.dilation, m.groups,
-                                     snake_alpha=alpha, snake_beta=beta)
-            h = self._zero_before_start(h, pos, lag, unit)
-            y, conv_out[m.slot] = causal_conv1d(h, m.conv.weight, m.conv.bias, m.dilation, m.groups,
-                                                state=conv_in[m.slot], return_state=True,
-                                                snake_alpha=alpha, snake_beta=beta)
+                                     snake_alpha=alpha, snake_beta=beta, residual=residual)
+            y, _ = causal_conv1d(h, m.conv.weight, m.conv.bias, m.dilation, m.groups, state=conv_in[m.slot],
+                                 return_state=True, snake_alpha=alpha, snake_beta=beta,
+                                 state_out=conv_out[m.slot], residual=residual, pre_start=(pos, lag, unit))
             return y
 
-        def tconv(m: _TransConv, h, lag, unit):
-            h = self._zero_before_start(h, pos, lag, unit)
-            length = h.shape[-1] * m.stride
-            y = F.conv_transpose1d(h, m.conv.weight, None, stride=m.stride)
-            if m.overlap:
-                y = torch.cat([y[..., :m.overlap] + tail_in[m.slot], y[..., m.overlap:]], dim=-1)
-                tail_out[m.slot] = y[..., length:]
-            return y[..., :length] + m.conv.bias[:, None]
+        def tconv(m: _TransConv, h, lag, unit, snake: _Snake | None = None):
+            alpha, beta = snake.params() if snake is not None else (None, None)
+            y, _ = trans_conv1d(h, m.conv.weight, m.conv.bias, m.stride,
+                                tail=tail_in[m.slot] if m.overlap else None, snake_alpha=alpha, snake_beta=beta,
+                                pre_start=(pos, lag, unit), tail_out=tail_out[m.slot] if m.overlap else None)
+            return y
 
         h = x.transpose(1, 2)  # (B, hidden, n)
         lag, unit = 0, 1  # lag: pre-start samples at a fresh stream's chunk head; unit: samples per frame
@@ -370,17 +397,16 @@ class Code2Wav(nn.Module):
             lag, unit = lag * tc.stride + tc.overlap, unit * tc.stride
             r = conv(cnx.dwconv, h, lag, unit).transpose(1, 2)
             r = cnx.pwconv2(F.gelu(cnx.pwconv1(cnx.norm(r))))
-            h = h + (cnx.gamma * r).transpose(1, 2)
+            h = torch.addcmul(h, cnx.gamma[:, None], r.transpose(1, 2))
         h = conv(self.decoder[0], h, lag, unit)
         for blk in self.decoder[1:-2]:
             act, tc, *units = blk.block
-            h = tconv(tc, snake_beta_ref(h, *act.params()), lag, unit)
+            h = tconv(tc, h, lag, unit, snake=act)
             lag, unit = lag * tc.stride + tc.overlap, unit * tc.stride
             for u in units:
                 r = conv(u.conv1, h, lag, unit, snake=u.act1)
-                h = h + conv(u.conv2, r, lag, unit, snake=u.act2)
+                h = conv(u.conv2, r, lag, unit, snake=u.act2, residual=h)
         wav = conv(self.decoder[-1], h, lag, unit, snake=self.decoder[-2])
-        new = Code2WavState(pos + codes.shape[-1], key, value, tuple(conv_out), tuple(tail_out))
         return wav.clamp(-1, 1).squeeze(1), new
 
     def step(self, codes: torch.Tensor, state: Code2WavState) -> tuple[torch.Tensor, Code2WavState]:
@@ -429,29 +455,17 @@ class Code2Wav(nn.Module):
         if codes.dtype.is_floating_point or codes.dtype.is_complex or codes.dtype == torch.bool:
             raise ValueError(f"codes must be an integer tensor; got {codes.dtype}")
 
-    @staticmethod
-    def _zero_before_start(h: torch.Tensor, pos: torch.Tensor, lag: int, unit: int) -> torch.Tensor:
-        """h: (B, C, L) chunk whose first sample sits at offline index pos·unit − lag; zero negative indices."""
-        if lag == 0:
-            return h
-        lead = (lag - pos * unit).clamp_min(0)  # (B,)
-        keep = torch.arange(h.shape[-1], device=h.device)[None, :] >= lead[:, None]
-        return h.masked_fill(~keep[:, None, :], 0)
-
-    def _transformer(self, codes, pos, past_k, past_v):
-        """codes: (B, Q, n) -> hidden (B, n, hidden), new keys/values (layers, B, kv_heads, W-1, head_dim)."""
+    def _transformer(self, codes, pos, past_k, past_v, new_k, new_v):
+        """codes: (B, Q, n) -> hidden (B, n, hidden); the new last ``W - 1`` keys/values of every layer are
+        written into new_k / new_v (layers, B, kv_heads, W-1, head_dim), views of the new state."""
         n = codes.shape[-1]
         x = self.code_embedding(codes + self.code_offset).mean(1)
         qpos = pos[:, None] + torch.arange(n, device=pos.device)
-        keep = past_k.shape[3]
-        kpos = pos[:, None] - keep + torch.arange(keep + n, device=pos.device)
-        # angles for exactly the positions in use (no table caps the stream length); fp32 as the reference
+        # angles for exactly the positions in use (no table caps the stream length); fp32 as the reference;
+        # built once per step, shared by every layer
         freqs = qpos[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        ks, vs = [], []
         for i, layer in enumerate(self.pre_transformer.layers):
-            x, k, v = layer(x, cos, sin, past_k[i], past_v[i], kpos, qpos)
-            ks.append(k)
-            vs.append(v)
-        return self.pre_transformer.norm(x), torch.stack(ks), torch.stack(vs)
+            x = layer(x, cos, sin, past_k[i], past_v[i], pos, new_k[i], new_v[i])
+        return self.pre_transformer.norm(x)

@@ -80,6 +80,13 @@ def build_meta_model(cfg: OmniConfig, dtype: torch.dtype, with_talker: bool = Tr
             if name.endswith("_scale_inv"):  # scales stay fp32 whatever the compute dtype
                 owner, _, leaf = name.rpartition(".")
                 model.get_submodule(owner)._parameters[leaf] = nn.Parameter(p.float(), requires_grad=False)
+        # what a load does once the weights are in (loader.assign_parameters): non-persistent buffers, and
+        # post-load weight transforms such as the talker's shared expert folded into its experts
+        meta = torch.device("meta")
+        for sub in model.modules():
+            hook = getattr(sub, "materialize_buffers", None)
+            if callable(hook):
+                hook(meta)
     finally:
         torch.set_default_dtype(previous)
     return model
