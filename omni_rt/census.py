@@ -277,8 +277,8 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
                 r.talker = Sequence((1 << 40) + i, tparams, (cfg.talker.codec_eos_token_id,), i)
                 r.talker.set_prompt(torch.empty(m, kc.hidden_size, dtype=dtype, device=meta),
                                     text_positions(0, m, meta))
-                r.feed = TalkerTextFeed(model, prompt, r.thinker.embeds, None, speaker, (cfg.im_end_token_id,), 64)
-                r.feed.push([1, 1, 1])             # the thinker is a few tokens ahead of the talker
+                r.talker.feed = TalkerTextFeed(model, prompt, r.thinker.embeds, None, speaker, (cfg.im_end_token_id,), 64)
+                r.talker.feed.push([1, 1, 1])             # the thinker is a few tokens ahead of the talker
             slots = to_device(list(range(B)), torch.long, meta)
 
             # ---- talker_prefill and its first code 0 (the first frame's code predictor and Code2Wav step are
@@ -293,7 +293,7 @@ def census(config: str | dict | object = "full", batch: int = 1, *, dtype: torch
             # ---- the steady-state speech frame, as the engine replays it (one graph per batch bucket): talker
             #      decode with its trailing-text entry + code 0 → code-predictor frame → one Code2Wav step
             for r in reqs:
-                r.feed.entry(len(r.talker.output) - 1)   # the scheduler's readiness check (projects the token)
+                r.talker.feed.entry(len(r.talker.output) - 1)   # the scheduler's readiness check (projects the token)
             st.speech_graph = st.speech_frame_runner()
             st.speech_frame(reqs)["audio"].cpu()   # the engine's read-back, outside the stages
     return CensusResult(label, B, dict(recorder.stages))

@@ -272,8 +272,8 @@ def test_batched_steps_equal_solo_and_late_text_waits(model):
     assert batch[0].all_codes(16).shape[1] == len(batch[0].talker.output) - 1
     # late text: a's thinker has tokens 0..1, the talker made 2 code 0s (frames done): step 1 needs token 2
     late = make_request(model, "late", a_ids, jobs[0][2], params, "aiden")
-    late.feed = _feed(model, a_ids, "aiden", [70, 71], finished=False)
+    late.talker.feed = _feed(model, a_ids, "aiden", [70, 71], finished=False)
     late.talker.output = [5, 6]
     assert not Scheduler.talker_ready(late)
-    late.feed.push([72])
+    late.talker.feed.push([72])
     assert Scheduler.talker_ready(late)

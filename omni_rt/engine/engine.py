@@ -187,8 +187,8 @@ class Engine:
 
     @staticmethod
     def _set_talker_prompt(r: Request) -> None:
-        r.talker.set_prompt(*r.feed.prefill())
-        r.talker.rope_delta = r.feed.rope_delta   # TM-RoPE talker prompts (images/video in the user turns)
+        r.talker.set_prompt(*r.talker.feed.prefill())
+        r.talker.rope_delta = r.talker.feed.rope_delta   # TM-RoPE talker prompts (images/video in the user turns)
 
     # ------------------------------------------------------------------------------------- transactions
     def _transaction(self, phase, reqs: list[Request], plan) -> None:
@@ -442,17 +442,17 @@ class Engine:
             req.t_thinker_done = now
             self.sched.free_seq("thinker", seq)
         if req.speaking and not req.talker.finished and (step.release or step.finished):
-            if req.feed is None:
+            if req.talker.feed is None:
                 taps = torch.cat(req.taps) if req.taps else None
                 if taps is None or taps.shape[0] != seq.prompt_len:
                     raise RuntimeError("the thinker's accept-layer hidden states were not captured for every "
                                        "prompt position")
-                req.feed = TalkerTextFeed(self.model, seq.prompt_ids, seq.embeds, taps, req.speaker_id,
-                                          seq.stop_ids, seq.params.max_new_tokens,
-                                          vision=[v.item for v in req.vision])
+                req.talker.feed = TalkerTextFeed(self.model, seq.prompt_ids, seq.embeds, taps, req.speaker_id,
+                                                 seq.stop_ids, seq.params.max_new_tokens,
+                                                 vision=[v.item for v in req.vision])
                 req.taps, seq.embeds = [], None
-            req.feed.push(step.release, step.finished)
-            if not req.talker.started and req.feed.silent:
+            req.talker.feed.push(step.release, step.finished)
+            if not req.talker.started and req.talker.feed.silent:
                 req.talker.finish_reason = "silent"  # a one-token answer: nothing for the talker to voice
                 self.sched.free_seq("talker", req.talker)
         req.out.put(StreamChunk(req.request_id, text_delta=step.text, token_ids=[token],

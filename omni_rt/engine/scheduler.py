@@ -132,7 +132,8 @@ class Scheduler:
     @staticmethod
     def talker_prompt_ready(r: Request) -> bool:
         """The talker prompt needs the thinker's first token (and to know whether it was the last)."""
-        return r.feed is not None and not r.talker.started and r.feed.prefill_ready()
+        t = r.talker
+        return t is not None and t.feed is not None and not t.started and t.feed.prefill_ready()
 
     @staticmethod
     def talker_ready(r: Request) -> bool:
@@ -140,7 +141,7 @@ class Scheduler:
         request whose next thinker token is not out yet waits — it never gets tts_pad instead)."""
         t = r.talker
         return (t is not None and not r.cancelled and t.started and not t.finished
-                and r.feed.entry(len(t.output) - 1) is not None)
+                and t.feed.entry(len(t.output) - 1) is not None)
 
     def talker_decode(self) -> list[Request]:
         return [r for r in self.running if self.talker_ready(r)]

@@ -39,6 +39,8 @@ class Sequence:
     sampler's counter-based seed; prompt_ids: the thinker's prompt ids ([] for the talker, whose prompt is
     embeddings only). ``embeds`` (n, H) and ``positions`` (3, n) float32 are set when the prompt is known.
     ``rope_delta``: offset of decode positions past the prompt length (0 for text/audio; TM-RoPE sets it).
+    ``feed``: talker streams only — their input recipe (``models.talker.TalkerTextFeed``), built at the
+    thinker's first token; it yields the talker's prompt and one text entry per decoded code.
     """
 
     def __init__(self, seq_id: int, params: SamplingParams, stop_ids, seed: int, prompt_ids=()):
@@ -55,6 +57,7 @@ class Sequence:
         self.output: list[int] = []
         self.finish_reason: str | None = None
         self.reserved_blocks = 0
+        self.feed = None
 
     def set_prompt(self, embeds: torch.Tensor, positions: torch.Tensor) -> None:
         """embeds: (n, H); positions: (3, n) float32."""
@@ -97,8 +100,8 @@ class Sequence:
 
 @dataclasses.dataclass
 class Request:
-    """One request in the engine. ``talker`` is None for text-only requests; ``feed`` is the talker's input
-    recipe (models.talker.TalkerTextFeed), built at the thinker's first token."""
+    """One request in the engine. ``talker`` is None for text-only requests (its ``feed`` is the talker's
+    input recipe)."""
 
     request_id: str
     thinker: Sequence
@@ -107,7 +110,6 @@ class Request:
     text_out: Any = None                                        # text_output.TextOutput (None: plain detok)
     talker: Sequence | None = None
     speaker_id: int | None = None
-    feed: Any = None
     slot: int = -1
     taps: list = dataclasses.field(default_factory=list)        # accept-layer hidden states of prompt chunks
     held: list = dataclasses.field(default_factory=list)        # (G,) int64 host frames not yet vocoded

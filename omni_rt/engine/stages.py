@@ -248,7 +248,7 @@ class Stages:
         """One talker step: input = last frame's codec embedding sum + the next text entry → hidden (B, H)."""
         seqs = [r.talker for r in reqs]
         with census_stage("talker_decode"):
-            entries = torch.stack([r.feed.entry(len(s.output) - 1) for r, s in zip(reqs, seqs)])
+            entries = torch.stack([r.talker.feed.entry(len(s.output) - 1) for r, s in zip(reqs, seqs)])
             x = self.codec_embed.index_select(0, slots) + entries.to(self.dtype)
             pos = to_device([s.next_position() for s in seqs], torch.float32, self.device).expand(3, -1)
             hidden, _ = self.talker_runner.decode([s.seq_id for s in seqs], x, pos)
@@ -303,7 +303,7 @@ class Stages:
     def _speech_frame(self, reqs: list[Request]) -> dict:
         seqs = [r.talker for r in reqs]
         ids = [s.seq_id for s in seqs]
-        entries = torch.stack([r.feed.entry(len(s.output) - 1) for r, s in zip(reqs, seqs)]).to(self.dtype)
+        entries = torch.stack([r.talker.feed.entry(len(s.output) - 1) for r, s in zip(reqs, seqs)]).to(self.dtype)
         pool = self.talker_pool
         cp = FrameSampling.host_rows([s.params.temperature for s in seqs], [s.seed for s in seqs],
                                      [len(s.output) for s in seqs])
