@@ -13,32 +13,14 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _kernel_bench import CUDA, report_bandwidth, synced
 from omni_rt.kernels.trans_conv1d import prepare_weight, trans_conv1d, trans_conv1d_ref
 from omni_rt.kernels.window_attention import window_attention, window_attention_ref
 
-CUDA = torch.cuda.is_available()
 DEV = "cuda" if CUDA else "cpu"
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 FRAMES = [1, 25] if CUDA else [1]
 IMPLS = ["triton", "ref"] if CUDA else ["ref"]
-
-
-def _sync(fn):
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-    return run
-
-
-def _report(benchmark, nbytes):
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if CUDA else "cpu",
-                                 "MB_moved": nbytes / 1e6, "floor_us_h100": nbytes / 3.35e12 * 1e6})
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        med = stats.stats.median
-        benchmark.extra_info.update({"median_us": med * 1e6, "GB_per_s": nbytes / med / 1e9})
 
 
 @pytest.mark.parametrize("frames", FRAMES)
@@ -63,8 +45,8 @@ def test_bench_window_attention(benchmark, impl, frames):
     o_ref, _, _ = window_attention_ref(*args)
     assert (o.float() - o_ref.float()).abs().max().item() <= 3e-2
     benchmark.group = f"window_attention-F{frames}"
-    benchmark(_sync(fn))
-    _report(benchmark, (qkv.numel() + 4 * pk.numel() + 2 * cos.numel() + B * n * H * D) * qkv.element_size())
+    benchmark(synced(fn))
+    report_bandwidth(benchmark, (qkv.numel() + 4 * pk.numel() + 2 * cos.numel() + B * n * H * D) * qkv.element_size())
 
 
 # name -> (in, out, K, stride, input samples per frame, snake)
@@ -94,5 +76,5 @@ def test_bench_trans_conv1d(benchmark, impl, name, frames):
                                                                else v) for kk, v in a.items()})
     assert (y.float() - y_ref).abs().max().item() <= 5e-2 * max(y_ref.abs().max().item(), 1.0)
     benchmark.group = f"trans_conv1d-{name}-F{frames}"
-    benchmark(_sync(fn))
-    _report(benchmark, (x.numel() + w.numel() + c_out + y.numel() + 2 * a["tail"].numel()) * x.element_size())
+    benchmark(synced(fn))
+    report_bandwidth(benchmark, (x.numel() + w.numel() + c_out + y.numel() + 2 * a["tail"].numel()) * x.element_size())

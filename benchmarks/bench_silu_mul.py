@@ -15,21 +15,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from _kernel_bench import CUDA, report_bandwidth, synced
 from omni_rt.kernels.silu_mul import silu_mul, silu_mul_ref
 
-CUDA = torch.cuda.is_available()
 SHAPES = {"cp_decode": (1, 3072), "cp_b16": (16, 3072), "shared_decode": (1, 768), "shared_prefill80": (80, 768)} \
     if CUDA else {"tiny_96": (3, 96)}
 IMPLS = ["triton", "torch"] if CUDA else ["ref"]
-
-
-def _sync(fn):
-    def run():
-        out = fn()
-        if CUDA:
-            torch.cuda.synchronize()
-        return out
-    return run
 
 
 @pytest.mark.parametrize("name", list(SHAPES))
@@ -44,11 +35,5 @@ def test_bench_silu_mul(benchmark, impl, name):
     out, want = fn(), silu_mul_ref(x)
     assert (out.float() - want.float()).abs().max().item() <= 2e-2 * max(want.float().abs().max().item(), 1.0)
     benchmark.group = f"silu_mul-{name}"
-    benchmark(_sync(fn))
-    nbytes = 3 * rows * inter * x.element_size()
-    benchmark.extra_info.update({"device": torch.cuda.get_device_name() if CUDA else "cpu", "bytes": nbytes,
-                                 "floor_us_h100": nbytes / 3.35e12 * 1e6})
-    stats = getattr(benchmark, "stats", None)
-    if stats is not None and getattr(stats, "stats", None) is not None:
-        med = stats.stats.median
-        benchmark.extra_info.update({"median_us": med * 1e6, "GB_per_s": nbytes / med / 1e9})
+    benchmark(synced(fn))
+    report_bandwidth(benchmark, 3 * rows * inter * x.element_size())
