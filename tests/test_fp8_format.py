@@ -244,6 +244,17 @@ def test_bad_quantization_argument(plain_ckpt):
     assert build_parser().parse_args(["run", "--model", "d"]).quant is None
 
 
+def _fused_param(params: dict, owner: str, fused: str, leaf: str) -> torch.Tensor:
+    """``{owner}.{fused}.{leaf}``, or — for the talker's shared expert, which loading folds into the routed experts
+    when its width is theirs (``SparseMoE.fuse_shared_expert``: then it is the one extra, last expert) — that
+    expert's slice of the stacked ``experts.gate_up_proj`` (``leaf`` "weight") or its scale grid."""
+    name = f"{owner}.{fused}.{leaf}"
+    if name in params:
+        return params[name]
+    stacked = owner.rsplit(".", 1)[0] + ".experts.gate_up_proj" + ("" if leaf == "weight" else "_scale_inv")
+    return params[stacked][-1]
+
+
 def test_fused_fp8_weights_keep_each_parts_grid(fp8_ckpt, plain_ckpt):
     """Kept FP8 (sm_90): q/k/v and the shared expert's gate/up are one FP8 parameter each whose scale grid is the
     parts' own grids stacked (the tiny-wide widths are not multiples of 128, so the parts' edge blocks do not
@@ -258,14 +269,14 @@ def test_fused_fp8_weights_keep_each_parts_grid(fp8_ckpt, plain_ckpt):
                                 ("talker.model.layers.0.mlp.shared_expert", "gate_up_proj", ("gate_proj", "up_proj"))):
         parts = [f"{owner}.{n}.weight" for n in names]
         assert any(raw[p].shape[0] % 128 for p in parts)
-        w, s = kept[f"{owner}.{fused}.weight"], kept[f"{owner}.{fused}.weight_scale_inv"]
+        w, s = _fused_param(kept, owner, fused, "weight"), _fused_param(kept, owner, fused, "weight_scale_inv")
         assert w.dtype == torch.float8_e4m3fn
         assert torch.equal(w.view(torch.uint8), torch.cat([raw[p].view(torch.uint8) for p in parts]))
         assert torch.equal(s, torch.cat([raw[p + "_scale_inv"].float() for p in parts]))
         want = torch.cat([dequantize_blockwise(raw[p], raw[p + "_scale_inv"].float(), torch.float32) for p in parts])
-        assert torch.equal(deq[f"{owner}.{fused}.weight"], want)
+        assert torch.equal(_fused_param(deq, owner, fused, "weight"), want)
         rows = tuple(raw[p].shape[0] for p in parts)
         assert torch.equal(dequantize_blockwise(w, s, torch.float32, parts=rows), want)
         # quantized at load (streaming, each on-disk part on its own grid before the fusion): the same
-        assert torch.equal(at_load[f"{owner}.{fused}.weight"].view(torch.uint8), w.view(torch.uint8))
-        assert torch.equal(at_load[f"{owner}.{fused}.weight_scale_inv"], s)
+        assert torch.equal(_fused_param(at_load, owner, fused, "weight").view(torch.uint8), w.view(torch.uint8))
+        assert torch.equal(_fused_param(at_load, owner, fused, "weight_scale_inv"), s)
