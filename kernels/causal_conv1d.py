@@ -239,15 +239,19 @@ def _dense_config(c_out: int, length: int, width: int, dtype: torch.dtype) -> tu
     the fused snake's precise sin is inlined per element. fp32 dots run as ieee FMA (no tensor cores),
     whose operand registers grow with BLOCK_C, so fp32 uses BLOCK_C = 16; width 1 (a loop over in-blocks
     only, pipelined deeper by the compiler) takes half the in-block of width 7."""
+    # 16-bit width-7 tiles run 8 warps: at 4, ptxas (triton 3.6, sm_90) caps them at 96 registers and spills
+    # a few bytes; width 1 at 8 warps spills instead, so it keeps 4. The short fp32 width-7 tile is 16 out
+    # channels for the same reason (32 spills under 3.6 at 4 warps and under 3.9 on sm_80 at 8).
+    wide = 8 if width > 1 else 4
     if dtype == torch.float32:
-        if c_out <= 16:
+        if c_out <= 16 or (length <= 64 and width > 1):
             return 16, 16, 32, 4
         return (32, 16, 32, 4) if length <= 64 else (32, 16, 64, 4)
     if c_out <= 16:
         return 16, 32, 64 if length > 64 else 32, 4
     if length <= 64:
-        return 32, 64 if width > 1 else 32, 32, 4
-    return 64, 32 if width > 1 else 16, 64, 4
+        return 32, 64 if width > 1 else 32, 32, wide
+    return 64, 32 if width > 1 else 16, 64, wide
 
 
 _DW_BLOCK_C, _DW_BLOCK_T, _DW_MAX_WARPS = 16, 128, 8

@@ -150,15 +150,17 @@ def _act_quant_kernel(
 def get_config(m: int, dtype: torch.dtype, act_fp8: bool = False) -> dict:
     """Launch config by token count: small M (decode) splits N finely; prefill uses larger tiles.
 
-    Chosen spill-free for sm_90 (tests/test_kernel_compile.py): bigger w8a8 tiles (128×128×128) spill
-    hundreds of bytes under triton 3.9, so w8a8 keeps 64×64×128 tiles.
+    Chosen spill-free for sm_90 under triton 3.6 and 3.9 (tests/test_kernel_compile.py): bigger w8a8 tiles
+    (128×128×128) spill hundreds of bytes under triton 3.9, so w8a8 keeps 64×64×128 tiles. Weight-only tiles
+    dequantize the (BLOCK_N × BLOCK_K) FP8 tile in fp32 registers before the dot, so their N×K stays at 32×64
+    (64×128 spilled 48-280 bytes under 3.6); BLOCK_N 32 also doubles the programs a decode step launches.
     """
     if act_fp8:
         cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 8, "num_warps": 4, "num_stages": 3}
     elif m <= 16:
-        cfg = {"BLOCK_M": 16, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
+        cfg = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 1, "num_warps": 4, "num_stages": 4}
     elif m <= 64:
-        cfg = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 128, "GROUP_M": 4, "num_warps": 4, "num_stages": 3}
+        cfg = {"BLOCK_M": 64, "BLOCK_N": 32, "BLOCK_K": 64, "GROUP_M": 4, "num_warps": 8, "num_stages": 3}
     else:
         cfg = {"BLOCK_M": 128, "BLOCK_N": 128, "BLOCK_K": 32, "GROUP_M": 8, "num_warps": 8, "num_stages": 3}
     if dtype == torch.float32 and not act_fp8:
