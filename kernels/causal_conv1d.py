@@ -307,11 +307,16 @@ def _validate(x, weight, bias, dilation, groups, state, snake_alpha, snake_beta,
             raise ValueError(f"causal_conv1d: pre_start needs int lag >= 0 and unit >= 1; got {lag}, {unit}")
 
 
-def _dw_config(length: int) -> tuple[int, int, int]:
+def _dw_config(channels: int, length: int, batch: int) -> tuple[int, int, int]:
     """(BLOCK_C, BLOCK_T, num_warps) for the depthwise kernel: the time tile follows the real length (a
-    one-frame ConvNeXt step has 2-4 samples), so short chunks do not run 128-wide mostly-masked tiles."""
+    one-frame ConvNeXt step has 2-4 samples), so short chunks do not run 128-wide mostly-masked tiles; the
+    channel tile is the largest of 16/8/4 that gives MIN_PROGRAMS programs (the released 1024 channels at one
+    frame: 4, 256 programs), and 16 when none does (tiny shapes stay few programs under the interpreter)."""
     bt = min(max(triton.next_power_of_2(max(length, 1)), 16), _DW_BLOCK_T)
-    return _DW_BLOCK_C, bt, max(1, min(_DW_MAX_WARPS, _DW_BLOCK_C * bt // 256))
+    t_blocks = max(triton.cdiv(length, bt), 1) * batch
+    bc = next((c for c in (_DW_BLOCK_C, _DW_BLOCK_C // 2, _DW_BLOCK_C // 4)
+               if triton.cdiv(channels, c) * t_blocks >= MIN_PROGRAMS), _DW_BLOCK_C)
+    return bc, bt, max(1, min(_DW_MAX_WARPS, bc * bt // 256))
 
 
 # Programs a dense conv should launch at least (an H100 has 132 SMs): below that, split the input channels.
@@ -388,7 +393,7 @@ def _causal_conv1d_triton(x, weight, bias, dilation, groups, state, snake_alpha,
     args = (x, weight, bias if bias is not None else dummy, st,
             snake_alpha if has_snake else dummy, snake_beta if has_snake else dummy, y, so)
     if depthwise:
-        bc, bt, warps = _dw_config(length)
+        bc, bt, warps = _dw_config(c_in, length, batch)
         grid = (max(triton.cdiv(length, bt), 1), triton.cdiv(c_in, bc), batch)
         _causal_conv1d_depthwise_kernel[grid](
             *args, pos, c_in, length, dilation, lag, unit,
@@ -542,7 +547,7 @@ def _specs() -> list[KernelSpec]:
                       **{n: "i32" for n in ("sxb", "sxc", "sxt", "swc", "swk", "ssb", "ssc", "sst",
                                             "syb", "syc", "syt", "sob", "soc", "sot")})
         for stream, length in ((False, 4096), (True, 4), (True, 4096)):
-            bc, bt, warps = _dw_config(length)
+            bc, bt, warps = _dw_config(1024, length, 1)   # the ConvNeXt blocks: 1024 channels
             specs.append(KernelSpec(
                 name=f"causal_conv1d_depthwise_w7_{'stream' if stream else 'offline'}_L{length}_{t}",
                 fn=_causal_conv1d_depthwise_kernel, signature=dw_sig,

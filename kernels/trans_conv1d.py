@@ -17,7 +17,8 @@ K - s samples on both ends; the right trim is exactly the part held back as the 
 Kernel: output sample t = j·s + m (phase m < s) is y[o, t] = Σ_c W[c, o, m]·a[c, j] + [m < ov]·Σ_c W[c, o, m + s]·
 a[c, j - 1], i.e. per phase a width-2 causal conv: one program per (input-position block, out-block × phase,
 stream) accumulates two ``tl.dot``s per input-channel block in fp32; positions j = L carry the new tail, j - 1 = -1
-reads the old tail. Weight any strides; ``prepare_weight``'s (K, C_out, C_in) storage makes the tile loads
+reads the old tail. One-frame chunks give few such tiles, so the input channels are split over several programs
+per tile (``causal_conv1d``'s deterministic last-arrival reduction) until every SM has one. Weight any strides; ``prepare_weight``'s (K, C_out, C_in) storage makes the tile loads
 contiguous along C_in.
 """
 from __future__ import annotations
@@ -28,7 +29,7 @@ import triton
 import triton.language as tl
 
 from . import KernelSpec, use_triton
-from .causal_conv1d import SNAKE_EPS, _snake_params, snake_beta_ref, zero_pre_start
+from .causal_conv1d import SNAKE_EPS, _snake_params, _split_for, snake_beta_ref, tile_counters, zero_pre_start
 
 __all__ = ["trans_conv1d", "trans_conv1d_ref", "prepare_weight", "COMPILE_SPECS"]
 
@@ -49,17 +50,24 @@ def _act_tile(x_ptr, alpha_e, inv_beta, b, offs_c, cmask, j, L, lead, sxb, sxc, 
 
 @triton.jit
 def _trans_conv1d_kernel(
-    x_ptr, w_ptr, bias_ptr, tail_ptr, alpha_ptr, beta_ptr, pos_ptr, y_ptr, to_ptr,
+    x_ptr, w_ptr, bias_ptr, tail_ptr, alpha_ptr, beta_ptr, pos_ptr, y_ptr, to_ptr, ws_ptr, cnt_ptr,
     C_in, C_out, L, lag, unit,
     sxb, sxc, sxt, swi, swo, swk, stb, stc, stt, syb, syc, syt, sob, soc, sot,
     STRIDE: tl.constexpr, OVERLAP: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_TAIL: tl.constexpr,
     WRITE_TAIL: tl.constexpr, HAS_SNAKE: tl.constexpr, HAS_LEAD: tl.constexpr, EPS: tl.constexpr,
-    BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
+    SPLIT: tl.constexpr, BLOCK_O: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_J: tl.constexpr,
 ):
-    """x: (B, C_in, L), w: (C_in, C_out, STRIDE + OVERLAP), tail/tail_out: (B, C_out, OVERLAP), y: (B, C_out, L·s)."""
+    """x: (B, C_in, L), w: (C_in, C_out, STRIDE + OVERLAP), tail/tail_out: (B, C_out, OVERLAP), y: (B, C_out, L·s).
+
+    SPLIT > 1 splits the input channels over SPLIT programs per (position block, out-block × phase) tile, as the
+    dense causal conv does: each stores its fp32 partial in ws (SPLIT, B, C_out, (L + 1)·s) and bumps the tile's
+    counter in cnt (int32, zero between launches); the last to arrive sums the partials in split order
+    (deterministic), finishes the tile and resets the counter."""
     pid_j = tl.program_id(0)
-    pid_om = tl.program_id(1)
+    pid_oms = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
+    pid_om = pid_oms // SPLIT
+    split = pid_oms % SPLIT
     m = pid_om % STRIDE          # the phase: output samples j·s + m
     pid_o = pid_om // STRIDE
     lead = 0
@@ -74,8 +82,10 @@ def _trans_conv1d_kernel(
     two_c = (tl.zeros([BLOCK_C], dtype=tl.int32) + m) < OVERLAP
     two_j = (tl.zeros([BLOCK_J], dtype=tl.int32) + m) < OVERLAP
     acc = tl.zeros([BLOCK_O, BLOCK_J], dtype=tl.float32)
-    for c0 in range(0, C_in, BLOCK_C):
-        offs_c = c0 + tl.arange(0, BLOCK_C)
+    n_cb = tl.cdiv(C_in, BLOCK_C)
+    per = tl.cdiv(n_cb, SPLIT)  # in-blocks of this split: [split·per, min((split+1)·per, n_cb))
+    for cb in range(split * per, tl.minimum((split + 1) * per, n_cb)):
+        offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
         cmask = offs_c < C_in
         alpha_e, inv_beta = _snake_params(alpha_ptr, beta_ptr, offs_c, cmask, HAS_SNAKE, EPS)
         wmask = omask[:, None] & cmask[None, :]
@@ -94,6 +104,33 @@ def _trans_conv1d_kernel(
                 acc = tl.dot(w1, a1, acc, input_precision="ieee")
             else:
                 acc = tl.dot(w1, a1, acc)
+    if SPLIT == 1:
+        _finish(acc, bias_ptr, tail_ptr, y_ptr, to_ptr, b, offs_o, omask, j, m, L, two_j, stb, stc, stt, syb, syc,
+                syt, sob, soc, sot, STRIDE, OVERLAP, HAS_BIAS, HAS_TAIL, WRITE_TAIL)
+    else:
+        B = tl.num_programs(2)
+        n_t = (L + 1) * STRIDE
+        tile_mask = omask[:, None] & (j <= L)[None, :]
+        ws_tile = (b * C_out + offs_o[:, None]) * n_t + (j * STRIDE + m)[None, :]
+        tl.store(ws_ptr + split * B * C_out * n_t + ws_tile, acc, mask=tile_mask)
+        tile = (b * (tl.num_programs(1) // SPLIT) + pid_om) * tl.num_programs(0) + pid_j
+        # acq_rel: our partial is visible before the count, and the last sees every other partial
+        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
+        if arrived == SPLIT - 1:
+            acc = tl.zeros([BLOCK_O, BLOCK_J], dtype=tl.float32)
+            for sp in range(SPLIT):
+                acc += tl.load(ws_ptr + sp * B * C_out * n_t + ws_tile, mask=tile_mask, other=0.0)
+            _finish(acc, bias_ptr, tail_ptr, y_ptr, to_ptr, b, offs_o, omask, j, m, L, two_j, stb, stc, stt, syb,
+                    syc, syt, sob, soc, sot, STRIDE, OVERLAP, HAS_BIAS, HAS_TAIL, WRITE_TAIL)
+            tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (graph replays included)
+
+
+@triton.jit
+def _finish(acc, bias_ptr, tail_ptr, y_ptr, to_ptr, b, offs_o, omask, j, m, L, two_j, stb, stc, stt, syb, syc, syt,
+            sob, soc, sot, STRIDE: tl.constexpr, OVERLAP: tl.constexpr, HAS_BIAS: tl.constexpr,
+            HAS_TAIL: tl.constexpr, WRITE_TAIL: tl.constexpr):
+    """The (BLOCK_O, BLOCK_J) tile of phase m once every input channel is in ``acc``: the new tail (j == L), the
+    old tail added (j == 0), the bias, and the final samples y[:, j·s + m] (j < L)."""
     t = j * STRIDE + m
     if WRITE_TAIL:  # j == L, phase m < ov: the next chunk's partial sums (bias not added)
         tmask = omask[:, None] & ((j == L) & two_j)[None, :]
@@ -116,9 +153,20 @@ def _config(c_in: int, c_out: int, length: int, dtype: torch.dtype) -> tuple[int
     multiplies by the stride (one program per phase), so the tiles stay small for short chunks."""
     bj = 16 if length < 32 else 32
     if dtype == torch.float32:
-        return 32, 16, bj, 4
+        # ieee FMA dots: ptxas settles on 128 registers at 4 or 8 warps over the 16-position tile and spills a few
+        # bytes (sm_80 under triton 3.9, sm_90 under 3.6); 2 warps compile clean under both
+        return 32, 16, bj, 2 if bj == 16 else 4
     # 8 warps: at 4, ptxas (triton 3.6) caps these at 128 registers on sm_80 / 80 on sm_90 and spills.
     return 32, 32, bj, 8
+
+
+def _tiles(c_in: int, c_out: int, length: int, stride: int, dtype: torch.dtype,
+           batch: int) -> tuple[int, int, int, int, int]:
+    """(BLOCK_O, BLOCK_C, BLOCK_J, num_warps, SPLIT): ``_config``'s tiles, then an input-channel split up to the
+    dense conv's MIN_PROGRAMS (the released 1024 -> 1024 upsamplers launch 64 tiles at one frame)."""
+    bo, bc, bj, warps = _config(c_in, c_out, length, dtype)
+    programs = triton.cdiv(length + 1, bj) * triton.cdiv(c_out, bo) * stride * batch
+    return bo, bc, bj, warps, _split_for(programs, triton.cdiv(c_in, bc))
 
 
 def prepare_weight(weight: torch.Tensor) -> torch.Tensor:
@@ -174,11 +222,12 @@ def trans_conv1d_ref(x, weight, bias=None, stride: int = 1, tail=None, snake_alp
 def trans_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, stride: int = 1,
                  tail: torch.Tensor | None = None, snake_alpha: torch.Tensor | None = None,
                  snake_beta: torch.Tensor | None = None, pre_start: tuple[torch.Tensor, int, int] | None = None,
-                 tail_out: torch.Tensor | None = None):
+                 tail_out: torch.Tensor | None = None, split: int | None = None):
     """Streaming transposed conv (see the module docstring). x: (B, C_in, L) any strides; weight (C_in, C_out,
     K); bias (C_out,); tail: (B, C_out, K - s) or None (zeros: stream start); snake_alpha/beta: (C_in,) log-scale
     SnakeBeta on x; pre_start: (pos (B,) int64, lag, unit) zeroes x's samples t < lag - pos·unit; tail_out: where
-    to write the new tail (must not overlap tail). Returns (y (B, C_out, L·s), new tail (B, C_out, K - s))."""
+    to write the new tail (must not overlap tail); split: input-channel splits per tile (default: from the shapes,
+    enough programs for every SM; tests pin it). Returns (y (B, C_out, L·s), new tail (B, C_out, K - s))."""
     _check(x, weight, bias, stride, tail, snake_alpha, snake_beta, pre_start, tail_out)
     if not use_triton(x, weight):
         y, nt = trans_conv1d_ref(x, weight, bias, stride, tail, snake_alpha, snake_beta, pre_start)
@@ -198,17 +247,24 @@ def trans_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     pos, lag, unit = pre_start if has_lead else (x, 0, 1)
     has_snake = snake_alpha is not None
     dummy = x
-    bo, bc, bj, warps = _config(c_in, c_out, L, x.dtype)
-    grid = (triton.cdiv(L + 1, bj), triton.cdiv(c_out, bo) * stride, B)
+    bo, bc, bj, warps, auto_split = _tiles(c_in, c_out, L, stride, x.dtype, B)
+    split = auto_split if split is None else split
+    tiles = triton.cdiv(L + 1, bj) * triton.cdiv(c_out, bo) * stride * B
+    grid = (triton.cdiv(L + 1, bj), triton.cdiv(c_out, bo) * stride * split, B)
+    if split > 1:
+        ws = torch.empty((split, B, c_out, (L + 1) * stride), device=x.device, dtype=torch.float32)
+        cnt = tile_counters(x.device, tiles)
+    else:
+        ws, cnt = dummy, dummy
     _trans_conv1d_kernel[grid](
         x, weight, bias if bias is not None else dummy, tail if has_tail else dummy,
         snake_alpha if has_snake else dummy, snake_beta if has_snake else dummy, pos, y,
-        tail_out if ov > 0 else dummy,
+        tail_out if ov > 0 else dummy, ws, cnt,
         c_in, c_out, L, lag, unit,
         *x.stride(), *weight.stride(), *(tail.stride() if has_tail else (0, 0, 0)), *y.stride(),
         *(tail_out.stride() if ov > 0 else (0, 0, 0)),
         STRIDE=stride, OVERLAP=ov, HAS_BIAS=bias is not None, HAS_TAIL=has_tail, WRITE_TAIL=ov > 0,
-        HAS_SNAKE=has_snake, HAS_LEAD=has_lead, EPS=SNAKE_EPS, BLOCK_O=bo, BLOCK_C=bc, BLOCK_J=bj,
+        HAS_SNAKE=has_snake, HAS_LEAD=has_lead, EPS=SNAKE_EPS, SPLIT=split, BLOCK_O=bo, BLOCK_C=bc, BLOCK_J=bj,
         num_warps=warps, num_stages=2)
     return y, tail_out
 
@@ -217,25 +273,26 @@ def trans_conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
 def _specs() -> list[KernelSpec]:
     """The released upsamplers at one-frame lengths: 1024 -> 1024 (K = s = 2, no snake, no tail; the second with
     the pre-start mask) and the decoder's 1536 -> 768 (8), 768 -> 384 (5), 384 -> 192 (4), 192 -> 96 (3) with
-    K = 2s, snake, tail and mask; fp16/bf16/fp32."""
+    K = 2s, snake, tail and mask; fp16/bf16/fp32; each with the input-channel split its shape gets at batch 1."""
     tname = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
     specs = []
     for dt in _DTYPES:
         t = tname[dt]
         sig = {n: f"*{t}" for n in ("x_ptr", "w_ptr", "bias_ptr", "tail_ptr", "y_ptr", "to_ptr")}
-        sig.update(alpha_ptr="*fp32", beta_ptr="*fp32", pos_ptr="*i64", C_in="i32", C_out="i32", L="i32",
-                   lag="i32", unit="i32")
+        sig.update(alpha_ptr="*fp32", beta_ptr="*fp32", pos_ptr="*i64", ws_ptr="*fp32", cnt_ptr="*i32", C_in="i32",
+                   C_out="i32", L="i32", lag="i32", unit="i32")
         sig.update({s: "i32" for s in ("sxb", "sxc", "sxt", "swi", "swo", "swk", "stb", "stc", "stt", "syb", "syc",
                                        "syt", "sob", "soc", "sot")})
         uses = [("up1", 1024, 1024, 2, 2, False, False, 1), ("up2", 1024, 1024, 2, 2, False, True, 2),
                 ("dec8", 1536, 768, 16, 8, True, True, 4), ("dec5", 768, 384, 10, 5, True, True, 32),
                 ("dec4", 384, 192, 8, 4, True, True, 160), ("dec3", 192, 96, 6, 3, True, True, 640)]
         for name, c_in, c_out, k, s, snake, lead, length in uses:
-            bo, bc, bj, warps = _config(c_in, c_out, length, dt)
+            bo, bc, bj, warps, split = _tiles(c_in, c_out, length, s, dt, 1)
             specs.append(KernelSpec(
                 name=f"trans_conv1d_{name}_{t}", fn=_trans_conv1d_kernel, signature=sig,
                 constexprs=dict(STRIDE=s, OVERLAP=k - s, HAS_BIAS=True, HAS_TAIL=k > s, WRITE_TAIL=k > s,
-                                HAS_SNAKE=snake, HAS_LEAD=lead, EPS=SNAKE_EPS, BLOCK_O=bo, BLOCK_C=bc, BLOCK_J=bj),
+                                HAS_SNAKE=snake, HAS_LEAD=lead, EPS=SNAKE_EPS, SPLIT=split, BLOCK_O=bo, BLOCK_C=bc,
+                                BLOCK_J=bj),
                 num_warps=warps, num_stages=2))
     return specs
 

@@ -295,7 +295,9 @@ def triton_cost(kernel: str, named: dict) -> tuple[float, float]:
     """(bytes, flops) of one Triton launch. Default: every tensor argument read or written once. Kernels whose
     tensor arguments are much larger than what they touch (MoE weights: only the experts the batch routes to,
     at most min(E, M·top_k)) or that do matmul work get their own rule."""
-    tensors = [v for v in named.values() if hasattr(v, "element_size") and hasattr(v, "stride")]
+    # One tensor passed as several pointers counts once: launchers pass a real tensor as the placeholder of an
+    # absent operand (never dereferenced), which would otherwise be billed again per placeholder.
+    tensors = list({id(v): v for v in named.values() if hasattr(v, "element_size") and hasattr(v, "stride")}.values())
     default = float(sum(_span_bytes(t) for t in tensors))
     if kernel in ("_moe_gate_up_kernel", "_moe_down_kernel", "_moe_gate_up_decode_kernel", "_moe_down_sum_kernel"):
         n_assign, n, k = _arg(named, "num_assign"), _arg(named, "N"), _arg(named, "K")

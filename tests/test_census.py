@@ -214,6 +214,20 @@ def test_budgets_at_full_shapes(full_census):
     assert data["first_packet"]["est_ms"]["h100"] <= FIRST_PACKET_H100_MS
 
 
+def test_every_code2wav_conv_fills_the_sms(full_census):
+    """Issue 13: every Code2Wav conv at the released shapes launches >= 132 CTAs at batch 1 (an H100's SMs), so a
+    one-frame step pulls its conv weights through every SM: dense convs and the transposed upsamplers split their
+    input channels, the depthwise ConvNeXt convs shrink their channel tile."""
+    from omni_rt.kernels.causal_conv1d import MIN_PROGRAMS
+
+    convs = [x for x in full_census.stage("code2wav_step").launches
+             if x.kind == "triton" and "conv1d" in x.name]
+    assert {x.name for x in convs} == {"_causal_conv1d_dense_kernel", "_causal_conv1d_depthwise_kernel",
+                                       "_trans_conv1d_kernel"}
+    small = [(x.name, x.ctas) for x in convs if x.ctas < MIN_PROGRAMS]
+    assert MIN_PROGRAMS >= 132 and not small, small
+
+
 # Launch budgets held at full shapes, batch 1. Issue 13 asks thinker_decode <= 600, talker_decode <= 300,
 # code_predictor_frame <= 1000, code2wav_step <= 250, thinker_prefill <= 800, talker_prefill <= 400 and a first
 # packet <= 60 ms (H100 model). Where a budget is not reached yet the bound is what is reached

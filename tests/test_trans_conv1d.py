@@ -54,6 +54,31 @@ def test_triton_matches_ref(c_in, c_out, k, stride, length, snake, dtype):
     assert_close(t, t_ref, atol=KERNEL[dtype][0], rtol=KERNEL[dtype][1], name="tail, no tail")
 
 
+def test_input_channel_split():
+    """One-frame chunks split the input channels (the dense conv's deterministic last-arrival reduction): equal
+    to the reference and to the unsplit kernel, counters back at zero, the split sized from the shapes."""
+    from omni_rt.kernels import causal_conv1d as cc
+    from omni_rt.kernels import trans_conv1d as tc
+
+    assert tc._tiles(1024, 1024, 1, 2, torch.bfloat16, 1)[4] == 3      # released first upsampler: 64 -> 192 CTAs
+    assert tc._tiles(768, 384, 32, 5, torch.bfloat16, 1)[4] == 2       # decoder block 2: 120 -> 240 CTAs
+    assert tc._tiles(1536, 768, 4, 8, torch.bfloat16, 1)[4] == 1       # 192 CTAs already
+    assert tc._tiles(16, 20, 1, 8, torch.float32, 1)[4] == 1           # tiny shapes: one in-block, no split
+    c_in, c_out, k, stride, length = 100, 20, 6, 3, 5
+    p = _params(c_in, c_out, k, torch.float32, snake=True, seed=3)
+    x = torch.randn(3, c_in, length)
+    tail = torch.randn(3, c_out, k - stride)
+    pre = (torch.tensor([0, 1, 500], dtype=torch.int64), 3, 2)
+    y_ref, t_ref = trans_conv1d_ref(x, stride=stride, tail=tail, pre_start=pre, **p)
+    with force_triton():
+        outs = {sp: trans_conv1d(x, stride=stride, tail=tail, pre_start=pre, split=sp, **p) for sp in (1, 2, 4)}
+    for sp, (y, t) in outs.items():
+        assert_close(y, y_ref, name=f"y split={sp}")
+        assert_close(t, t_ref, name=f"tail split={sp}")
+        assert_close(y, outs[1][0], atol=1e-6, rtol=1e-6, name=f"split {sp} vs unsplit")
+    assert int(cc._COUNTERS[torch.device("cpu")].abs().sum()) == 0, "tile counters must return to zero"
+
+
 @pytest.mark.parametrize("chunks", [[1, 1, 1, 1], [3, 1, 5], [9]])
 def test_streaming_equals_transformers_trim(chunks):
     """Chunks with the tail carried = the reference's conv_transpose1d trimmed by K - s on the right (and the
