@@ -2,6 +2,7 @@
 seven ATen ops (the norm) plus one (the add).
 
     s = x + residual            (rounded to x's dtype, as the reference's ``x = x + attn(x)``)   [residual given]
+    s = residual + scale · x    (one rounding, as ``torch.addcmul``: Code2Wav's layer-scaled residual)  [and scale]
     y = weight · (s / sqrt(mean(s²) + eps))   statistics in fp32, normalised value rounded to the input dtype
                                               before the weight multiply (transformers' Qwen3 RMSNorm)
 
@@ -22,10 +23,10 @@ __all__ = ["rms_norm", "rms_norm_triton", "rms_norm_ref", "COMPILE_SPECS"]
 
 @triton.jit
 def _rms_norm_kernel(
-    x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr,
+    x_ptr, res_ptr, w_ptr, y_ptr, res_out_ptr, scale_ptr,
     n_cols, inner, stride_xo, stride_xi, stride_ro, stride_ri, stride_yr, stride_sr,
     eps,
-    BLOCK: tl.constexpr, HAS_RES: tl.constexpr,
+    BLOCK: tl.constexpr, HAS_RES: tl.constexpr, HAS_SCALE: tl.constexpr,
 ):
     # Row r of the flattened (rows, n_cols) view: x may be a strided (outer, inner, n_cols) tensor, e.g. the q
     # heads sliced out of a fused qkv projection, so the row address is outer * stride_xo + inner * stride_xi.
@@ -37,7 +38,11 @@ def _rms_norm_kernel(
     x = tl.load(x_ptr + o * stride_xo + i * stride_xi + offs, mask=mask, other=0.0)
     if HAS_RES:
         r = tl.load(res_ptr + o * stride_ro + i * stride_ri + offs, mask=mask, other=0.0)
-        s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)   # the residual stream, in the model dtype
+        if HAS_SCALE:  # residual + scale·x, rounded once (addcmul)
+            sc = tl.load(scale_ptr + offs, mask=mask, other=0.0)
+            s = (r.to(tl.float32) + sc.to(tl.float32) * x.to(tl.float32)).to(x.dtype)
+        else:
+            s = (x.to(tl.float32) + r.to(tl.float32)).to(x.dtype)   # the residual stream, in the model dtype
         tl.store(res_out_ptr + row * stride_sr + offs, s, mask=mask)
         x = s
     h = x.to(tl.float32)
@@ -66,7 +71,7 @@ def _rows_view(t: torch.Tensor, name: str) -> tuple[int, int, int]:
     return t.stride(len(lead) - 2), t.stride(len(lead) - 1), inner
 
 
-def _check(x, weight, residual):
+def _check(x, weight, residual, residual_scale=None):
     if x.dim() < 1:
         raise ValueError("x must have at least one dimension")
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
@@ -74,12 +79,21 @@ def _check(x, weight, residual):
     if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
         raise ValueError(f"residual must match x {tuple(x.shape)} {x.dtype}, got {tuple(residual.shape)} "
                          f"{residual.dtype}")
+    if residual_scale is not None:
+        if residual is None:
+            raise ValueError("residual_scale needs a residual (it scales x before the residual add)")
+        if residual_scale.dim() != 1 or residual_scale.shape[0] != x.shape[-1]:
+            raise ValueError(f"residual_scale must be ({x.shape[-1]},), got {tuple(residual_scale.shape)}")
 
 
-def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
-    """PyTorch reference (the model's CPU path, op for op as transformers): returns y, or (y, x + residual)."""
-    _check(x, weight, residual)
-    if residual is not None:
+def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                 residual_scale: torch.Tensor | None = None):
+    """PyTorch reference (the model's CPU path, op for op as transformers): returns y, or (y, x + residual), or
+    with residual_scale (y, addcmul(residual, residual_scale, x))."""
+    _check(x, weight, residual, residual_scale)
+    if residual_scale is not None:
+        x = torch.addcmul(residual, residual_scale, x)
+    elif residual is not None:
         x = x + residual
     dtype = x.dtype
     h = x.float()
@@ -88,9 +102,10 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: to
     return y if residual is None else (y, x)
 
 
-def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+                    residual_scale: torch.Tensor | None = None):
     """Triton launcher for :func:`rms_norm` (same arguments and results)."""
-    _check(x, weight, residual)
+    _check(x, weight, residual, residual_scale)
     n = x.shape[-1]
     if not weight.is_contiguous():
         raise ValueError("weight must be contiguous")
@@ -103,6 +118,8 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
         so, si, inner = _rows_view(x, "x")
     if residual is not None and not residual.is_contiguous():
         residual = residual.contiguous()
+    if residual_scale is not None and not residual_scale.is_contiguous():
+        residual_scale = residual_scale.contiguous()
     out_dtype = torch.promote_types(weight.dtype, x.dtype)
     y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
     rows = x.numel() // n if n else 0
@@ -113,8 +130,10 @@ def rms_norm_triton(x: torch.Tensor, weight: torch.Tensor, eps: float, residual:
     block = triton.next_power_of_2(n)
     _rms_norm_kernel[(rows,)](
         x, residual if residual is not None else x, weight, y, res_out if res_out is not None else y,
+        residual_scale if residual_scale is not None else weight,
         n, inner, so, si, ro, ri, n, n, float(eps),
-        BLOCK=block, HAS_RES=residual is not None, num_warps=_num_warps(block))
+        BLOCK=block, HAS_RES=residual is not None, HAS_SCALE=residual_scale is not None,
+        num_warps=_num_warps(block))
     return y if residual is None else (y, res_out)
 
 
@@ -122,36 +141,40 @@ def _num_warps(block: int) -> int:
     return 8 if block >= 4096 else (4 if block >= 1024 else (2 if block >= 256 else 1))
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None):
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.Tensor | None = None,
+             residual_scale: torch.Tensor | None = None):
     """RMSNorm of x over its last dimension (weight: (n,)); with ``residual`` (x's shape and dtype) the norm is
     of ``x + residual`` and the sum is returned too: ``(y, x + residual)`` — the next layer's residual stream.
+    With ``residual_scale`` (n,) the sum is ``residual + residual_scale · x`` (Code2Wav's layer scale).
 
     x: (..., n), contiguous last dimension; leading dims may be strided (e.g. heads sliced from a fused
     projection). y has ``promote(weight.dtype, x.dtype)`` dtype, like ``weight * normed``.
     """
     if use_triton(x, weight):
-        return rms_norm_triton(x, weight, eps, residual)
-    return rms_norm_ref(x, weight, eps, residual)
+        return rms_norm_triton(x, weight, eps, residual, residual_scale)
+    return rms_norm_ref(x, weight, eps, residual, residual_scale)
 
 
 _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
 
 
-def _spec(dtype: str, n: int, has_res: bool) -> KernelSpec:
+def _spec(dtype: str, n: int, has_res: bool, has_scale: bool = False) -> KernelSpec:
     sig = {"x_ptr": f"*{dtype}", "res_ptr": f"*{dtype}", "w_ptr": f"*{dtype}", "y_ptr": f"*{dtype}",
-           "res_out_ptr": f"*{dtype}", "eps": "fp32"}
+           "res_out_ptr": f"*{dtype}", "scale_ptr": f"*{dtype}", "eps": "fp32"}
     for name in ("n_cols", "inner", "stride_xo", "stride_xi", "stride_ro", "stride_ri", "stride_yr", "stride_sr"):
         sig[name] = "i32"
     block = triton.next_power_of_2(n)
-    return KernelSpec(name=f"rms_norm_{dtype}_n{n}{'_res' if has_res else ''}", fn=_rms_norm_kernel,
-                      signature=sig, constexprs={"BLOCK": block, "HAS_RES": has_res},
+    return KernelSpec(name=f"rms_norm_{dtype}_n{n}{'_res' if has_res else ''}{'_scaled' if has_scale else ''}",
+                      fn=_rms_norm_kernel, signature=sig,
+                      constexprs={"BLOCK": block, "HAS_RES": has_res, "HAS_SCALE": has_scale},
                       num_warps=_num_warps(block), num_stages=1)
 
 
 # Released widths: thinker hidden 2048, talker / code predictor hidden 1024, q/k heads 128; code2wav 1024;
-# the fp32 test models (tiny 48 / 16 / 8, small 256 / 64).
+# the fp32 test models (tiny 48 / 16 / 8, small 256 / 64); Code2Wav's layer-scaled residual (1024).
 COMPILE_SPECS = [
     _spec("bf16", 2048, True), _spec("bf16", 2048, False), _spec("bf16", 1024, True), _spec("bf16", 1024, False),
     _spec("bf16", 128, False), _spec("fp16", 2048, True), _spec("fp32", 48, True), _spec("fp32", 16, False),
-    _spec("fp32", 256, True), _spec("fp32", 64, False),
+    _spec("fp32", 256, True), _spec("fp32", 64, False), _spec("bf16", 1024, True, True),
+    _spec("fp16", 1024, True, True), _spec("fp32", 1024, True, True),
 ]

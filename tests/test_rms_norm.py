@@ -35,6 +35,27 @@ def test_triton_matches_ref(dtype, shape, with_residual):
     assert rel_err(got.float(), want.float()) <= tol
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 48), (7, 37), (2, 5, 16), (2, 1)])
+def test_layer_scaled_residual(dtype, shape):
+    """residual + scale·x (Code2Wav's layer scale) fused before the norm: the stream is one rounding of the
+    fp32 multiply-add (addcmul), then the same norm."""
+    x, res = _x(shape, dtype), _x(shape, dtype)
+    w = (1 + 0.1 * torch.randn(shape[-1])).to(dtype)
+    scale = (0.01 + 0.5 * torch.rand(shape[-1])).to(dtype)
+    want_y, want_s = rms_norm_ref(x, w, 1e-6, res, scale)
+    assert torch.equal(want_s, torch.addcmul(res, scale, x))
+    with force_triton():
+        got_y, got_s = rms_norm(x, w, 1e-6, res, scale)
+    ulp = {torch.float32: 2 ** -22, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10}[dtype]
+    assert got_s.dtype == dtype and rel_err(got_s.float(), want_s.float()) <= ulp
+    assert rel_err(got_y.float(), want_y.float()) <= max(3 * ulp, 1e-6)
+    with pytest.raises(ValueError, match="residual_scale needs a residual"):
+        rms_norm(x, w, 1e-6, None, scale)
+    with pytest.raises(ValueError, match="residual_scale must be"):
+        rms_norm(x, w, 1e-6, res, scale[:-1] if shape[-1] > 1 else torch.ones(2, dtype=dtype))
+
+
 def test_strided_heads_of_a_fused_projection():
     tokens, heads, kv, hd = 6, 4, 2, 16
     qkv = torch.randn(tokens, (heads + 2 * kv) * hd + 8)
@@ -78,4 +99,9 @@ def test_gpu_matches_ref(shape):
     y, s = rms_norm(x, w, 1e-6, res)
     y_ref, s_ref = rms_norm_ref(x, w, 1e-6, res)
     assert torch.equal(s, s_ref)
+    assert rel_err(y.float(), y_ref.float()) <= 1e-2
+    scale = (0.01 + torch.rand(shape[-1])).to(torch.bfloat16).cuda()   # Code2Wav's layer-scaled residual
+    y, s = rms_norm(x, w, 1e-6, res, scale)
+    y_ref, s_ref = rms_norm_ref(x, w, 1e-6, res, scale)
+    assert rel_err(s.float(), s_ref.float()) <= 2 ** -7
     assert rel_err(y.float(), y_ref.float()) <= 1e-2

@@ -193,11 +193,15 @@ class _TransformerLayer(nn.Module):
         self.mlp = DenseMLP(c.hidden_size, c.intermediate_size)   # gate/up as one GEMM, silu·mul one kernel
         self.mlp_layer_scale = _LayerScale(c.hidden_size, c.layer_scale_initial_scale)
 
-    def forward(self, x, cos, sin, past_k, past_v, pos, new_k, new_v):
-        a = self.self_attn(self.input_layernorm(x), cos, sin, past_k, past_v, pos, new_k, new_v)
-        # x + scale·a as one op (fused multiply-add: equal to the reference up to its rounding of scale·a)
-        x = torch.addcmul(x, self.self_attn_layer_scale.scale, a)
-        return torch.addcmul(x, self.mlp_layer_scale.scale, self.mlp(self.post_attention_layernorm(x)))
+    def forward(self, x, pending, cos, sin, past_k, past_v, pos, new_k, new_v):
+        """x: (B, n, hidden) residual stream; pending: the previous layer's (mlp output, its layer scale) still to
+        be added, or None. Returns (x, pending) for the next layer: each layer-scaled residual add
+        (x + scale·branch, one rounding like addcmul: equal to the reference up to its rounding of scale·branch)
+        runs inside the RMSNorm that follows it."""
+        h, x = (self.input_layernorm(x), x) if pending is None else self.input_layernorm(pending[0], x, pending[1])
+        a = self.self_attn(h, cos, sin, past_k, past_v, pos, new_k, new_v)
+        h, x = self.post_attention_layernorm(a, x, self.self_attn_layer_scale.scale)
+        return x, (self.mlp(h), self.mlp_layer_scale.scale)
 
 
 class _Transformer(nn.Module):
@@ -466,6 +470,9 @@ class Code2Wav(nn.Module):
         freqs = qpos[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        pending = None
         for i, layer in enumerate(self.pre_transformer.layers):
-            x = layer(x, cos, sin, past_k[i], past_v[i], pos, new_k[i], new_v[i])
-        return self.pre_transformer.norm(x)
+            x, pending = layer(x, pending, cos, sin, past_k[i], past_v[i], pos, new_k[i], new_v[i])
+        if pending is None:   # no layers
+            return self.pre_transformer.norm(x)
+        return self.pre_transformer.norm(pending[0], x, pending[1])[0]

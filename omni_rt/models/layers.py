@@ -109,15 +109,17 @@ class RMSNorm(nn.Module):
     """y = w · x / sqrt(mean(x²) + eps); statistics in fp32, scaled in the input dtype (as the reference).
 
     ``forward(x, residual)`` normalises ``x + residual`` and returns ``(y, x + residual)``: the decoder's
-    residual add fused into the norm (one kernel, ``kernels.rms_norm``)."""
+    residual add fused into the norm (one kernel, ``kernels.rms_norm``); ``residual_scale`` (dim,) makes the sum
+    ``residual + residual_scale · x`` (Code2Wav's layer scale)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
-        return _rms_norm.rms_norm(x, self.weight, self.eps, residual)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None,
+                residual_scale: torch.Tensor | None = None):
+        return _rms_norm.rms_norm(x, self.weight, self.eps, residual, residual_scale)
 
 
 class Rotary(nn.Module):
