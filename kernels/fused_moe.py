@@ -421,6 +421,22 @@ def _load_w(w_base, s_base, offs_k, offs_n, k0, K, N, stride_wk, stride_wn, stri
 
 
 @triton.jit
+def _load_ws(s_base, offs_n, k0, N, stride_sn, stride_sk, SCALE_B: tl.constexpr):
+    # (BLOCK_N,) fp32 block scales of one expert's rows offs_n at K tile k0 (w8a8: applied after the dot).
+    return tl.load(s_base + (offs_n // SCALE_B) * stride_sn + (k0 // SCALE_B) * stride_sk, mask=offs_n < N,
+                   other=0.0)
+
+
+@triton.jit
+def _fp8_dot(a, w, NATIVE: tl.constexpr):
+    # (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) FP8 codes -> fp32. NATIVE: the FP8 tensor cores (sm_89+); else
+    # (the interpreter) the same products in fp32, which are exact for e4m3 codes.
+    if NATIVE:
+        return tl.dot(a, w)
+    return tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+
+
+@triton.jit
 def _load_rows(rows, offs_k, k0, K, stride_k, row_mask, EVEN_K: tl.constexpr, ALIGNED: tl.constexpr):
     # (BLOCK_M, BLOCK_K) activation tile: ``rows`` (BLOCK_M, 1) row pointers, masked rows read as 0.
     p = rows + (k0 + offs_k)[None, :] * stride_k
@@ -463,6 +479,7 @@ def _moe_gate_up_kernel(
     x_ptr,            # (M, K) activations
     wg_ptr, wu_ptr,   # (E, N, K) gate / up halves of gate_up_proj (same strides)
     sg_ptr, su_ptr,   # SCALED: (E, ceil(N/128), ceil(K/128)) fp32 scales of the halves (same strides)
+    xs_ptr,           # ACT_FP8: (M, ceil(K/128)) fp32 per-token-group scales of x (then x holds FP8 codes)
     h_ptr,            # (M*top_k, N) output: silu(gate) * up, by assignment id
     sorted_ids_ptr,   # (num_blocks*BLOCK_M,) flat assignment ids, sentinel = num_assign
     expert_ids_ptr,   # (num_blocks,) expert per block, -1 = past the end
@@ -470,12 +487,14 @@ def _moe_gate_up_kernel(
     stride_xm, stride_xk,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
+    stride_xsm, stride_xsk,
     stride_hm, stride_hn,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALE_B: tl.constexpr, SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, ACT_FP8: tl.constexpr, NATIVE_FP8_DOT: tl.constexpr,
 ):
-    # Grouped GEMM over moe_align's blocks (prefill); gate and up tiles share the A tile.
+    # Grouped GEMM over moe_align's blocks (prefill); gate and up tiles share the A tile. ACT_FP8 (w8a8, with
+    # SCALED weights): FP8 codes on both sides, each K tile's product scaled by x_scale[token] · w_scale[n].
     pid_m, pid_n = _grouped_pid(num_blocks, tl.cdiv(N, BLOCK_N), GROUP_M)
     expert = tl.load(expert_ids_ptr + pid_m)
     if expert < 0:
@@ -494,12 +513,23 @@ def _moe_gate_up_kernel(
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = k * BLOCK_K
         a = _load_rows(x_rows, offs_k, k0, K, stride_xk, row_mask, EVEN_K, ALIGNED)
-        g = _load_w(wg_ptr + e64 * stride_we, sg_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
-                    stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
-        u = _load_w(wu_ptr + e64 * stride_we, su_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
-                    stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
-        acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
-        acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
+        if ACT_FP8:
+            xs = tl.load(xs_ptr + token * stride_xsm + (k0 // SCALE_B) * stride_xsk, mask=row_mask, other=0.0)
+            g = _load_w(wg_ptr + e64 * stride_we, sg_ptr, offs_k, offs_n, k0, K, N, stride_wk, stride_wn,
+                        stride_sk, stride_sn, dtype, EVEN_K, False, SCALE_B, ALIGNED)
+            gs = _load_ws(sg_ptr + e64 * stride_se, offs_n, k0, N, stride_sn, stride_sk, SCALE_B)
+            acc_g += _fp8_dot(a, g, NATIVE_FP8_DOT) * xs[:, None] * gs[None, :]
+            u = _load_w(wu_ptr + e64 * stride_we, su_ptr, offs_k, offs_n, k0, K, N, stride_wk, stride_wn,
+                        stride_sk, stride_sn, dtype, EVEN_K, False, SCALE_B, ALIGNED)
+            us = _load_ws(su_ptr + e64 * stride_se, offs_n, k0, N, stride_sn, stride_sk, SCALE_B)
+            acc_u += _fp8_dot(a, u, NATIVE_FP8_DOT) * xs[:, None] * us[None, :]
+        else:
+            g = _load_w(wg_ptr + e64 * stride_we, sg_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
+                        stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
+            u = _load_w(wu_ptr + e64 * stride_we, su_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
+                        stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
+            acc_g = tl.dot(a, g, acc_g, input_precision=DOT_PRECISION)
+            acc_u = tl.dot(a, u, acc_u, input_precision=DOT_PRECISION)
     h = _swiglu(acc_g, acc_u, h_ptr.dtype.element_ty)
     h_ptrs = h_ptr + assign.to(tl.int64)[:, None] * stride_hm + offs_n[None, :] * stride_hn
     tl.store(h_ptrs, h, mask=row_mask[:, None] & (offs_n < N)[None, :])
@@ -510,6 +540,7 @@ def _moe_down_kernel(
     h_ptr,            # (M*top_k, K) intermediate, by assignment id
     w_ptr,            # (E, N, K) down_proj
     s_ptr,            # SCALED: (E, ceil(N/128), ceil(K/128)) fp32 scales
+    hs_ptr,           # ACT_FP8: (M*top_k, ceil(K/128)) fp32 per-group scales of h (then h holds FP8 codes)
     out_ptr,          # (M*top_k, N) weighted expert outputs, by assignment id (summed over k by the caller)
     topk_w_ptr,       # (M, top_k) routing weights
     sorted_ids_ptr, expert_ids_ptr,
@@ -517,11 +548,12 @@ def _moe_down_kernel(
     stride_hm, stride_hk,
     stride_we, stride_wn, stride_wk,
     stride_se, stride_sn, stride_sk,
+    stride_hsm, stride_hsk,
     stride_om, stride_on,
     stride_tw_m, stride_tw_k,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     SCALE_B: tl.constexpr, SCALED: tl.constexpr, DOT_PRECISION: tl.constexpr, EVEN_K: tl.constexpr,
-    ALIGNED: tl.constexpr,
+    ALIGNED: tl.constexpr, ACT_FP8: tl.constexpr, NATIVE_FP8_DOT: tl.constexpr,
 ):
     # Grouped GEMM h @ down_e.T over moe_align's blocks (prefill), routing weight applied in the epilogue. A
     # token's k rows lie in different blocks: summing them here would take float atomics (run-to-run and
@@ -543,9 +575,16 @@ def _moe_down_kernel(
     for k in range(0, tl.cdiv(K, BLOCK_K)):
         k0 = k * BLOCK_K
         a = _load_rows(h_rows, offs_k, k0, K, stride_hk, row_mask, EVEN_K, ALIGNED)
-        w = _load_w(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
-                    stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
-        acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
+        if ACT_FP8:
+            hs = tl.load(hs_ptr + assign64 * stride_hsm + (k0 // SCALE_B) * stride_hsk, mask=row_mask, other=0.0)
+            w = _load_w(w_ptr + e64 * stride_we, s_ptr, offs_k, offs_n, k0, K, N, stride_wk, stride_wn,
+                        stride_sk, stride_sn, dtype, EVEN_K, False, SCALE_B, ALIGNED)
+            ws = _load_ws(s_ptr + e64 * stride_se, offs_n, k0, N, stride_sn, stride_sk, SCALE_B)
+            acc += _fp8_dot(a, w, NATIVE_FP8_DOT) * hs[:, None] * ws[None, :]
+        else:
+            w = _load_w(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
+                        stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
+            acc = tl.dot(a, w, acc, input_precision=DOT_PRECISION)
     rw = tl.load(topk_w_ptr + (assign // top_k) * stride_tw_m + (assign % top_k) * stride_tw_k,
                  mask=row_mask, other=0.0).to(tl.float32)
     out_ty = out_ptr.dtype.element_ty
@@ -655,6 +694,12 @@ DECODE_MAX_BLOCK_N = 64
 DECODE_MIN_BLOCK_N = 8
 # Placeholder scale arguments of unscaled launches (never read: SCALED is a constexpr False).
 _NO_SCALE = (None, 0, 0, 0)
+# Placeholder of the activation scales of weight-only launches (never read: ACT_FP8 is a constexpr False).
+_NO_ACT_SCALE = object()
+
+
+def _act_scale_strides(scale) -> tuple[int, int]:
+    return (0, 0) if scale is _NO_ACT_SCALE else (scale.stride(0), scale.stride(1))
 
 
 def decode_block_n(rows: int, n: int) -> int:
@@ -727,12 +772,16 @@ def _scale_args(scale, placeholder):
     return (scale, scale.stride(0), scale.stride(1), scale.stride(2))
 
 
-def run_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids, cfg, scales=None, scale_block=128):
+def run_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids, cfg, scales=None, scale_block=128,
+                act_fp8=False):
     """Both expert GEMMs on the Triton path; returns (M, H) in x's dtype (M > 0).
 
     gate_up_proj: (E, 2I, H), down_proj: (E, H, I), in x's dtype, or FP8 codes with ``scales`` = (gate_up
     scale (E, 2·ceil(I/128), ceil(H/128)), down scale (E, ceil(H/128), ceil(I/128))), ``scale_block`` = 128.
     cfg: the grouped GEMMs' launch config (BLOCK_K dividing ``scale_block`` when scaled).
+    act_fp8 (FP8 weights only; the prefill path): x and the intermediate h are quantized per (row, 128
+    columns) (``fp8_linear.per_token_group_quant``: two more launches) and both grouped GEMMs run FP8 × FP8
+    (the tensor cores on sm_89+, emulated in fp32 under the interpreter). Decode stays weight-only.
 
     M*top_k < E (decode): ``_moe_gate_up_decode_kernel`` then ``_moe_down_sum_kernel`` (top-k sum folded in):
     two launches, no alignment. Otherwise (prefill): ``moe_align`` (one launch), the grouped gate/up and down
@@ -776,22 +825,40 @@ def run_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids, cfg, scales=
             BLOCK_N=bn, EVEN_K=inter % bk == 0, **launch)
         return out
 
+    if act_fp8 and not scaled:
+        raise ValueError("act_fp8 needs block-FP8 expert weights (scales)")
     bm, bn, bk = cfg["BLOCK_M"], cfg["BLOCK_N"], cfg["BLOCK_K"]
     sorted_ids, expert_ids, _ = moe_align(ids, e, bm)
     num_blocks = expert_ids.numel()
     out = torch.empty((n_assign, hidden), dtype=x.dtype, device=x.device)
     common["ALIGNED"] = aligned and _aligned(out)
+    native = False
+    if act_fp8:
+        from .fp8_linear import _has_fp8_dot, per_token_group_quant   # w8a8 only (kernel -> kernel import)
+
+        native = x.is_cuda and _has_fp8_dot(x.device.index or 0)
+        a, a_scale = per_token_group_quant(x, scale_block)
+        common["ALIGNED"] = common["ALIGNED"] and _aligned(a)
+    else:
+        a, a_scale = x, _NO_ACT_SCALE
     launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
-                  DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32",
-                  num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
+                  DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ACT_FP8=act_fp8,
+                  NATIVE_FP8_DOT=native, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
     _moe_gate_up_kernel[(num_blocks * triton.cdiv(inter, bn),)](
-        x, w_gate, w_up, sg[0], su[0], h, sorted_ids, expert_ids, n_assign, top_k, inter, hidden, num_blocks,
-        x.stride(0), x.stride(1), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), *sg[1:],
-        h.stride(0), h.stride(1), EVEN_K=hidden % bk == 0, **launch)
+        a, w_gate, w_up, sg[0], su[0], a if a_scale is _NO_ACT_SCALE else a_scale, h, sorted_ids, expert_ids,
+        n_assign, top_k, inter, hidden, num_blocks,
+        a.stride(0), a.stride(1), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), *sg[1:],
+        *_act_scale_strides(a_scale), h.stride(0), h.stride(1), EVEN_K=hidden % bk == 0, **launch)
+    if act_fp8:
+        h, h_scale = per_token_group_quant(h, scale_block)
+        launch["ALIGNED"] = launch["ALIGNED"] and _aligned(h)
+    else:
+        h_scale = _NO_ACT_SCALE
     _moe_down_kernel[(num_blocks * triton.cdiv(hidden, bn),)](
-        h, down_proj, sd[0], out, topk_weights, sorted_ids, expert_ids, n_assign, top_k, hidden, inter, num_blocks,
+        h, down_proj, sd[0], h if h_scale is _NO_ACT_SCALE else h_scale, out, topk_weights, sorted_ids, expert_ids,
+        n_assign, top_k, hidden, inter, num_blocks,
         h.stride(0), h.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2), *sd[1:],
-        out.stride(0), out.stride(1), topk_weights.stride(0), topk_weights.stride(1),
+        *_act_scale_strides(h_scale), out.stride(0), out.stride(1), topk_weights.stride(0), topk_weights.stride(1),
         EVEN_K=inter % bk == 0, **launch)
     # deterministic: a fixed-order reduction, never float atomics
     return out.view(m, top_k, hidden).sum(dim=1)
@@ -875,10 +942,12 @@ _TRITON_DTYPE = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "
 _INTS = ("num_assign", "top_k", "N", "K")
 
 
-def gemm_signatures(act: str, weight: str, scale: str, grouped: bool) -> dict[str, tuple[dict, dict]]:
+def gemm_signatures(act: str, weight: str, scale: str, grouped: bool,
+                    act_fp8: bool = False) -> dict[str, tuple[dict, dict]]:
     """{kernel name: (signature, unit-stride constexprs)} of the expert GEMMs for the AOT specs: activations
     of Triton type ``act``, weights ``weight``, scale pointers ``scale``; ``grouped``: the prefill kernels
-    (else the decode ones). Contiguous operands have unit inner strides; the runtime JIT specialises an int
+    (else the decode ones); ``act_fp8``: the grouped kernels' w8a8 form (x and h as FP8 codes with fp32
+    per-group scales). Contiguous operands have unit inner strides; the runtime JIT specialises an int
     argument equal to 1 into a constant, so the specs do the same (the other strides stay i32). Shared with
     fused_moe_fp8's specs."""
     ints = _INTS + (("num_blocks",) if grouped else ())
@@ -893,7 +962,12 @@ def gemm_signatures(act: str, weight: str, scale: str, grouped: bool) -> dict[st
     unit_gu = {"stride_xk": 1, "stride_wk": 1, "stride_sk": 1, "stride_hn": 1}
     unit_dn = {"stride_hk": 1, "stride_wk": 1, "stride_sk": 1, "stride_on": 1, "stride_tw_k": 1}
     if grouped:
-        return {"gate_up": (_moe_gate_up_kernel, gu, unit_gu), "down": (_moe_down_kernel, dn, unit_dn)}
+        fp8 = "fp8e4nv" if act_fp8 else act
+        gu = dict(gu, x_ptr=f"*{fp8}", xs_ptr="*fp32", stride_xsm="i32")
+        dn = dict(dn, h_ptr=f"*{fp8}", hs_ptr="*fp32", stride_hsm="i32")
+        consts = {"ACT_FP8": act_fp8, "NATIVE_FP8_DOT": act_fp8}
+        return {"gate_up": (_moe_gate_up_kernel, gu, dict(unit_gu, stride_xsk=1, **consts)),
+                "down": (_moe_down_kernel, dn, dict(unit_dn, stride_hsk=1, **consts))}
     return {"gate_up_decode": (_moe_gate_up_decode_kernel, gu, unit_gu),
             "down_sum": (_moe_down_sum_kernel, dn, unit_dn)}
 

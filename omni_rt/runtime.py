@@ -75,9 +75,9 @@ class Runtime:
             (quantize the thinker's and talker's decoder projections to block FP8 while loading). FP8 weights
             stay FP8 in device memory on GPUs with FP8 hardware (sm_89/sm_90, decided at load); on CPU and
             sm_80 they are dequantized to ``dtype`` at load.
-        fp8_activations: with FP8 weights kept on the device, prefill GEMMs of the dense projections (≥ 64
-            tokens) also quantize activations per token and 128 columns (w8a8 on FP8 tensor cores); decode stays
-            weight-only. Off by default.
+        fp8_activations: with FP8 weights kept on the device, prefill GEMMs (≥ 64 tokens) of the dense
+            projections and the MoE experts also quantize activations per token and 128 columns (w8a8 on FP8
+            tensor cores); decode stays weight-only. Off by default.
     """
 
     def __init__(self, model: str | os.PathLike | OmniModel, device: str | torch.device | None = None,

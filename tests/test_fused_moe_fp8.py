@@ -80,6 +80,46 @@ def test_sliced_input_empty_experts_and_empty_batch(device):
     assert empty.shape == (0, hidden)
 
 
+@pytest.mark.parametrize("m,e,top_k,hidden,inter", [
+    (7, 5, 3, 130, 40),      # odd everything; partial 128-column groups on both GEMMs
+    (33, 4, 4, 200, 136),    # several row blocks per expert; gate/up parts 2 scale rows each
+    (9, 8, 2, 72, 40),       # experts 0, 3, 7 receive no token (below)
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])   # (the interpreter truncates bf16 casts)
+def test_w8a8_matches_reference(m, e, top_k, hidden, inter, dtype, device):
+    """act_fp8 (prefill w8a8): x and h quantized per (row, 128 columns), FP8 x FP8 dots scaled per K tile, against
+    the fp32 reference on the dequantized operands; decode-sized calls stay weight-only."""
+    q1, q2, s1, s2 = _experts(e, hidden, inter, device)
+    x = (torch.randn(m + 3, hidden + 5, device=device) * 2)[1:m + 1, 2:2 + hidden].to(dtype)   # strided rows
+    w, ids = _routing(m, e, top_k, dtype, device, skip=(0, 3, 7) if e == 8 else ())
+    with force_triton():
+        out = f8.fused_moe_fp8(x, q1, q2, s1, s2, w, ids, config=SMALL, act_fp8=True)
+    ref = f8.fused_moe_fp8_ref(x, q1, q2, s1, s2, w, ids, act_fp8=True)
+    assert out.dtype == dtype
+    # fp32: the products of e4m3 codes are exact, only the summation order differs; fp16: one rounding of the
+    # gate/up outputs may land an ulp apart, and re-quantizing h then moves that code by one e4m3 step
+    tol = dict(atol=1e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    assert_close(out.float(), ref.float(), name=f"w8a8 m={m} {dtype}", **tol)
+    weight_only = f8.fused_moe_fp8_ref(x, q1, q2, s1, s2, w, ids)
+    assert not torch.equal(ref, weight_only), "the w8a8 reference must quantize the activations"
+    # e4m3 keeps 3 mantissa bits (<= 6.25 % per activation): the outputs stay close in norm
+    rel = (ref.float() - weight_only.float()).norm() / weight_only.float().norm()
+    assert rel < 0.1, f"w8a8 vs weight-only: relative error {rel:.3f}"
+    # decode-sized (M·top_k < E): weight-only whatever act_fp8 says
+    x1, w1, ids1 = x[:1], w[:1], ids[:1]
+    if top_k < e:
+        assert torch.equal(f8.fused_moe_fp8_ref(x1, q1, q2, s1, s2, w1, ids1, act_fp8=True),
+                           f8.fused_moe_fp8_ref(x1, q1, q2, s1, s2, w1, ids1))
+
+
+def test_w8a8_needs_fp8_weights():
+    x = torch.randn(8, 32)
+    gu, dn = torch.randn(2, 16, 32), torch.randn(2, 32, 8)
+    w, ids = _routing(8, 2, 1, torch.float32, "cpu")
+    with pytest.raises(ValueError, match="act_fp8 needs block-FP8"), force_triton():
+        fm.run_experts(x, gu, dn, w, ids, SMALL, act_fp8=True)
+
+
 def test_launcher_validation():
     q1, q2, s1, s2 = _experts(4, 64, 32, "cpu")
     x = torch.randn(3, 64)
@@ -111,3 +151,19 @@ def test_fused_moe_fp8_bf16_gpu(m):
     x.copy_(torch.randn_like(x))
     graph.replay()
     assert_close(static, f8.fused_moe_fp8_ref(x, q1, q2, s1, s2, w, ids), name="bf16 graph replay")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [64, 300])
+def test_fused_moe_fp8_w8a8_gpu(m):
+    """Prefill w8a8 on the FP8 tensor cores at the thinker's shapes against the fp32 w8a8 reference (the same
+    codes and scales; bf16 roundings of the gate/up/down outputs may differ by an ulp and move a code of h)."""
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("FP8 weights stay FP8 only on sm_89+")
+    q1, q2, s1, s2 = _experts(128, 2048, 768, "cuda")
+    x = torch.randn(m, 2048, device="cuda", dtype=torch.bfloat16)
+    w, ids = _routing(m, 128, 8, torch.bfloat16, "cuda")
+    out = f8.fused_moe_fp8(x, q1, q2, s1, s2, w, ids, act_fp8=True)
+    ref = f8.fused_moe_fp8_ref(x, q1, q2, s1, s2, w, ids, act_fp8=True)
+    rel = (out.float() - ref.float()).norm() / ref.float().norm()
+    assert rel <= 2e-2, f"w8a8 vs its reference: relative error {rel:.4f}"

@@ -80,6 +80,8 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = nn.Linear(hidden, 1, bias=False)
         else:
             self.shared_expert = None
+        # FP8 experts: from this many tokens on (prefill) also quantize the activations (w8a8); None = never
+        self.act_fp8_min_tokens: int | None = None
 
     def materialize_buffers(self, device: torch.device | str) -> None:
         """The post-load hook (``loader.assign_parameters``, ``census.build_meta_model``): the weights are in."""
@@ -133,8 +135,9 @@ class SparseMoE(nn.Module):
         weights, ids = _moe.route(self.gate(x), self.top_k, self.norm_topk_prob, self.num_shared)
         ex = self.experts
         if ex.gate_up_proj_scale_inv is not None:
+            w8a8 = self.act_fp8_min_tokens is not None and x.shape[0] >= self.act_fp8_min_tokens
             out = _moe_fp8.fused_moe_fp8(x, ex.gate_up_proj, ex.down_proj, ex.gate_up_proj_scale_inv,
-                                         ex.down_proj_scale_inv, weights, ids)
+                                         ex.down_proj_scale_inv, weights, ids, act_fp8=w8a8)
         else:
             out = _moe.fused_moe(x, ex.gate_up_proj, ex.down_proj, weights, ids)
         if self.shared_expert is not None:

@@ -131,9 +131,10 @@ def load_model(path: str | os.PathLike, dtype: torch.dtype = torch.float32, devi
     model.eval()
     if fp8_activations_from is not None:
         from .layers import FP8Linear
+        from .moe import SparseMoE
 
         for m in model.modules():
-            if isinstance(m, FP8Linear):
+            if isinstance(m, FP8Linear) or (isinstance(m, SparseMoE) and m.experts.gate_up_proj_scale_inv is not None):
                 m.act_fp8_min_tokens = fp8_activations_from
     if progress:
         progress(f"loaded {path} in {time.perf_counter() - start:.2f} s")
