@@ -428,12 +428,18 @@ def _load_ws(s_base, offs_n, k0, N, stride_sn, stride_sk, SCALE_B: tl.constexpr)
 
 
 @triton.jit
-def _fp8_dot(a, w, NATIVE: tl.constexpr):
-    # (BLOCK_M, BLOCK_K) x (BLOCK_K, BLOCK_N) FP8 codes -> fp32. NATIVE: the FP8 tensor cores (sm_89+); else
-    # (the interpreter) the same products in fp32, which are exact for e4m3 codes.
+def _w8a8_part(a, a_scale, w_base, s_base, offs_k, offs_n, k0, K, N, stride_wk, stride_wn, stride_sk, stride_sn,
+               EVEN_K: tl.constexpr, SCALE_B: tl.constexpr, ALIGNED: tl.constexpr, NATIVE: tl.constexpr):
+    # One K tile of a w8a8 GEMM, in fp32: FP8 codes a (BLOCK_M, BLOCK_K) times the expert's codes, scaled by
+    # a_scale[row] · w_scale[n] (one scale column per K tile). NATIVE: the FP8 tensor cores (sm_89+); else (the
+    # interpreter) the same products in fp32, which are exact for e4m3 codes.
+    w = _load_w(w_base, s_base, offs_k, offs_n, k0, K, N, stride_wk, stride_wn, stride_sk, stride_sn, a.dtype,
+                EVEN_K, False, SCALE_B, ALIGNED)
     if NATIVE:
-        return tl.dot(a, w)
-    return tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+        part = tl.dot(a, w)
+    else:
+        part = tl.dot(a.to(tl.float32), w.to(tl.float32), input_precision="ieee")
+    return part * a_scale[:, None] * _load_ws(s_base, offs_n, k0, N, stride_sn, stride_sk, SCALE_B)[None, :]
 
 
 @triton.jit
@@ -515,14 +521,10 @@ def _moe_gate_up_kernel(
         a = _load_rows(x_rows, offs_k, k0, K, stride_xk, row_mask, EVEN_K, ALIGNED)
         if ACT_FP8:
             xs = tl.load(xs_ptr + token * stride_xsm + (k0 // SCALE_B) * stride_xsk, mask=row_mask, other=0.0)
-            g = _load_w(wg_ptr + e64 * stride_we, sg_ptr, offs_k, offs_n, k0, K, N, stride_wk, stride_wn,
-                        stride_sk, stride_sn, dtype, EVEN_K, False, SCALE_B, ALIGNED)
-            gs = _load_ws(sg_ptr + e64 * stride_se, offs_n, k0, N, stride_sn, stride_sk, SCALE_B)
-            acc_g += _fp8_dot(a, g, NATIVE_FP8_DOT) * xs[:, None] * gs[None, :]
-            u = _load_w(wu_ptr + e64 * stride_we, su_ptr, offs_k, offs_n, k0, K, N, stride_wk, stride_wn,
-                        stride_sk, stride_sn, dtype, EVEN_K, False, SCALE_B, ALIGNED)
-            us = _load_ws(su_ptr + e64 * stride_se, offs_n, k0, N, stride_sn, stride_sk, SCALE_B)
-            acc_u += _fp8_dot(a, u, NATIVE_FP8_DOT) * xs[:, None] * us[None, :]
+            acc_g += _w8a8_part(a, xs, wg_ptr + e64 * stride_we, sg_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N,
+                                stride_wk, stride_wn, stride_sk, stride_sn, EVEN_K, SCALE_B, ALIGNED, NATIVE_FP8_DOT)
+            acc_u += _w8a8_part(a, xs, wu_ptr + e64 * stride_we, su_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N,
+                                stride_wk, stride_wn, stride_sk, stride_sn, EVEN_K, SCALE_B, ALIGNED, NATIVE_FP8_DOT)
         else:
             g = _load_w(wg_ptr + e64 * stride_we, sg_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
                         stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
@@ -577,10 +579,8 @@ def _moe_down_kernel(
         a = _load_rows(h_rows, offs_k, k0, K, stride_hk, row_mask, EVEN_K, ALIGNED)
         if ACT_FP8:
             hs = tl.load(hs_ptr + assign64 * stride_hsm + (k0 // SCALE_B) * stride_hsk, mask=row_mask, other=0.0)
-            w = _load_w(w_ptr + e64 * stride_we, s_ptr, offs_k, offs_n, k0, K, N, stride_wk, stride_wn,
-                        stride_sk, stride_sn, dtype, EVEN_K, False, SCALE_B, ALIGNED)
-            ws = _load_ws(s_ptr + e64 * stride_se, offs_n, k0, N, stride_sn, stride_sk, SCALE_B)
-            acc += _fp8_dot(a, w, NATIVE_FP8_DOT) * hs[:, None] * ws[None, :]
+            acc += _w8a8_part(a, hs, w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N,
+                              stride_wk, stride_wn, stride_sk, stride_sn, EVEN_K, SCALE_B, ALIGNED, NATIVE_FP8_DOT)
         else:
             w = _load_w(w_ptr + e64 * stride_we, s_ptr + e64 * stride_se, offs_k, offs_n, k0, K, N, stride_wk,
                         stride_wn, stride_sk, stride_sn, dtype, EVEN_K, SCALED, SCALE_B, ALIGNED)
