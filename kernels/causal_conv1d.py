@@ -163,21 +163,35 @@ def _causal_conv1d_dense_kernel(
         _finish_tile(acc, bias_ptr, res_ptr, y_ptr, b, offs_o, offs_t, omask, tmask, syb, syc, syt, srb, src, srt,
                      HAS_BIAS, HAS_RES)
     else:
-        B = tl.num_programs(2)
-        n_t = tl.num_programs(0)
-        tile_mask = omask[:, None] & tmask[None, :]
+        tile = (b * (tl.num_programs(1) // SPLIT) + pid_o) * tl.num_programs(0) + pid_t
         ws_tile = (b * C_out + offs_o[:, None]) * L + offs_t[None, :]
-        tl.store(ws_ptr + split * B * C_out * L + ws_tile, acc, mask=tile_mask)
-        tile = (b * (tl.num_programs(1) // SPLIT) + pid_o) * n_t + pid_t
-        # acq_rel: our partial is visible before the count, and the last sees every other partial
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            acc = tl.zeros([BLOCK_O, BLOCK_T], dtype=tl.float32)
-            for sp in range(SPLIT):
-                acc += tl.load(ws_ptr + sp * B * C_out * L + ws_tile, mask=tile_mask, other=0.0)
+        tile_mask = omask[:, None] & tmask[None, :]
+        split_stride = tl.num_programs(2) * C_out * L
+        if _split_arrive(acc, ws_ptr, cnt_ptr, ws_tile, tile_mask, split, split_stride, tile, SPLIT):
+            acc = _split_total(acc, ws_ptr, ws_tile, tile_mask, split_stride, SPLIT)
             _finish_tile(acc, bias_ptr, res_ptr, y_ptr, b, offs_o, offs_t, omask, tmask, syb, syc, syt, srb, src,
                          srt, HAS_BIAS, HAS_RES)
             tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (graph replays included)
+
+
+@triton.jit
+def _split_arrive(acc, ws_ptr, cnt_ptr, ws_tile, tile_mask, split, split_stride, tile, SPLIT: tl.constexpr):
+    """The input-channel split's deterministic reduction, shared by the dense and the transposed conv, part 1:
+    store this split's fp32 partial ``acc`` at ``ws_ptr + split·split_stride + ws_tile`` and count it in
+    ``cnt_ptr[tile]`` (int32, zero between launches). True for the program that arrived last: it then takes
+    ``_split_total``, finishes the tile and resets the counter."""
+    tl.store(ws_ptr + split * split_stride + ws_tile, acc, mask=tile_mask)
+    # acq_rel: our partial is visible before the count, and the last sees every other partial
+    return tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel") == SPLIT - 1
+
+
+@triton.jit
+def _split_total(acc, ws_ptr, ws_tile, tile_mask, split_stride, SPLIT: tl.constexpr):
+    """Part 2: every split's partial summed in split order (the same sum whoever arrives last)."""
+    acc = tl.zeros_like(acc)
+    for sp in range(SPLIT):
+        acc += tl.load(ws_ptr + sp * split_stride + ws_tile, mask=tile_mask, other=0.0)
+    return acc
 
 
 @triton.jit

@@ -415,8 +415,7 @@ def _load_w(w_base, s_base, offs_k, offs_n, k0, K, N, stride_wk, stride_wn, stri
     else:
         w = tl.load(p, mask=((k0 + offs_k) < K)[:, None] & n_mask[None, :], other=0.0)
     if SCALED:
-        s = tl.load(s_base + (offs_n // SCALE_B) * stride_sn + (k0 // SCALE_B) * stride_sk, mask=n_mask, other=0.0)
-        w = (w.to(tl.float32) * s[None, :]).to(dtype)
+        w = (w.to(tl.float32) * _load_ws(s_base, offs_n, k0, N, stride_sn, stride_sk, SCALE_B)[None, :]).to(dtype)
     return w
 
 
@@ -694,12 +693,10 @@ DECODE_MAX_BLOCK_N = 64
 DECODE_MIN_BLOCK_N = 8
 # Placeholder scale arguments of unscaled launches (never read: SCALED is a constexpr False).
 _NO_SCALE = (None, 0, 0, 0)
-# Placeholder of the activation scales of weight-only launches (never read: ACT_FP8 is a constexpr False).
-_NO_ACT_SCALE = object()
-
-
-def _act_scale_strides(scale) -> tuple[int, int]:
-    return (0, 0) if scale is _NO_ACT_SCALE else (scale.stride(0), scale.stride(1))
+# Activation scales of weight-only launches are a placeholder (never read: ACT_FP8 is a constexpr False).
+def _act_scale_args(scale, placeholder) -> tuple:
+    """(pointer, stride_m, stride_k) of per-token-group activation scales, or of a placeholder when weight-only."""
+    return (placeholder, 0, 0) if scale is None else (scale, scale.stride(0), scale.stride(1))
 
 
 def decode_block_n(rows: int, n: int) -> int:
@@ -832,33 +829,30 @@ def run_experts(x, gate_up_proj, down_proj, topk_weights, topk_ids, cfg, scales=
     num_blocks = expert_ids.numel()
     out = torch.empty((n_assign, hidden), dtype=x.dtype, device=x.device)
     common["ALIGNED"] = aligned and _aligned(out)
-    native = False
+    native, a, a_scale = False, x, None
     if act_fp8:
         from .fp8_linear import _has_fp8_dot, per_token_group_quant   # w8a8 only (kernel -> kernel import)
 
         native = x.is_cuda and _has_fp8_dot(x.device.index or 0)
         a, a_scale = per_token_group_quant(x, scale_block)
         common["ALIGNED"] = common["ALIGNED"] and _aligned(a)
-    else:
-        a, a_scale = x, _NO_ACT_SCALE
+    xs = _act_scale_args(a_scale, a)
     launch = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, GROUP_M=cfg["GROUP_M"],
                   DOT_PRECISION="ieee" if x.dtype == torch.float32 else "tf32", ACT_FP8=act_fp8,
                   NATIVE_FP8_DOT=native, num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], **common)
     _moe_gate_up_kernel[(num_blocks * triton.cdiv(inter, bn),)](
-        a, w_gate, w_up, sg[0], su[0], a if a_scale is _NO_ACT_SCALE else a_scale, h, sorted_ids, expert_ids,
-        n_assign, top_k, inter, hidden, num_blocks,
-        a.stride(0), a.stride(1), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), *sg[1:],
-        *_act_scale_strides(a_scale), h.stride(0), h.stride(1), EVEN_K=hidden % bk == 0, **launch)
+        a, w_gate, w_up, sg[0], su[0], xs[0], h, sorted_ids, expert_ids, n_assign, top_k, inter, hidden, num_blocks,
+        a.stride(0), a.stride(1), w_gate.stride(0), w_gate.stride(1), w_gate.stride(2), *sg[1:], *xs[1:],
+        h.stride(0), h.stride(1), EVEN_K=hidden % bk == 0, **launch)
+    h_scale = None
     if act_fp8:
         h, h_scale = per_token_group_quant(h, scale_block)
         launch["ALIGNED"] = launch["ALIGNED"] and _aligned(h)
-    else:
-        h_scale = _NO_ACT_SCALE
+    hs = _act_scale_args(h_scale, h)
     _moe_down_kernel[(num_blocks * triton.cdiv(hidden, bn),)](
-        h, down_proj, sd[0], h if h_scale is _NO_ACT_SCALE else h_scale, out, topk_weights, sorted_ids, expert_ids,
-        n_assign, top_k, hidden, inter, num_blocks,
-        h.stride(0), h.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2), *sd[1:],
-        *_act_scale_strides(h_scale), out.stride(0), out.stride(1), topk_weights.stride(0), topk_weights.stride(1),
+        h, down_proj, sd[0], hs[0], out, topk_weights, sorted_ids, expert_ids, n_assign, top_k, hidden, inter,
+        num_blocks, h.stride(0), h.stride(1), down_proj.stride(0), down_proj.stride(1), down_proj.stride(2), *sd[1:],
+        *hs[1:], out.stride(0), out.stride(1), topk_weights.stride(0), topk_weights.stride(1),
         EVEN_K=inter % bk == 0, **launch)
     # deterministic: a fixed-order reduction, never float atomics
     return out.view(m, top_k, hidden).sum(dim=1)

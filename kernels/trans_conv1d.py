@@ -18,8 +18,8 @@ Kernel: output sample t = j·s + m (phase m < s) is y[o, t] = Σ_c W[c, o, m]·a
 a[c, j - 1], i.e. per phase a width-2 causal conv: one program per (input-position block, out-block × phase,
 stream) accumulates two ``tl.dot``s per input-channel block in fp32; positions j = L carry the new tail, j - 1 = -1
 reads the old tail. One-frame chunks give few such tiles, so the input channels are split over several programs
-per tile (``causal_conv1d``'s deterministic last-arrival reduction) until every SM has one. Weight any strides; ``prepare_weight``'s (K, C_out, C_in) storage makes the tile loads
-contiguous along C_in.
+per tile (``causal_conv1d``'s deterministic last-arrival reduction) until every SM has one. Weight any
+strides; ``prepare_weight``'s (K, C_out, C_in) storage makes the tile loads contiguous along C_in.
 """
 from __future__ import annotations
 
@@ -29,7 +29,8 @@ import triton
 import triton.language as tl
 
 from . import KernelSpec, use_triton
-from .causal_conv1d import SNAKE_EPS, _snake_params, _split_for, snake_beta_ref, tile_counters, zero_pre_start
+from .causal_conv1d import (SNAKE_EPS, _snake_params, _split_arrive, _split_for, _split_total, snake_beta_ref,
+                            tile_counters, zero_pre_start)
 
 __all__ = ["trans_conv1d", "trans_conv1d_ref", "prepare_weight", "COMPILE_SPECS"]
 
@@ -108,18 +109,13 @@ def _trans_conv1d_kernel(
         _finish(acc, bias_ptr, tail_ptr, y_ptr, to_ptr, b, offs_o, omask, j, m, L, two_j, stb, stc, stt, syb, syc,
                 syt, sob, soc, sot, STRIDE, OVERLAP, HAS_BIAS, HAS_TAIL, WRITE_TAIL)
     else:
-        B = tl.num_programs(2)
-        n_t = (L + 1) * STRIDE
-        tile_mask = omask[:, None] & (j <= L)[None, :]
-        ws_tile = (b * C_out + offs_o[:, None]) * n_t + (j * STRIDE + m)[None, :]
-        tl.store(ws_ptr + split * B * C_out * n_t + ws_tile, acc, mask=tile_mask)
+        n_t = (L + 1) * STRIDE   # a tile's workspace row: phases interleaved as in y, plus the tail's position L
         tile = (b * (tl.num_programs(1) // SPLIT) + pid_om) * tl.num_programs(0) + pid_j
-        # acq_rel: our partial is visible before the count, and the last sees every other partial
-        arrived = tl.atomic_add(cnt_ptr + tile, 1, sem="acq_rel")
-        if arrived == SPLIT - 1:
-            acc = tl.zeros([BLOCK_O, BLOCK_J], dtype=tl.float32)
-            for sp in range(SPLIT):
-                acc += tl.load(ws_ptr + sp * B * C_out * n_t + ws_tile, mask=tile_mask, other=0.0)
+        ws_tile = (b * C_out + offs_o[:, None]) * n_t + (j * STRIDE + m)[None, :]
+        tile_mask = omask[:, None] & (j <= L)[None, :]
+        split_stride = tl.num_programs(2) * C_out * n_t
+        if _split_arrive(acc, ws_ptr, cnt_ptr, ws_tile, tile_mask, split, split_stride, tile, SPLIT):
+            acc = _split_total(acc, ws_ptr, ws_tile, tile_mask, split_stride, SPLIT)
             _finish(acc, bias_ptr, tail_ptr, y_ptr, to_ptr, b, offs_o, omask, j, m, L, two_j, stb, stc, stt, syb,
                     syc, syt, sob, soc, sot, STRIDE, OVERLAP, HAS_BIAS, HAS_TAIL, WRITE_TAIL)
             tl.atomic_xchg(cnt_ptr + tile, 0)  # ready for the next launch (graph replays included)
